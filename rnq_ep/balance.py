@@ -1,0 +1,222 @@
+"""Splitting each expert's tokens over its copies: least-loaded water-filling, plan shares, LP bound.
+
+One function serves three users: the runtime router (per-step quotas), the metrics ("best split"
+balancedness) and the planner (scoring a candidate placement). All pure numpy; deterministic.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from rnq_ep.specs import FORMATS, LayerPlan
+
+FMT_CODE = {fmt: code for code, fmt in enumerate(FORMATS)}  # bf16 0, int8 1, int4 2
+MAX_REFINE_PASSES = 8  # re-pour sweeps over replicated experts after the greedy first pass (stop early when stable)
+
+
+@dataclass(frozen=True)
+class SlotTable:
+    """Array view of one layer's slots; slot s lives on gpu[s] and serves expert[s]."""
+
+    gpu: np.ndarray  # [S] int64
+    expert: np.ndarray  # [S] int64
+    fmt: np.ndarray  # [S] int8 codes, see FMT_CODE
+    share: np.ndarray  # [S] float64, planned fraction of the expert's tokens
+    num_gpus: int
+    num_experts: int
+
+    @classmethod
+    def from_layer(cls, layer: LayerPlan, num_gpus: int, num_experts: int) -> SlotTable:
+        """Table of a LayerPlan's slots, in plan order (by gpu, local index)."""
+        slots = layer.slots
+        return cls.from_arrays(
+            gpu=np.array([s.gpu for s in slots], dtype=np.int64),
+            expert=np.array([s.expert for s in slots], dtype=np.int64),
+            fmt=np.array([FMT_CODE[s.fmt] for s in slots], dtype=np.int8),
+            share=np.array([s.share for s in slots], dtype=np.float64),
+            num_gpus=num_gpus,
+            num_experts=num_experts,
+        )
+
+    @classmethod
+    def from_arrays(
+        cls,
+        gpu: np.ndarray,
+        expert: np.ndarray,
+        fmt: np.ndarray,
+        share: np.ndarray,
+        num_gpus: int,
+        num_experts: int,
+    ) -> SlotTable:
+        """Validated table from [S] arrays; every expert must have at least one copy."""
+        gpu, expert = np.asarray(gpu, np.int64), np.asarray(expert, np.int64)
+        if not (len(gpu) == len(expert) == len(fmt) == len(share)):
+            raise ValueError("slot arrays gpu, expert, fmt, share must have the same length")
+        if len(gpu) and (gpu.min() < 0 or gpu.max() >= num_gpus):
+            raise ValueError(f"slot gpu out of range [0, {num_gpus}): {gpu.min()}..{gpu.max()}")
+        if len(expert) and (expert.min() < 0 or expert.max() >= num_experts):
+            raise ValueError(f"slot expert out of range [0, {num_experts}): {expert.min()}..{expert.max()}")
+        missing = np.setdiff1d(np.arange(num_experts), expert)
+        if len(missing):
+            raise ValueError(f"experts without any copy: {missing[:10].tolist()}")
+        return cls(gpu, expert, np.asarray(fmt, np.int8), np.asarray(share, np.float64), num_gpus, num_experts)
+
+    @property
+    def num_slots(self) -> int:
+        """Number of physical copies S."""
+        return len(self.gpu)
+
+    def copies_of(self) -> list[np.ndarray]:
+        """Slot indices of each expert, in slot order: [E] arrays."""
+        order = np.argsort(self.expert, kind="stable")
+        bounds = np.searchsorted(self.expert[order], np.arange(self.num_experts + 1))
+        return [order[bounds[e] : bounds[e + 1]] for e in range(self.num_experts)]
+
+    def copy_count(self) -> np.ndarray:
+        """Copies per expert: [E] int64."""
+        return np.bincount(self.expert, minlength=self.num_experts)
+
+
+def gpu_loads(table: SlotTable, quotas: np.ndarray) -> np.ndarray:
+    """Tokens per GPU from per-copy quotas: [S] -> [G] float64."""
+    return np.bincount(table.gpu, weights=np.asarray(quotas, np.float64), minlength=table.num_gpus)
+
+
+def share_quotas(table: SlotTable, counts: np.ndarray) -> np.ndarray:
+    """Split each expert's count by the planned shares, exactly (largest remainder): [E] -> [S] int64."""
+    counts = _check_counts(table, counts)
+    ideal = counts[table.expert] * table.share  # [S]
+    quotas = np.floor(ideal).astype(np.int64)
+    remainder = counts - np.bincount(table.expert, weights=quotas, minlength=table.num_experts).astype(np.int64)
+    frac = ideal - quotas
+    # per expert, the `remainder[e]` slots with the largest fractional part (ties: slot order) get +1
+    order = np.lexsort((np.arange(table.num_slots), -frac, table.expert))
+    first = np.searchsorted(table.expert[order], np.arange(table.num_experts))
+    rank_in_expert = np.arange(table.num_slots) - first[table.expert[order]]
+    bump = rank_in_expert < remainder[table.expert[order]]
+    quotas[order[bump]] += 1
+    return quotas
+
+
+def water_fill(table: SlotTable, counts: np.ndarray, base_load: np.ndarray | None = None) -> np.ndarray:
+    """Integer tokens per copy that fill the least-loaded GPUs first: [E] -> [S] int64.
+
+    Single-copy experts are fixed; replicated experts are poured heaviest first onto their copies'
+    GPUs up to a common water level, then re-poured given everyone else's load until a sweep changes nothing (at most MAX_REFINE_PASSES).
+    At equal load bf16 copies win, then lower GPU index. Quotas of an expert sum to its count.
+    """
+    counts = _check_counts(table, counts)
+    quotas = np.zeros(table.num_slots, dtype=np.int64)
+    copies = table.copies_of()
+    multi = np.flatnonzero(table.copy_count() > 1)
+    single = np.flatnonzero(table.copy_count() == 1)
+    for e in single:
+        quotas[copies[e][0]] = counts[e]
+    load = gpu_loads(table, quotas)
+    if base_load is not None:
+        load = load + np.asarray(base_load, np.float64)
+    if not len(multi):
+        return quotas
+    multi = multi[np.argsort(-counts[multi], kind="stable")]
+    gpu, fmt = table.gpu, table.fmt
+    for sweep in range(MAX_REFINE_PASSES + 1):
+        changed = False
+        for e in multi:
+            slots = copies[e]
+            if sweep:
+                np.subtract.at(load, gpu[slots], quotas[slots])
+            part = _pour(int(counts[e]), load[gpu[slots]], fmt[slots], gpu[slots])
+            changed = changed or not np.array_equal(part, quotas[slots])
+            quotas[slots] = part
+            np.add.at(load, gpu[slots], part)
+        if not changed:
+            break
+    return quotas
+
+
+def _pour(amount: int, level: np.ndarray, fmt: np.ndarray, gpu: np.ndarray) -> np.ndarray:
+    """Integer water-filling of `amount` over bins at `level`: [c] -> [c] int64 summing to amount."""
+    order = np.lexsort((gpu, fmt, level))  # lowest load first, then bf16, then gpu index
+    lv = level[order]
+    # smallest j such that filling bins 0..j up to lv[j+1] would exceed amount
+    fill_to_next = np.cumsum(np.arange(1, len(lv)) * np.diff(lv)) if len(lv) > 1 else np.zeros(0)
+    j = int(np.searchsorted(fill_to_next, amount, side="left"))
+    water = (amount + lv[: j + 1].sum()) / (j + 1)
+    part_sorted = np.zeros(len(lv), dtype=np.int64)
+    part_sorted[: j + 1] = np.floor(np.maximum(water - lv[: j + 1], 0.0)).astype(np.int64)
+    left = amount - int(part_sorted.sum())
+    if left:
+        # hand out the remaining tokens one each to the bins that end lowest (stable: bf16, gpu)
+        after = lv[: j + 1] + part_sorted[: j + 1]
+        take = np.lexsort((np.arange(j + 1), after))[:left]
+        part_sorted[take] += 1
+    part = np.empty_like(part_sorted)
+    part[order] = part_sorted
+    return part
+
+
+def lp_min_max_load(table: SlotTable, counts: np.ndarray, base_load: np.ndarray | None = None) -> float:
+    """LP optimum of the largest GPU load over fractional splits of each expert: the bound for water_fill."""
+    import highspy
+
+    counts = _check_counts(table, counts).astype(np.float64)
+    s, g, e = table.num_slots, table.num_gpus, table.num_experts
+    base = np.zeros(g) if base_load is None else np.asarray(base_load, np.float64)
+    inf = highspy.kHighsInf
+    lp = highspy.HighsLp()
+    lp.num_col_ = s + 1  # x_s tokens per copy, then T
+    lp.num_row_ = e + g
+    lp.col_cost_ = np.r_[np.zeros(s), 1.0]
+    lp.col_lower_ = np.zeros(s + 1)
+    lp.col_upper_ = np.full(s + 1, inf)
+    # rows 0..E-1: sum_{s of e} x_s = counts[e];  rows E..E+G-1: sum_{s on g} x_s - T <= -base[g]
+    lp.row_lower_ = np.r_[counts, np.full(g, -inf)]
+    lp.row_upper_ = np.r_[counts, -base]
+    rows = np.r_[table.expert, e + table.gpu, e + np.arange(g)]
+    cols = np.r_[np.arange(s), np.arange(s), np.full(g, s)]
+    vals = np.r_[np.ones(2 * s), -np.ones(g)]
+    order = np.lexsort((rows, cols))
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.start_ = np.searchsorted(cols[order], np.arange(s + 2)).astype(np.int32)
+    lp.a_matrix_.index_ = rows[order].astype(np.int32)
+    lp.a_matrix_.value_ = vals[order]
+    h = quiet_highs()
+    h.passModel(lp)
+    h.run()
+    if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+        raise RuntimeError(f"LP bound did not solve: {h.modelStatusToString(h.getModelStatus())}")
+    return float(h.getInfo().objective_function_value)
+
+
+def quiet_highs():
+    """A silent highspy.Highs(); its constructor prints a banner to fd 1, which we swallow."""
+    import highspy
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        h = highspy.Highs()
+        h.setOptionValue("output_flag", False)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+    return h
+
+
+def _check_counts(table: SlotTable, counts: np.ndarray) -> np.ndarray:
+    """Counts as int64 [E]; reject wrong shape, negative or non-finite values."""
+    arr = np.asarray(counts)
+    if arr.shape != (table.num_experts,):
+        raise ValueError(f"counts has shape {arr.shape}, expected ({table.num_experts},)")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise ValueError("counts contain NaN or inf")
+    if (arr < 0).any():
+        raise ValueError(f"counts must be >= 0, got min {arr.min()}")
+    return arr.astype(np.int64)
