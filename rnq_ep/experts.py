@@ -1,0 +1,122 @@
+"""This rank's expert copies: sliced from full expert tensors, quantized on load, one grouped call per format.
+
+Rows arrive sorted by local copy (this rank's slots in table order). Copies of one format may be
+interleaved with copies of another, so each format's rows are gathered, run through one grouped
+SwiGLU call, and scattered back in place. The kernels live in `rnq_ep.kernels`; nothing here
+computes a SwiGLU itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rnq_ep.balance import SlotTable
+from rnq_ep.quant import QuantWeight, dequantize, quantize
+from rnq_ep.specs import FORMATS
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+@dataclass(frozen=True)
+class FormatGroup:
+    """The local copies stored in one format, stacked in local copy order."""
+
+    fmt: str
+    copies: torch.Tensor  # [G] int64 local copy indices
+    w_gate_up: QuantWeight | torch.Tensor  # [G, 2I, H]; fp32 dequantised for the torch backend
+    w_down: QuantWeight | torch.Tensor  # [G, H, I]
+
+
+class LocalExperts:
+    """The expert copies that `table` places on `rank`, grouped by storage format."""
+
+    def __init__(
+        self,
+        table: SlotTable,
+        rank: int,
+        w_gate_up: torch.Tensor,
+        w_down: torch.Tensor,
+        backend: str = "auto",
+    ) -> None:
+        """Keep this rank's slots of w_gate_up [E, 2I, H] and w_down [E, H, I], quantized per slot."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown expert backend {backend!r}, expected one of {BACKENDS}")
+        num_experts = table.num_experts
+        if w_gate_up.dim() != 3 or w_down.dim() != 3 or w_gate_up.shape[0] != num_experts:
+            raise ValueError(
+                f"expert weights must be w_gate_up [E={num_experts}, 2I, H] and w_down [E, H, I], "
+                f"got {tuple(w_gate_up.shape)} and {tuple(w_down.shape)}"
+            )
+        hidden, inter = w_down.shape[1], w_down.shape[2]
+        if w_gate_up.shape[1:] != (2 * inter, hidden) or w_down.shape[0] != num_experts:
+            raise ValueError(
+                f"w_gate_up {tuple(w_gate_up.shape)} does not match w_down {tuple(w_down.shape)}: "
+                f"expected [E, 2I, H] = [{num_experts}, {2 * inter}, {hidden}]"
+            )
+        if backend == "auto":
+            backend = "triton" if w_gate_up.is_cuda else "torch"
+        self.backend = backend
+        self.rank = rank
+        self.hidden_size = hidden
+        local = np.flatnonzero(table.gpu == rank)  # slot ids of this rank, in table order
+        self.slots = local
+        self.experts = table.expert[local]  # [C] logical expert of each local copy
+        self.groups = [
+            self._load_group(FORMATS[code], np.flatnonzero(table.fmt[local] == code), w_gate_up, w_down)
+            for code in sorted(set(table.fmt[local].tolist()))
+        ]
+
+    @property
+    def num_copies(self) -> int:
+        """Copies C on this rank."""
+        return len(self.slots)
+
+    def _load_group(self, fmt: str, copies: np.ndarray, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> FormatGroup:
+        """Slice the copies' experts out of the full tensors and store them in `fmt`."""
+        experts = torch.as_tensor(self.experts[copies], device=w_gate_up.device)
+        gate_up = quantize(w_gate_up[experts], fmt)  # [G, 2I, H]
+        down = quantize(w_down[experts], fmt)  # [G, H, I]
+        if self.backend == "torch":
+            gate_up, down = dequantize(gate_up), dequantize(down)
+        return FormatGroup(fmt, torch.as_tensor(copies, dtype=torch.int64), gate_up, down)
+
+    def forward(self, recv: torch.Tensor, local_offsets: torch.Tensor, row_weight: torch.Tensor | None) -> torch.Tensor:
+        """[N, H] rows sorted by local copy (local_offsets [C+1]) -> row_weight-scaled SwiGLU outputs [N, H]."""
+        if local_offsets.numel() != self.num_copies + 1:
+            raise ValueError(f"local_offsets has {local_offsets.numel()} entries, expected C+1 = {self.num_copies + 1}")
+        if recv.shape[-1] != self.hidden_size:
+            raise ValueError(f"received rows have hidden size {recv.shape[-1]}, experts expect {self.hidden_size}")
+        out = torch.empty_like(recv)
+        if recv.shape[0] == 0:
+            return out
+        offsets = local_offsets.to(device=recv.device, dtype=torch.int64)
+        rows_per_copy = offsets.diff()  # [C]
+        if len(self.groups) == 1:
+            return self._run(self.groups[0], recv, offsets, row_weight)
+        group_of_copy = torch.empty(self.num_copies, dtype=torch.int64, device=recv.device)
+        for g, group in enumerate(self.groups):
+            group_of_copy[group.copies.to(recv.device)] = g
+        group_of_row = group_of_copy.repeat_interleave(rows_per_copy)  # [N]
+        for g, group in enumerate(self.groups):
+            rows = torch.nonzero(group_of_row == g).squeeze(1)  # [N_g], still in copy order
+            counts = rows_per_copy[group.copies.to(recv.device)]  # [G]
+            group_offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])  # [G+1]
+            weight = None if row_weight is None else row_weight[rows]
+            out[rows] = self._run(group, recv[rows], group_offsets, weight)
+        return out
+
+    __call__ = forward
+
+    def _run(self, group: FormatGroup, x: torch.Tensor, offsets: torch.Tensor, row_weight: torch.Tensor | None) -> torch.Tensor:
+        """One grouped SwiGLU call over a format's copies: x [n, H] -> [n, H] in x's dtype."""
+        # imported here: rnq_ep.kernels pulls in triton, which the CPU torch path does not need
+        if self.backend == "torch":
+            from rnq_ep.kernels.reference import grouped_swiglu_reference
+
+            return grouped_swiglu_reference(x, group.w_gate_up, group.w_down, offsets, row_weight).to(x.dtype)
+        from rnq_ep.kernels import grouped_swiglu
+
+        return grouped_swiglu(x, group.w_gate_up, group.w_down, offsets.to(torch.int32), row_weight).to(x.dtype)
