@@ -1,0 +1,178 @@
+"""Grouped SwiGLU over expert copies in bf16, int8 (w8a16) or int4 (w4a16) weights, in Triton.
+
+Two launches per call: (1) gate and up GEMMs with silu(gate) * up in the epilogue, writing a
+bf16 [N, I] intermediate; (2) the down GEMM with the optional per-row weight in the epilogue.
+Tiles are (row block, column block); a row block belongs to one group through the block map of
+`align.py`. Weights are dequantised in registers: int8 values go to the MMA as exact bf16 and
+the per-channel scale multiplies the accumulator; int4 nibbles are split into even/odd k
+(two MMAs against the even/odd columns of x) and each k tile, which lies inside one group of
+128, is scaled after its MMA. Accumulation is fp32.
+
+Triton's CPU interpreter computes bf16 dots wrongly (triton-lang/triton#11584), so on CPU
+tensors (which only run under TRITON_INTERPRET=1) operands are upcast to fp32 before tl.dot.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+from rnq_ep.kernels.align import block_map, max_blocks
+from rnq_ep.quant import INT4_GROUP, INT4_ZERO, QuantWeight
+
+_FMT_CODE = {"bf16": 0, "int8": 1, "int4": 2}
+
+
+class _Blocks(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int  # must divide INT4_GROUP so an int4 k tile has one scale
+    num_warps: int
+    num_stages: int
+
+
+# decode: few rows per expert, weight-streaming bound -> thin row blocks, long k tiles;
+# prefill: many rows per expert, MMA bound -> square-ish tiles; interpreter: small and cheap.
+DECODE_BLOCKS = _Blocks(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
+PREFILL_BLOCKS = _Blocks(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
+INTERPRETER_BLOCKS = _Blocks(block_m=16, block_n=64, block_k=64, num_warps=1, num_stages=1)
+DECODE_MAX_ROWS_PER_GROUP = 32
+
+
+def choose_blocks(num_rows: int, num_groups: int, on_gpu: bool) -> _Blocks:
+    """Block sizes for the shape class of num_rows rows over num_groups groups (host-known, no sync)."""
+    if not on_gpu:
+        return INTERPRETER_BLOCKS
+    return DECODE_BLOCKS if num_rows <= DECODE_MAX_ROWS_PER_GROUP * num_groups else PREFILL_BLOCKS
+
+
+@triton.jit
+def _project(
+    a_ptr, rows, row_mask, stride_am, K,
+    w_ptr, stride_wn, s_ptr, stride_sn, cols, col_mask,
+    FMT: tl.constexpr, UPCAST: tl.constexpr, GROUP: tl.constexpr, ZERO: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """fp32 [BLOCK_M, BLOCK_N] = A[rows, :K] @ W[cols, :K]^T with W dequantised (one group's W)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    a_rows = a_ptr + rows.to(tl.int64)[:, None] * stride_am
+    w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wn
+    if FMT == 2:
+        HALF: tl.constexpr = BLOCK_K // 2
+        for k0 in range(0, K, BLOCK_K):
+            pairs = k0 // 2 + tl.arange(0, HALF)  # packed byte index along K
+            even = 2 * pairs
+            a_even = tl.load(a_rows + even[None, :], mask=row_mask[:, None] & (even[None, :] < K), other=0.0)
+            a_odd = tl.load(a_rows + even[None, :] + 1, mask=row_mask[:, None] & (even[None, :] + 1 < K), other=0.0)
+            packed = tl.load(w_cols + pairs[:, None], mask=col_mask[None, :] & (even[:, None] < K), other=0)
+            low = (packed & 0xF).to(tl.int32) - ZERO  # [HALF, BLOCK_N], weights of even k
+            high = (packed >> 4).to(tl.int32) - ZERO
+            if UPCAST:
+                part = tl.dot(a_even.to(tl.float32), low.to(tl.float32))
+                part = tl.dot(a_odd.to(tl.float32), high.to(tl.float32), part)
+            else:
+                part = tl.dot(a_even, low.to(tl.bfloat16))
+                part = tl.dot(a_odd, high.to(tl.bfloat16), part)
+            scale = tl.load(s_ptr + cols * stride_sn + k0 // GROUP, mask=col_mask, other=0.0)
+            acc += part * scale.to(tl.float32)[None, :]
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(a_rows + ks[None, :], mask=row_mask[:, None] & (ks[None, :] < K), other=0.0)
+            w = tl.load(w_cols + ks[:, None], mask=col_mask[None, :] & (ks[:, None] < K), other=0)
+            if UPCAST:
+                acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc)
+            else:
+                acc = tl.dot(a, w.to(tl.bfloat16), acc)
+        if FMT == 1:
+            acc *= tl.load(s_ptr + cols * stride_sn, mask=col_mask, other=0.0)[None, :]
+    return acc
+
+
+@triton.jit
+def _grouped_swiglu_kernel(
+    a_ptr, w_ptr, s_ptr, out_ptr, row_weight_ptr, offsets_ptr, block_group_ptr, block_row_ptr,
+    K, N_OUT, stride_am, stride_wg, stride_wn, stride_sg, stride_sn, stride_om,
+    GATE_UP: tl.constexpr, HAS_ROW_WEIGHT: tl.constexpr,
+    FMT: tl.constexpr, UPCAST: tl.constexpr, GROUP: tl.constexpr, ZERO: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One (row block, column block) tile: silu(A Wg^T) * (A Wu^T) if GATE_UP else A Wd^T (* row weight)."""
+    group = tl.load(block_group_ptr + tl.program_id(0))
+    if group < 0:  # past the real block count (the grid is an upper bound)
+        return
+    rows = tl.load(block_row_ptr + tl.program_id(0)) + tl.arange(0, BLOCK_M)
+    row_mask = rows < tl.load(offsets_ptr + group + 1)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N_OUT
+    w_group = w_ptr + group.to(tl.int64) * stride_wg
+    s_group = s_ptr + group.to(tl.int64) * stride_sg
+    acc = _project(a_ptr, rows, row_mask, stride_am, K, w_group, stride_wn, s_group, stride_sn, cols, col_mask,
+                   FMT, UPCAST, GROUP, ZERO, BLOCK_M, BLOCK_N, BLOCK_K)
+    if GATE_UP:  # acc is the gate; the up rows of W follow the N_OUT gate rows
+        up = _project(a_ptr, rows, row_mask, stride_am, K, w_group, stride_wn, s_group, stride_sn,
+                      cols + N_OUT, col_mask, FMT, UPCAST, GROUP, ZERO, BLOCK_M, BLOCK_N, BLOCK_K)
+        acc = acc * tl.sigmoid(acc) * up
+    if HAS_ROW_WEIGHT:
+        acc *= tl.load(row_weight_ptr + rows, mask=row_mask, other=0.0)[:, None]
+    out = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+    tl.store(out, acc.to(tl.bfloat16), mask=row_mask[:, None] & col_mask[None, :])
+
+
+def _launch(a, w, out, row_weight, offsets, block_group, block_row, gate_up: bool, blocks: _Blocks) -> None:
+    n_out = out.shape[1]
+    scale = w.data if w.scale is None else w.scale  # unread for bf16 (FMT is constexpr)
+    scale_strides = (0, 0) if w.scale is None else (w.scale.stride(0), w.scale.stride(1))
+    grid = (block_group.numel(), triton.cdiv(n_out, blocks.block_n))
+    _grouped_swiglu_kernel[grid](
+        a, w.data, scale, out, a if row_weight is None else row_weight, offsets, block_group, block_row,
+        a.shape[1], n_out, a.stride(0), w.data.stride(0), w.data.stride(1), *scale_strides, out.stride(0),
+        GATE_UP=gate_up, HAS_ROW_WEIGHT=row_weight is not None, FMT=_FMT_CODE[w.fmt], UPCAST=not a.is_cuda,
+        GROUP=INT4_GROUP, ZERO=INT4_ZERO, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
+        BLOCK_K=blocks.block_k, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+    )
+
+
+def grouped_swiglu(
+    x: torch.Tensor,
+    w_gate_up: QuantWeight,
+    w_down: QuantWeight,
+    offsets: torch.Tensor,
+    row_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """bf16 [N, H]: rows offsets[g]:offsets[g+1] of x [N, H] bf16 through copy g of w_gate_up [G, 2I, H], w_down [G, H, I]."""
+    _check_inputs(x, w_gate_up, w_down, offsets, row_weight)
+    if not x.is_cuda and not isinstance(_grouped_swiglu_kernel, InterpretedFunction):
+        raise RuntimeError("grouped_swiglu on CPU tensors needs TRITON_INTERPRET=1 set before importing rnq_ep.kernels")
+    num_rows, num_groups = x.shape[0], w_gate_up.shape[0]
+    blocks = choose_blocks(num_rows, num_groups, x.is_cuda)
+    block_group, block_row = block_map(offsets, blocks.block_m, max_blocks(num_rows, num_groups, blocks.block_m))
+    hidden = torch.empty(num_rows, w_down.shape[2], dtype=torch.bfloat16, device=x.device)  # [N, I]
+    out = torch.empty_like(x)  # [N, H]
+    if num_rows == 0:
+        return out
+    offsets = offsets.to(torch.int32)
+    _launch(x, w_gate_up, hidden, None, offsets, block_group, block_row, True, blocks)
+    rw = None if row_weight is None else row_weight.to(torch.float32).contiguous()
+    _launch(hidden, w_down, out, rw, offsets, block_group, block_row, False, blocks)
+    return out
+
+
+def _check_inputs(x, w_gate_up: QuantWeight, w_down: QuantWeight, offsets, row_weight) -> None:
+    groups, two_inter, hidden = w_gate_up.shape
+    expected_down = (groups, hidden, two_inter // 2)
+    if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != hidden or x.stride(1) != 1:
+        raise ValueError(f"x must be contiguous bf16 [N, {hidden}], got {x.dtype} {tuple(x.shape)}")
+    if two_inter % 2 or tuple(w_down.shape) != expected_down:
+        raise ValueError(f"w_down shape {tuple(w_down.shape)} does not match w_gate_up {w_gate_up.shape}: expected {expected_down}")
+    if offsets.shape != (groups + 1,) or offsets.device != x.device:
+        raise ValueError(f"offsets must be [G+1] = [{groups + 1}] on {x.device}, got {tuple(offsets.shape)} on {offsets.device}")
+    if row_weight is not None and row_weight.shape != (x.shape[0],):
+        raise ValueError(f"row_weight must be [N] = [{x.shape[0]}], got {tuple(row_weight.shape)}")
+    for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
+        if w.fmt not in _FMT_CODE or w.data.device != x.device or not w.data.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous {sorted(_FMT_CODE)} weight on {x.device}, got {w.fmt} on {w.data.device}")

@@ -1,0 +1,104 @@
+"""Triton grouped SwiGLU vs the fp32 torch reference on awkward shapes.
+
+Without CUDA the kernels run in Triton's CPU interpreter. Triton reads TRITON_INTERPRET when a
+@triton.jit function is defined, so the variable is set here before rnq_ep.kernels is
+imported; with CUDA it is left alone and the same tests run natively on the GPU.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from rnq_ep.kernels import grouped_swiglu, grouped_swiglu_reference  # noqa: E402
+from rnq_ep.kernels.align import block_map, max_blocks  # noqa: E402
+from rnq_ep.kernels.reference import block_map_reference  # noqa: E402
+from rnq_ep.quant import dequantize, quantize  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HIDDEN, INTER = 96, 80  # not multiples of 64: partial column and k tiles everywhere
+
+# (rows per group, row_weight on): G in {1, 3, 8}; groups of 0, 1, 5 and 70 rows
+CASES = {
+    "one-group-70-rows": ([70], True),
+    "three-groups-with-empty": ([5, 0, 1], False),
+    "eight-groups-mixed": ([0, 1, 5, 70, 1, 0, 5, 2], True),
+}
+
+
+def _problem(rows_per_group: list[int], fmt: str, row_weight: bool, seed: int = 0, hidden: int = HIDDEN, inter: int = INTER):
+    gen = torch.Generator().manual_seed(seed)
+    groups, rows = len(rows_per_group), sum(rows_per_group)
+    offsets = torch.tensor([0, *torch.tensor(rows_per_group).cumsum(0).tolist()], dtype=torch.int32)
+    x = torch.randn(rows, hidden, generator=gen).to(torch.bfloat16)
+    w_gate_up = quantize(torch.randn(groups, 2 * inter, hidden, generator=gen) / hidden**0.5, fmt)
+    w_down = quantize(torch.randn(groups, hidden, inter, generator=gen) / inter**0.5, fmt)
+    weights = torch.rand(rows, generator=gen) if row_weight else None
+    return x, w_gate_up, w_down, offsets, weights
+
+
+def _to(q, device):
+    return type(q)(q.fmt, q.data.to(device), None if q.scale is None else q.scale.to(device), q.shape)
+
+
+def _assert_matches_reference(x, w_gate_up, w_down, offsets, weights):
+    expected = grouped_swiglu_reference(x, dequantize(w_gate_up), dequantize(w_down), offsets, weights)
+    got = grouped_swiglu(
+        x.to(DEVICE), _to(w_gate_up, DEVICE), _to(w_down, DEVICE), offsets.to(DEVICE),
+        None if weights is None else weights.to(DEVICE),
+    )
+    assert got.dtype == torch.bfloat16 and got.shape == expected.shape
+    # bf16 intermediate [N, I] and bf16 output round at ~2^-9 relative; real bugs are O(1)
+    scale = max(expected.abs().max().item(), 1e-6)
+    torch.testing.assert_close(got.float().cpu(), expected, atol=2e-2 * scale, rtol=2e-2)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_grouped_swiglu_matches_reference(case, fmt):
+    rows_per_group, row_weight = CASES[case]
+    _assert_matches_reference(*_problem(rows_per_group, fmt, row_weight))
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int4"])
+def test_odd_hidden_and_k_spanning_int4_groups(fmt):
+    # odd K (int4 padding nibble) and two int4 scale groups along H
+    _assert_matches_reference(*_problem([3, 17], fmt, row_weight=False, seed=1, hidden=131, inter=40))
+
+
+def test_row_weight_scales_each_row():
+    x, w_gate_up, w_down, offsets, _ = _problem([5, 3], "int8", row_weight=False, seed=2)
+    weights = torch.linspace(0.0, 2.0, x.shape[0])
+    plain = grouped_swiglu(x.to(DEVICE), _to(w_gate_up, DEVICE), _to(w_down, DEVICE), offsets.to(DEVICE))
+    weighted = grouped_swiglu(x.to(DEVICE), _to(w_gate_up, DEVICE), _to(w_down, DEVICE), offsets.to(DEVICE), weights.to(DEVICE))
+    expected = plain.float().cpu() * weights[:, None]
+    torch.testing.assert_close(weighted.float().cpu(), expected, atol=1e-2 * expected.abs().max().item(), rtol=1e-2)
+
+
+def test_no_rows_gives_empty_output():
+    x, w_gate_up, w_down, offsets, _ = _problem([0, 0], "bf16", row_weight=False)
+    out = grouped_swiglu(x.to(DEVICE), _to(w_gate_up, DEVICE), _to(w_down, DEVICE), offsets.to(DEVICE))
+    assert out.shape == (0, HIDDEN)
+
+
+def test_mismatched_down_shape_is_rejected():
+    x, w_gate_up, _, offsets, _ = _problem([2], "bf16", row_weight=False)
+    wrong = quantize(torch.randn(1, HIDDEN, INTER + 1), "bf16")
+    with pytest.raises(ValueError, match="w_down shape"):
+        grouped_swiglu(x, w_gate_up, wrong, offsets)
+
+
+@given(rows_per_group=st.lists(st.integers(0, 40), min_size=1, max_size=9), block_m=st.sampled_from([1, 4, 16]))
+@settings(max_examples=60, deadline=None)
+def test_block_map_matches_python_loop_within_the_bound(rows_per_group, block_m):
+    offsets = torch.tensor([0, *torch.tensor(rows_per_group).cumsum(0).tolist()], dtype=torch.int32)
+    bound = max_blocks(int(offsets[-1]), len(rows_per_group), block_m)
+    got = block_map(offsets, block_m, bound)
+    expected = block_map_reference(offsets, block_m, bound)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
