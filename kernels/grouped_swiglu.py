@@ -8,21 +8,29 @@ the per-channel scale multiplies the accumulator; int4 nibbles are split into ev
 (two MMAs against the even/odd columns of x) and each k tile, which lies inside one group of
 128, is scaled after its MMA. Accumulation is fp32.
 
-Triton's CPU interpreter computes bf16 dots wrongly (triton-lang/triton#11584), so on CPU
-tensors (which only run under TRITON_INTERPRET=1) operands are upcast to fp32 before tl.dot.
+Without CUDA, Triton can only run its CPU interpreter, which it reads from TRITON_INTERPRET
+when triton is first imported; this module sets the variable (if unset) before importing triton
+when there is no GPU, so the kernels run on CPU whichever module imports them first. The
+interpreter computes bf16 dots wrongly (triton-lang/triton#11584), so on CPU tensors operands
+are upcast to fp32 before tl.dot.
 """
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
-import triton
-import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
-from rnq_ep.kernels.align import block_map, max_blocks
-from rnq_ep.quant import INT4_GROUP, INT4_ZERO, QuantWeight
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from rnq_ep.kernels.align import block_map, max_blocks  # noqa: E402
+from rnq_ep.quant import INT4_GROUP, INT4_ZERO, QuantWeight  # noqa: E402
 
 _FMT_CODE = {"bf16": 0, "int8": 1, "int4": 2}
 
@@ -147,7 +155,7 @@ def grouped_swiglu(
     """bf16 [N, H]: rows offsets[g]:offsets[g+1] of x [N, H] bf16 through copy g of w_gate_up [G, 2I, H], w_down [G, H, I]."""
     _check_inputs(x, w_gate_up, w_down, offsets, row_weight)
     if not x.is_cuda and not isinstance(_grouped_swiglu_kernel, InterpretedFunction):
-        raise RuntimeError("grouped_swiglu on CPU tensors needs TRITON_INTERPRET=1 set before importing rnq_ep.kernels")
+        raise RuntimeError("grouped_swiglu on CPU tensors needs TRITON_INTERPRET=1 set before triton is first imported")
     num_rows, num_groups = x.shape[0], w_gate_up.shape[0]
     blocks = choose_blocks(num_rows, num_groups, x.is_cuda)
     block_group, block_row = block_map(offsets, blocks.block_m, max_blocks(num_rows, num_groups, blocks.block_m))

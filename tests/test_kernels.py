@@ -1,25 +1,18 @@
 """Triton grouped SwiGLU vs the fp32 torch reference on awkward shapes.
 
-Without CUDA the kernels run in Triton's CPU interpreter. Triton reads TRITON_INTERPRET when a
-@triton.jit function is defined, so the variable is set here before rnq_ep.kernels is
-imported; with CUDA it is left alone and the same tests run natively on the GPU.
+Without CUDA the kernels run in Triton's CPU interpreter (rnq_ep.kernels sets TRITON_INTERPRET
+before it imports triton when no GPU is present); with CUDA the same tests run natively.
 """
 
-import os
-
+import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from rnq_ep.kernels import grouped_swiglu, grouped_swiglu_reference  # noqa: E402
-from rnq_ep.kernels.align import block_map, max_blocks  # noqa: E402
-from rnq_ep.kernels.reference import block_map_reference  # noqa: E402
-from rnq_ep.quant import dequantize, quantize  # noqa: E402
+from rnq_ep.kernels import grouped_swiglu, grouped_swiglu_reference
+from rnq_ep.kernels.align import block_map, max_blocks
+from rnq_ep.kernels.reference import block_map_reference
+from rnq_ep.quant import dequantize, quantize
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HIDDEN, INTER = 96, 80  # not multiples of 64: partial column and k tiles everywhere
