@@ -168,7 +168,7 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def plot_gpu_loads(results, path: Path, title: str) -> None:
-    """Bar chart of tokens per GPU (best split) per policy, for the layer where plain EP is worst."""
+    """Tokens per GPU (best split) per policy for the most imbalanced layer: bars, or steps past 32 GPUs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,14 +176,19 @@ def plot_gpu_loads(results, path: Path, title: str) -> None:
 
     scored = [r for r in results if r.score is not None]
     worst = int(np.argmax(scored[0].score.balancedness_best))
-    layer_id = scored[0].score.layers[worst]
     num_gpus = scored[0].score.best_loads.shape[1]
+    gpus = np.arange(num_gpus)
     width = 0.8 / len(scored)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * num_gpus * len(scored) / 2), 4))
+    fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 0.2 * num_gpus * len(scored))), 4))
     for i, r in enumerate(scored):
         loads = r.score.best_loads[worst]
-        ax.bar(np.arange(num_gpus) + (i - (len(scored) - 1) / 2) * width, loads, width, label=f"{r.name} (max/mean {loads.max() / loads.mean():.2f})")
+        label = f"{r.name} (max/mean {loads.max() / loads.mean():.2f})"
+        if num_gpus <= 32:
+            ax.bar(gpus + (i - (len(scored) - 1) / 2) * width, loads, width, label=label)
+        else:
+            ax.step(gpus, loads, where="mid", linewidth=0.8, label=label)
     ax.axhline(scored[0].score.best_loads[worst].mean(), color="black", linewidth=0.8, linestyle="--", label="mean")
+    layer_id = scored[0].score.layers[worst]
     ax.set(xlabel="GPU", ylabel="tokens (least-loaded routing)", title=f"{title}, layer {layer_id}")
     ax.legend(fontsize=7)
     fig.tight_layout()

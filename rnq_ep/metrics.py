@@ -8,7 +8,8 @@ Definitions (DESIGN.md, "Metrics"):
 - LIS (R&Q's load imbalance score): `max_j n_j / (sum_j n_j / m)` where, as in R&Q, every expert
   copy is its own device: n_j is the tokens copy j serves under the best split and m the number of
   copies. It measures how much the heaviest hitter stands out, independent of packing.
-- quantized fraction: tokens served by int8/int4 copies under the best split, over all tokens.
+- quantized fraction: tokens served by int8/int4 copies over all tokens, under the best split and
+  under the plan's shares (least-loaded routing may send more to quantized copies than planned).
 - bytes per GPU: sum of `memory.expert_bytes` of the GPU's copies.
 """
 
@@ -22,7 +23,14 @@ from rnq_ep.balance import SlotTable, gpu_loads, lp_min_max_load, share_quotas, 
 from rnq_ep.memory import expert_bytes
 from rnq_ep.specs import FORMATS, LoadStats, ModelSpec, Plan, SpecError
 
-SUMMARY_KEYS = ("balancedness_shares", "balancedness_best", "balancedness_lp", "lis", "quantized_fraction")
+SUMMARY_KEYS = (
+    "balancedness_shares",
+    "balancedness_best",
+    "balancedness_lp",
+    "lis",
+    "quantized_fraction",
+    "quantized_fraction_shares",
+)
 
 
 @dataclass(frozen=True)
@@ -37,7 +45,8 @@ class PlanScore:
     balancedness_best: np.ndarray  # [L] max/mean of best_loads
     balancedness_lp: np.ndarray  # [L] lp_max_load / mean GPU load
     lis: np.ndarray  # [L] heaviest copy load / mean copy load
-    quantized_fraction: np.ndarray  # [L] tokens on int8/int4 copies / all tokens
+    quantized_fraction: np.ndarray  # [L] tokens on int8/int4 copies / all tokens, best split
+    quantized_fraction_shares: np.ndarray  # [L] the same under the plan's shares (what the planner budgeted)
     bytes_per_gpu: np.ndarray  # [L, G] expert weight bytes held by each GPU
 
     def summary(self) -> dict[str, dict[str, float]]:
@@ -61,6 +70,12 @@ def balancedness(loads: np.ndarray) -> float:
 def load_imbalance_score(copy_loads: np.ndarray) -> float:
     """R&Q's LIS of per-copy loads [S]: max / mean; 1.0 for an all-zero layer."""
     return balancedness(copy_loads)
+
+
+def quantized_fraction(table: SlotTable, quotas: np.ndarray) -> float:
+    """Share of the tokens in quotas [S] that int8/int4 copies serve; 0.0 for an all-zero layer."""
+    total = float(np.sum(quotas))
+    return float(np.sum(quotas[table.fmt != 0])) / total if total > 0 else 0.0
 
 
 def layer_tables(plan: Plan) -> list[SlotTable]:
@@ -96,15 +111,15 @@ def score_plan(plan: Plan, loads: LoadStats) -> PlanScore:
     """Score `plan` on `loads` (may differ from the planning loads; same [L, E] shape required)."""
     counts = counts_matrix(plan, loads)
     tables = layer_tables(plan)
-    share_rows, best_rows, lp, lis, quantized, mem = [], [], [], [], [], []
+    share_rows, best_rows, lp, lis, quantized, quantized_shares, mem = [], [], [], [], [], [], []
     for table, row in zip(tables, counts):
-        best = water_fill(table, row)
-        share_rows.append(gpu_loads(table, share_quotas(table, row)))
+        best, shares = water_fill(table, row), share_quotas(table, row)
+        share_rows.append(gpu_loads(table, shares))
         best_rows.append(gpu_loads(table, best))
         lp.append(lp_min_max_load(table, row))
         lis.append(load_imbalance_score(best))
-        total = int(row.sum())
-        quantized.append(float(best[table.fmt != 0].sum()) / total if total else 0.0)
+        quantized.append(quantized_fraction(table, best))
+        quantized_shares.append(quantized_fraction(table, shares))
         mem.append(gpu_bytes(plan.model, table))
     share_loads = np.array(share_rows, dtype=np.float64)
     best_loads = np.array(best_rows, dtype=np.float64)
@@ -120,5 +135,6 @@ def score_plan(plan: Plan, loads: LoadStats) -> PlanScore:
         balancedness_lp=np.where(mean > 0, lp_max / np.where(mean > 0, mean, 1.0), 1.0),
         lis=np.array(lis),
         quantized_fraction=np.array(quantized),
+        quantized_fraction_shares=np.array(quantized_shares),
         bytes_per_gpu=np.array(mem, dtype=np.int64),
     )

@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from handmade_plans import plain_ep_slots, plan_of, stats_of
 
 from rnq_ep.memory import expert_bytes
@@ -48,6 +50,14 @@ def test_quantized_fraction_counts_tokens_on_int8_copies():
     assert score.quantized_fraction[0] == pytest.approx(30 / 100)
 
 
+def test_planned_quantized_fraction_follows_the_shares():
+    slots = plain_ep_slots(MODEL, CLUSTER)
+    slots = [(g, e, f, 0.5 if e == 0 else s) for g, e, f, s in slots] + [(3, 0, "int8", 0.5)]
+    plan = plan_of(MODEL, CLUSTER, [slots])
+    score = score_plan(plan, stats_of(MODEL, [[600, 100, 100, 100, 50, 50, 50, 50]]))
+    assert score.quantized_fraction_shares[0] == pytest.approx(300 / 1100)
+
+
 def test_bytes_per_gpu_is_the_sum_of_its_copies_bytes():
     slots = [(g, e, "int4" if e == 1 else f, s) for g, e, f, s in plain_ep_slots(MODEL, CLUSTER)]
     plan = plan_of(MODEL, CLUSTER, [slots])
@@ -70,3 +80,30 @@ def test_eval_loads_with_another_layer_count_are_rejected():
     plan = plan_of(MODEL, CLUSTER, [plain_ep_slots(MODEL, CLUSTER)])
     with pytest.raises(SpecError, match="shape"):
         score_plan(plan, stats_of(MODEL, [[1] * 8, [1] * 8]))
+
+
+@st.composite
+def replicated_plans(draw):
+    """tiny model on cpu4: plain EP plus a few extra copies (any format) on GPUs without that expert."""
+    slots = plain_ep_slots(MODEL, CLUSTER)
+    for expert in draw(st.lists(st.integers(0, 7), max_size=6)):
+        free = [g for g in range(4) if (g, expert) not in {(s[0], s[1]) for s in slots}]
+        if free:
+            slots.append((draw(st.sampled_from(free)), expert, draw(st.sampled_from(["bf16", "int8", "int4"])), 0.0))
+    copies = {e: sum(1 for s in slots if s[1] == e) for e in range(8)}
+    slots = sorted((g, e, f, 1.0 / copies[e]) for g, e, f, _ in slots)
+    counts = draw(st.lists(st.integers(0, 5000), min_size=8, max_size=8))
+    return plan_of(MODEL, CLUSTER, [slots]), stats_of(MODEL, [counts])
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(replicated_plans())
+def test_lp_bound_is_below_both_splits_and_every_token_is_counted(case):
+    plan, loads = case
+    score = score_plan(plan, loads)
+    total = sum(loads.counts[0])
+    assert score.best_loads[0].sum() == total == score.share_loads[0].sum()
+    assert score.lp_max_load[0] <= score.best_loads[0].max() + 1e-6
+    assert score.lp_max_load[0] <= score.share_loads[0].max() + 1e-6
+    assert 0.0 <= score.quantized_fraction[0] <= 1.0
+    assert score.balancedness_best[0] >= 1.0 - 1e-12

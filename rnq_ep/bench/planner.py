@@ -127,7 +127,7 @@ def policy_table(results: list[PolicyResult], budget: int, title: str, note: str
         "MoE time, us",
         "vs plain EP",
         "max GB/GPU (% budget)",
-        "quantized tokens (med/max)",
+        "quantized tokens, max (planned / routed)",
         "planner",
     )
     plain = next((r for r in results if r.name == PLAIN and r.layer_s is not None), None)
@@ -148,7 +148,7 @@ def policy_table(results: list[PolicyResult], budget: int, title: str, note: str
             f"{total * 1e6:,.0f}",
             speedup,
             f"{top / 1e9:.3f} ({100 * top / budget:.1f} %)",
-            f"{100 * s['quantized_fraction']['median']:.1f} % / {100 * s['quantized_fraction']['max']:.1f} %",
+            f"{100 * s['quantized_fraction_shares']['max']:.1f} % / {100 * s['quantized_fraction']['max']:.1f} %",
             f"{r.planner_s * 1e3:.1f} ms",
         ))
     return BenchTable(title, header, rows, note)
