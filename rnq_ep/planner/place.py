@@ -1,0 +1,61 @@
+"""Initial placement: copies of each expert packed by load, an equal number of copies per GPU."""
+
+from __future__ import annotations
+
+import heapq
+
+import numpy as np
+
+
+def copy_counts(weight: np.ndarray, extra: int, max_copies: int) -> np.ndarray:
+    """Give `extra` more copies, one at a time, to the expert with the largest load per copy -> [E].
+
+    EPLB's replication rule (ties: lowest expert index), with at most `max_copies` per expert.
+    """
+    counts = np.ones(weight.size, dtype=np.int64)
+    heap = [(-float(w), e) for e, w in enumerate(weight) if max_copies > 1]
+    heapq.heapify(heap)
+    for _ in range(extra):
+        if not heap:
+            break
+        _, e = heapq.heappop(heap)
+        counts[e] += 1
+        if counts[e] < max_copies:
+            heapq.heappush(heap, (-float(weight[e]) / counts[e], e))
+    return counts
+
+
+def pack_by_rounds(expert: np.ndarray, load: np.ndarray, num_gpus: int) -> np.ndarray:
+    """LPT in rounds: copies (expert [S], load [S]) -> gpu [S], never two copies of an expert on one GPU.
+
+    Round r hands the next G heaviest copies to the GPUs sorted by load so far (lightest first),
+    so every GPU ends with floor(S/G) or ceil(S/G) copies. A copy whose GPU already holds its
+    expert takes the lightest GPU of the round that does not (copies of an expert <= G).
+    """
+    order = np.lexsort((expert, -load))
+    gpu_of = np.empty(expert.size, dtype=np.int64)
+    gpu_load = np.zeros(num_gpus)
+    holds = np.zeros((int(expert.max()) + 1, num_gpus), dtype=bool)
+    for start in range(0, expert.size, num_gpus):
+        batch = order[start : start + num_gpus]
+        lightest = np.argsort(gpu_load, kind="stable")[: batch.size]
+        clash = holds[expert[batch], lightest]
+        if clash.any():
+            lightest = _resolve_clashes(expert[batch], lightest, holds, np.argsort(gpu_load, kind="stable"))
+        gpu_of[batch] = lightest
+        gpu_load[lightest] += load[batch]
+        holds[expert[batch], lightest] = True
+    return gpu_of
+
+
+def _resolve_clashes(experts: np.ndarray, chosen: np.ndarray, holds: np.ndarray, by_load: np.ndarray) -> np.ndarray:
+    """Reassign a round so no copy lands on a GPU holding its expert; heaviest copies pick first."""
+    taken: set[int] = set()
+    result = chosen.copy()
+    for i, e in enumerate(experts.tolist()):
+        for g in by_load.tolist():
+            if g not in taken and not holds[e, g]:
+                result[i] = g
+                taken.add(g)
+                break
+    return result

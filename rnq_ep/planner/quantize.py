@@ -1,0 +1,64 @@
+"""Choosing formats: quality cost per token of each format, and freeing bytes on a GPU cheaply.
+
+The quality budget counts tokens served by quantized copies; which copy to quantize is decided by
+cost = tokens x sensitivity, so cold experts, thin replicas and robust experts go first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rnq_ep.specs import FORMATS, LoadStats, PlanOptions
+
+# Relative output error of a quantized expert when no calibration says otherwise: w8a16 per-channel
+# int8 is ~4x more accurate than group-128 int4 on typical expert weights.
+DEFAULT_SENSITIVITY = {"bf16": 0.0, "int8": 1.0, "int4": 4.0}
+
+
+def sensitivity_costs(loads: LoadStats, layer_index: int, options: PlanOptions) -> np.ndarray:
+    """Quality cost per routed token of each expert in each format -> [E, 3] (inf where not allowed)."""
+    num_experts = loads.num_experts
+    cost = np.tile([DEFAULT_SENSITIVITY[f] for f in FORMATS], (num_experts, 1))
+    if loads.sensitivity is not None:
+        for e, by_fmt in enumerate(loads.sensitivity[layer_index]):
+            for fmt, value in by_fmt.items():
+                cost[e, FORMATS.index(fmt)] = value
+        cost[:, 0] = 0.0
+    if loads.importance is not None:
+        cost *= np.asarray(loads.importance[layer_index], dtype=np.float64)[:, None]
+    for code, fmt in enumerate(FORMATS):
+        if fmt not in options.formats:
+            cost[:, code] = np.inf
+    return cost
+
+
+def cheapest_conversions(
+    fmt: np.ndarray, tokens: np.ndarray, cost: np.ndarray, fmt_bytes: np.ndarray, need: int
+) -> tuple[np.ndarray, float, float] | None:
+    """Re-format some of a GPU's copies to free >= `need` bytes at little quality cost.
+
+    fmt [c] codes, tokens [c], cost [c, 3] per token (inf: not allowed), fmt_bytes [3].
+    Each copy moves at most once, to its cheapest format per freed byte (or, if that cannot free
+    enough, to its smallest allowed format); copies go in order of cost per freed byte. Returns
+    (new fmt [c], added cost, added quantized tokens), or None when nothing frees enough.
+    """
+    if need <= 0:
+        return fmt, 0.0, 0.0
+    held = fmt_bytes[fmt]  # [c]
+    smaller = np.isfinite(cost) & (fmt_bytes[None, :] < held[:, None])  # [c, 3]
+    gain = np.where(smaller, held[:, None] - fmt_bytes[None, :], 0)
+    price = np.where(smaller, tokens[:, None] * (cost - np.take_along_axis(cost, fmt[:, None], 1)), np.inf)
+    ratio = np.where(smaller, price / np.maximum(gain, 1), np.inf)
+    for target in (np.argmin(ratio, axis=1), np.argmax(gain, axis=1)):
+        rows = np.arange(fmt.size)
+        movable = smaller[rows, target]
+        order = np.flatnonzero(movable)[np.argsort(ratio[rows, target][movable], kind="stable")]
+        freed = np.cumsum(gain[order, target[order]])
+        if freed.size == 0 or freed[-1] < need:
+            continue
+        take = order[: int(np.searchsorted(freed, need)) + 1]
+        new_fmt = fmt.copy()
+        new_fmt[take] = target[take]
+        added_tokens = float(tokens[take][fmt[take] == 0].sum())
+        return new_fmt, float(price[take, target[take]].sum()), added_tokens
+    return None

@@ -1,0 +1,207 @@
+"""Replicate to balance: move load from the most loaded GPU to the least loaded through new copies.
+
+Starting from one copy per expert, each step takes the most loaded GPU a and its heaviest copy
+(expert e), and hands min(excess of a, deficit of h, tokens of the copy) of e's tokens to a new
+copy of e on the least loaded GPU h that does not hold e yet (a whole copy simply moves). The
+new copy's format, and any copies of h re-formatted to make room, are the cheapest choice that
+keeps h within its bytes and the plan within the quality budget. As in McNaughton's wrap-around
+rule this reaches the mean load with at most G-1 extra copies when memory allows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from rnq_ep.planner.quantize import cheapest_conversions
+
+TRIED_SINKS = 4  # least-loaded GPUs tried per copy before the next copy of the source GPU
+
+
+@dataclass
+class LayerCopies:
+    """Copies of one layer while planning; slot lists grow, a moved copy changes GPU."""
+
+    gpu: list[int]
+    expert: list[int]
+    fmt: list[int]  # 0 bf16, 1 int8, 2 int4
+    tokens: list[float]
+    slot_of: np.ndarray  # [E, G] slot index of expert e on GPU g, -1 if none
+    copies: np.ndarray  # [E] copies per expert
+    load: np.ndarray  # [G] planned tokens per GPU
+    used: np.ndarray  # [G] bytes per GPU
+    held: np.ndarray  # [G] copies per GPU
+    quantized_tokens: float
+
+    def slots_on(self, gpu: int) -> np.ndarray:
+        """Slot indices held by `gpu` -> [c]."""
+        return self.slot_of[:, gpu][self.slot_of[:, gpu] >= 0]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one layer's plan must respect."""
+
+    budget: int  # bytes per GPU
+    fmt_bytes: np.ndarray  # [3] bytes of one expert per format
+    cost: np.ndarray  # [E, 3] quality cost per token, inf where the format is not allowed
+    token_budget: float  # most tokens that quantized copies may serve
+    max_copies: int
+    max_held: int  # most copies one GPU can hold, all in the smallest allowed format
+    gpus_per_node: int
+    prefer_node: bool  # keep an expert's copies on its node when that node has room
+
+
+def spread_load(state: LayerCopies, limits: Limits) -> None:
+    """Add or move copies until every GPU is at the mean load or no allowed step helps (in place)."""
+    target = state.load.sum() / state.load.size
+    tol = max(target * 1e-9, 1e-12)
+    stuck = np.zeros(state.load.size, dtype=bool)
+    while True:
+        excess = np.where(stuck, -np.inf, state.load - target)
+        source = int(np.argmax(excess))
+        if excess[source] <= tol:
+            return
+        if not _shift_from(state, limits, source, target, tol):
+            stuck[source] = True
+
+
+def _shift_from(state: LayerCopies, limits: Limits, source: int, target: float, tol: float) -> bool:
+    """One step away from GPU `source`; False when none of its copies can go anywhere."""
+    slots = state.slots_on(source)
+    tokens = np.array([state.tokens[s] for s in slots])
+    if _pour_to_existing(state, limits, source, slots[np.argsort(-tokens, kind="stable")], target, tol):
+        return True
+    room_plans: dict[int, list] = {}  # sink -> per format: how the sink makes room (its state is fixed here)
+    for slot in slots[np.argsort(-tokens, kind="stable")]:
+        expert, held = state.expert[slot], state.tokens[slot]
+        open_gpus = np.flatnonzero(
+            (state.load < target - tol) & (state.slot_of[expert] < 0) & (state.held < limits.max_held)
+        )
+        want = min(state.load[source] - target, held)
+        for sink in _sink_order(state, limits, open_gpus, source, target, want)[:TRIED_SINKS]:
+            amount = min(want, target - state.load[sink])
+            moves_all = amount >= held - tol
+            if not moves_all and state.copies[expert] >= limits.max_copies:
+                continue
+            if sink not in room_plans:
+                room_plans[sink] = _room_plans(state, limits, sink)
+            choice = _cheapest_format(state, limits, slot, room_plans[sink], held if moves_all else amount)
+            if choice is None:
+                continue
+            _apply(state, limits, slot, sink, held if moves_all else amount, moves_all, *choice)
+            return True
+    return False
+
+
+def _pour_to_existing(
+    state: LayerCopies, limits: Limits, source: int, slots: np.ndarray, target: float, tol: float
+) -> bool:
+    """Move tokens from a copy on `source` to another copy of its expert on a GPU below the target."""
+    for slot in slots.tolist():
+        expert = state.expert[slot]
+        if state.copies[expert] == 1 or state.tokens[slot] <= tol:
+            continue
+        others = state.slot_of[expert]
+        open_gpus = np.flatnonzero((others >= 0) & (state.load < target - tol))
+        if open_gpus.size == 0:
+            continue
+        sink = int(open_gpus[np.argmin(state.load[open_gpus])])
+        other = int(others[sink])
+        amount = min(state.load[source] - target, target - state.load[sink], state.tokens[slot])
+        token_change = (amount if state.fmt[other] else 0.0) - (amount if state.fmt[slot] else 0.0)
+        if state.quantized_tokens + token_change > limits.token_budget + 1e-9 * max(limits.token_budget, 1.0):
+            continue
+        state.quantized_tokens += token_change
+        state.tokens[slot] -= amount
+        state.tokens[other] += amount
+        state.load[source] -= amount
+        state.load[sink] += amount
+        return True
+    return False
+
+
+def _sink_order(
+    state: LayerCopies, limits: Limits, open_gpus: np.ndarray, source: int, target: float, want: float
+) -> np.ndarray:
+    """Candidate GPUs, least loaded first; with prefer_node, same-node GPUs that can take `want` lead."""
+    order = open_gpus[np.argsort(state.load[open_gpus], kind="stable")]
+    if not limits.prefer_node:
+        return order
+    same_node = order // limits.gpus_per_node == source // limits.gpus_per_node
+    fits = target - state.load[order] >= want
+    return np.concatenate([order[same_node & fits], order[~(same_node & fits)]])
+
+
+def _room_plans(state: LayerCopies, limits: Limits, sink: int) -> list:
+    """For each format code: (sink slots, their new formats, quality cost, added quantized tokens) or None."""
+    room = limits.budget - state.used[sink]
+    sink_slots = state.slots_on(sink)
+    sink_fmt = np.array([state.fmt[s] for s in sink_slots], dtype=np.int64)
+    sink_tokens = np.array([state.tokens[s] for s in sink_slots])
+    sink_cost = limits.cost[[state.expert[s] for s in sink_slots]]
+    plans = []
+    for code in range(limits.fmt_bytes.size):
+        freed = cheapest_conversions(sink_fmt, sink_tokens, sink_cost, limits.fmt_bytes, int(limits.fmt_bytes[code]) - room)
+        plans.append(None if freed is None else (sink_slots, freed[0], freed[1], freed[2]))
+    return plans
+
+
+def _cheapest_format(
+    state: LayerCopies, limits: Limits, slot: int, room_plans: list, amount: float
+) -> tuple[int, np.ndarray, np.ndarray, float] | None:
+    """Best (format of the new copy, sink slots, their new formats, token change) or None if nothing fits."""
+    expert = state.expert[slot]
+    leaves_quantized = amount if state.fmt[slot] else 0.0
+    best = None
+    for code in np.flatnonzero(np.isfinite(limits.cost[expert])).tolist():
+        if room_plans[code] is None:
+            continue
+        sink_slots, new_fmt, cost, tokens = room_plans[code]
+        tokens += (amount if code else 0.0) - leaves_quantized
+        if state.quantized_tokens + tokens > limits.token_budget + 1e-9 * max(limits.token_budget, 1.0):
+            continue
+        cost += amount * limits.cost[expert, code]
+        if best is None or cost < best[0]:
+            best = (cost, (code, sink_slots, new_fmt, tokens))
+    return None if best is None else best[1]
+
+
+def _apply(
+    state: LayerCopies,
+    limits: Limits,
+    slot: int,
+    sink: int,
+    amount: float,
+    moves_all: bool,
+    code: int,
+    sink_slots: np.ndarray,
+    sink_fmt: np.ndarray,
+    token_change: float,
+) -> None:
+    """Carry out one step: re-format sink copies, then add (or move) the copy of `slot`'s expert."""
+    fmt_bytes = limits.fmt_bytes
+    for s, f in zip(sink_slots.tolist(), sink_fmt.tolist()):
+        state.used[sink] += fmt_bytes[f] - fmt_bytes[state.fmt[s]]
+        state.fmt[s] = f
+    expert, source = state.expert[slot], state.gpu[slot]
+    state.quantized_tokens += token_change
+    state.load[source] -= amount
+    state.load[sink] += amount
+    state.used[sink] += fmt_bytes[code]
+    state.held[sink] += 1
+    if moves_all:
+        state.held[source] -= 1
+        state.used[source] -= fmt_bytes[state.fmt[slot]]
+        state.slot_of[expert, source] = -1
+        state.slot_of[expert, sink] = slot
+        state.gpu[slot], state.fmt[slot] = sink, code
+        return
+    state.tokens[slot] -= amount
+    state.slot_of[expert, sink] = len(state.gpu)
+    state.gpu.append(sink)
+    state.expert.append(expert)
+    state.fmt.append(code)
+    state.tokens.append(amount)
+    state.copies[expert] += 1

@@ -1,0 +1,144 @@
+"""The R&Q planner: per layer, place one copy of each expert, then replicate (and quantize) to balance."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import replace
+
+import numpy as np
+
+from rnq_ep.memory import gpu_budget
+from rnq_ep.planner.layout import InfeasiblePlan, format_bytes, layer_plan
+from rnq_ep.planner.place import copy_counts, pack_by_rounds
+from rnq_ep.planner.quantize import cheapest_conversions, sensitivity_costs
+from rnq_ep.planner.replicate import LayerCopies, Limits, spread_load
+from rnq_ep.specs import FORMATS, ClusterSpec, LoadStats, ModelSpec, Plan, PlanOptions, SpecError
+
+log = logging.getLogger(__name__)
+
+# Replicas beyond what balancing the planning loads needs make least-loaded routing robust to
+# shifts in the loads; we start from the most of these that fit and let spread_load finish.
+EXTRA_REPLICAS_PER_GPU = (2.0, 1.0, 0.5, 0.25, 0.125)
+SPREAD_RESERVE = 0.2  # share of the quality budget the initial replicas leave to spread_load
+NODE_LOCAL_RATIO = 4.0  # prefer same-node copies when intra-node links are this many times faster
+
+
+def plan_rnq(model: ModelSpec, cluster: ClusterSpec, loads: LoadStats, options: PlanOptions) -> Plan:
+    """Replicate-and-Quantize plan: one LayerPlan per row of loads.counts, in the load file's order."""
+    if loads.num_experts != model.num_experts:
+        raise SpecError(f"loads: num_experts={loads.num_experts} but model {model.name!r} has {model.num_experts}")
+    if options.affinity_weight > 0:
+        log.warning("affinity_weight=%s is not used yet: the planner ignores co-activation", options.affinity_weight)
+    if options.refine:
+        log.warning("refine=True is not implemented yet: the greedy plan is returned as is")
+    started = time.perf_counter()
+    budget = gpu_budget(model, cluster, options)
+    fmt_bytes = format_bytes(model)
+    check_memory_fits(model, cluster, options, budget, fmt_bytes)
+    num_gpus = cluster.num_gpus
+    prefer_node = cluster.nodes > 1 and cluster.intra_node_bytes_per_s >= NODE_LOCAL_RATIO * cluster.inter_node_bytes_per_s
+    layers = []
+    for index, layer in enumerate(loads.layers):
+        weight = np.asarray(loads.counts[index], dtype=np.float64)
+        limits = Limits(
+            budget=budget,
+            fmt_bytes=fmt_bytes,
+            cost=sensitivity_costs(loads, index, options),
+            token_budget=options.quality_budget * float(weight.sum()),
+            max_copies=min(num_gpus, options.max_copies or num_gpus),
+            max_held=int(budget // min(fmt_bytes[FORMATS.index(f)] for f in options.formats)),
+            gpus_per_node=cluster.gpus_per_node,
+            prefer_node=prefer_node,
+        )
+        state = most_replicated_fit(weight, num_gpus, limits, layer)
+        spread_load(state, limits)
+        gpu, expert, fmt, share = copies_arrays(state, weight)
+        layers.append(layer_plan(layer, gpu, expert, fmt, share))
+    summary = {"planner_seconds": time.perf_counter() - started}
+    return Plan(model=model, cluster=cluster, options=options, layers=layers, summary=summary)
+
+
+def check_memory_fits(
+    model: ModelSpec, cluster: ClusterSpec, options: PlanOptions, budget: int, fmt_bytes: np.ndarray
+) -> None:
+    """Raise InfeasiblePlan if one copy of every expert cannot fit even in the smallest allowed format."""
+    num_gpus = cluster.num_gpus
+    smallest = min(options.formats, key=lambda f: int(fmt_bytes[FORMATS.index(f)]))
+    smallest_bytes = int(fmt_bytes[FORMATS.index(smallest)])
+    most = math.ceil(model.num_experts / num_gpus)
+    missing = most * smallest_bytes - budget
+    if missing > 0:
+        crowded = model.num_experts - (most - 1) * num_gpus  # GPUs that must hold `most` experts
+        raise InfeasiblePlan(
+            f"GPUs 0..{crowded - 1} of {num_gpus} must each hold {most} experts of {model.name!r}: "
+            f"{most * smallest_bytes} bytes even with every copy in {smallest} (allowed: {list(options.formats)}), "
+            f"but the budget is {budget} bytes per GPU; each of these GPUs misses {missing} bytes"
+        )
+
+
+def most_replicated_fit(weight: np.ndarray, num_gpus: int, limits: Limits, layer: int) -> LayerCopies:
+    """Initial copies with the most replicas (of EXTRA_REPLICAS_PER_GPU x G) that fit memory and quality."""
+    leave_room = replace(limits, token_budget=limits.token_budget * (1.0 - SPREAD_RESERVE))
+    for per_gpu in EXTRA_REPLICAS_PER_GPU:
+        if math.ceil((weight.size + per_gpu * num_gpus) / num_gpus) > limits.max_held:
+            continue
+        try:
+            return base_copies(weight, num_gpus, leave_room, layer, int(per_gpu * num_gpus))
+        except InfeasiblePlan:
+            continue
+    return base_copies(weight, num_gpus, limits, layer, 0)
+
+
+def base_copies(weight: np.ndarray, num_gpus: int, limits: Limits, layer: int, extra: int) -> LayerCopies:
+    """`extra` replicas by load per copy, packed by load; GPUs over budget quantize their cheapest copies."""
+    num_experts = weight.size
+    counts = copy_counts(weight, extra, limits.max_copies)
+    expert = np.repeat(np.arange(num_experts), counts)
+    tokens = weight[expert] / counts[expert]
+    gpu = pack_by_rounds(expert, tokens, num_gpus)
+    slot_of = np.full((num_experts, num_gpus), -1, dtype=np.int64)
+    slot_of[expert, gpu] = np.arange(expert.size)
+    fmt = np.zeros(expert.size, dtype=np.int64)
+    used = np.bincount(gpu, minlength=num_gpus) * int(limits.fmt_bytes[0])
+    spent = 0.0
+    short: list[str] = []
+    for g in np.flatnonzero(used > limits.budget):
+        mine = np.flatnonzero(gpu == g)
+        over = int(used[g] - limits.budget)
+        fit = cheapest_conversions(fmt[mine], tokens[mine], limits.cost[expert[mine]], limits.fmt_bytes, over)
+        if fit is None or spent + fit[2] > limits.token_budget:
+            short.append(f"GPU {g} ({over} bytes over in bf16)")
+            continue
+        fmt[mine] = fit[0]
+        spent += fit[2]
+        used[g] = int(limits.fmt_bytes[fmt[mine]].sum())
+    if short:
+        raise InfeasiblePlan(
+            f"layer {layer}: fitting the budget of {limits.budget} bytes needs more quantized tokens than the "
+            f"quality budget allows ({limits.token_budget:.0f} tokens); missing room on {', '.join(short[:8])}"
+        )
+    return LayerCopies(
+        gpu=gpu.tolist(),
+        expert=expert.tolist(),
+        fmt=fmt.tolist(),
+        tokens=tokens.tolist(),
+        slot_of=slot_of,
+        copies=counts,
+        load=np.bincount(gpu, weights=tokens, minlength=num_gpus),
+        used=used.astype(np.int64),
+        held=np.bincount(gpu, minlength=num_gpus),
+        quantized_tokens=spent,
+    )
+
+
+def copies_arrays(state: LayerCopies, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(gpu, expert, fmt, share) [S] of the planned copies; an expert without tokens splits evenly."""
+    gpu = np.array(state.gpu, dtype=np.int64)
+    expert = np.array(state.expert, dtype=np.int64)
+    tokens = np.array(state.tokens)
+    total = np.bincount(expert, weights=tokens, minlength=weight.size)
+    count = np.bincount(expert, minlength=weight.size)
+    share = np.where(total[expert] > 0, tokens / np.maximum(total[expert], 1e-300), 1.0 / count[expert])
+    return gpu, expert, np.array(state.fmt, dtype=np.int64), share
