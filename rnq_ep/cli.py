@@ -23,6 +23,7 @@ from rnq_ep.bench.planner import (
     RNQ,
     BenchTable,
     balance_table,
+    real_pairs,
     compare_policies,
     plan_summary,
     policy_table,
@@ -236,7 +237,7 @@ def run_bench_planner(args: argparse.Namespace) -> int:
                           args.seed, options)]
     print_table(tables[0])
     if not args.no_real:
-        tables.append(balance_table(load_cluster(args.balance_cluster), options))
+        tables.append(balance_table(load_cluster(args.balance_cluster), options, real_pairs()))
         print_table(tables[-1])
     if args.markdown:
         machine = f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}"

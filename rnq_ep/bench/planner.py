@@ -37,14 +37,30 @@ EPLB_SAME = "EPLB-equivalent, same memory"
 EPLB_EXTRA = "EPLB-equivalent, +12.5 % memory"
 PLAIN = "plain EP"
 SHIPPED_LOADS = CONFIG_DIR / "loads"
-# (model, plan-on file, score-on file) from configs/loads; same file twice = scored in sample
-REAL_PAIRS = (
+SHARED_LOADS = CONFIG_DIR.parent.parent / "shared" / "data" / "expert-loads"
+# (model, plan-on file, score-on file); the same file twice means scored in sample
+SHIPPED_PAIRS = (
     ("olmoe-1b-7b", "olmoe-1b-7b-0924_olmoe-repo_arxiv.json", "olmoe-1b-7b-0924_olmoe-repo_github.json"),
     ("olmoe-1b-7b", "olmoe-1b-7b-0924_olmoe-repo_github.json", "olmoe-1b-7b-0924_olmoe-repo_wikipedia.json"),
     ("olmoe-1b-7b", "olmoe-1b-7b-0924_olmoe-repo_wikipedia.json", "olmoe-1b-7b-0924_olmoe-repo_arxiv.json"),
     ("deepseek-moe-16b", "deepseek-moe-16b-base_minipile.json", "deepseek-moe-16b-base_minipile.json"),
     ("mixtral-8x7b", "mixtral-8x7b-v0.1_olmoe-repo_github.json", "mixtral-8x7b-v0.1_olmoe-repo_github.json"),
 )
+SHARED_PAIRS = (  # only in ../shared/data/expert-loads
+    ("olmoe-1b-7b", "olmoe-1b-7b-0924_olmoe-repo_c4.json", "olmoe-1b-7b-0924_olmoe-repo_book.json"),
+    ("mixtral-8x7b", "mixtral-8x7b-v0.1_olmoe-repo_arxiv.json", "mixtral-8x7b-v0.1_olmoe-repo_github.json"),
+    ("mixtral-8x7b", "mixtral-8x7b-v0.1_fiddler_mmlu-college-computer-science.json",
+     "mixtral-8x7b-v0.1_fiddler_mmlu-machine-learning.json"),
+)
+SPEED_TARGETS = {32: "<= 0.1 s", 256: "<= 0.5 s", 1024: "<= 2 s"}  # issues 2 and 7
+
+
+def real_pairs() -> list[tuple[str, Path, Path]]:
+    """(model, plan-on path, score-on path): the shipped files, plus the shared data set's when present."""
+    pairs = [(m, SHIPPED_LOADS / a, SHIPPED_LOADS / b) for m, a, b in SHIPPED_PAIRS]
+    if SHARED_LOADS.is_dir():
+        pairs += [(m, SHARED_LOADS / a, SHARED_LOADS / b) for m, a, b in SHARED_PAIRS]
+    return pairs
 
 
 @dataclass(frozen=True)
@@ -203,7 +219,7 @@ def speed_table(
     """Planner seconds of R&Q vs the EPLB-equivalent (+12.5 % memory) on synthetic Zipf loads."""
     rng = np.random.default_rng(seed)
     header = ("GPUs", "layers x experts", "R&Q planner (s)", "EPLB-equivalent planner (s)", "R&Q / EPLB time",
-              "best-split balancedness R&Q (median)", "EPLB +12.5 % (median)")
+              "target (R&Q)", "best-split balancedness R&Q (median)", "EPLB +12.5 % (median)")
     rows = []
     for gpus in gpu_counts:
         cluster = scaled_cluster(base, gpus)
@@ -212,6 +228,7 @@ def speed_table(
         eplb, eplb_s = timed(plan_eplb, model, cluster, loads, extra_memory=0.125)
         rows.append((
             str(gpus), f"{num_layers} x {model.num_experts}", f"{rnq_s:.3f}", f"{eplb_s:.3f}", f"{rnq_s / eplb_s:.2f}x",
+            SPEED_TARGETS.get(gpus, "-"),
             f"{np.median(score_plan(rnq, loads).balancedness_best):.3f}",
             f"{np.median(score_plan(eplb, loads).balancedness_best):.3f}",
         ))
@@ -219,25 +236,25 @@ def speed_table(
     return BenchTable(title, header, rows)
 
 
-def balance_table(cluster: ClusterSpec, options: PlanOptions, pairs=REAL_PAIRS, folder: Path = SHIPPED_LOADS) -> BenchTable:
+def balance_table(cluster: ClusterSpec, options: PlanOptions, pairs: list[tuple[str, Path, Path]]) -> BenchTable:
     """Best-split balancedness (median over layers) and predicted speedup on real load files."""
     header = ("model", "planned on -> scored on", PLAIN, EPLB_SAME, EPLB_EXTRA, RNQ, "R&Q vs its LP bound",
               "R&Q / EPLB +12.5 %", "R&Q speedup vs plain EP")
     rows = []
     for model_name, plan_file, eval_file in pairs:
         model = load_model(model_name)
-        loads, target = load_stats(folder / plan_file, model), load_stats(folder / eval_file, model)
+        loads, target = load_stats(plan_file, model), load_stats(eval_file, model)
         results = {r.name: r for r in compare_policies(model, cluster, loads, options, eval_loads=target)}
         best = {n: float(np.median(r.score.balancedness_best)) if r.score else math.nan for n, r in results.items()}
         rnq = results[RNQ].score
         gap = float(np.max(rnq.best_loads.max(axis=1) / rnq.lp_max_load - 1.0))
         speedup = float(results[PLAIN].layer_s.sum() / results[RNQ].layer_s.sum()) if results[PLAIN].score else math.nan
         rows.append((
-            model_name, f"{short(plan_file)} -> {short(eval_file)}",
+            model_name, f"{short(plan_file.name)} -> {short(eval_file.name)}",
             *(f"{best[n]:.3f}" for n in (PLAIN, EPLB_SAME, EPLB_EXTRA, RNQ)),
             f"+{100 * gap:.2f} %", f"{best[RNQ] / best[EPLB_EXTRA]:.3f}", f"{speedup:.2f}x",
         ))
-    title = f"Balance on real loads (configs/loads), {cluster.name}, memory as plain EP, best-split balancedness median over layers"
+    title = f"Balance on real loads (configs/loads, shared/data/expert-loads), {cluster.name}, memory as plain EP, best-split balancedness median over layers"
     return BenchTable(title, header, rows)
 
 
