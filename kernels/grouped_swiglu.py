@@ -35,7 +35,9 @@ from rnq_ep.quant import INT4_GROUP, INT4_ZERO, QuantWeight  # noqa: E402
 _FMT_CODE = {"bf16": 0, "int8": 1, "int4": 2}
 
 
-class _Blocks(NamedTuple):
+class Blocks(NamedTuple):
+    """Tile sizes and launch options of both GEMMs (block_m also sizes the block map)."""
+
     block_m: int
     block_n: int
     block_k: int  # must divide INT4_GROUP so an int4 k tile has one scale
@@ -45,15 +47,15 @@ class _Blocks(NamedTuple):
 
 # decode: few rows per expert, weight-streaming bound -> thin row blocks, long k tiles;
 # prefill: many rows per expert, MMA bound -> square-ish tiles; interpreter: small and cheap.
-DECODE_BLOCKS = _Blocks(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
-PREFILL_BLOCKS = _Blocks(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
-INTERPRETER_BLOCKS = _Blocks(block_m=16, block_n=64, block_k=64, num_warps=1, num_stages=1)
+DECODE_BLOCKS = Blocks(block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=4)
+PREFILL_BLOCKS = Blocks(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
+INTERPRETER_BLOCKS = Blocks(block_m=16, block_n=64, block_k=64, num_warps=1, num_stages=1)
 DECODE_MAX_ROWS_PER_GROUP = 32
 
 
-def choose_blocks(num_rows: int, num_groups: int, on_gpu: bool) -> _Blocks:
+def choose_blocks(num_rows: int, num_groups: int, interpreted: bool) -> Blocks:
     """Block sizes for the shape class of num_rows rows over num_groups groups (host-known, no sync)."""
-    if not on_gpu:
+    if interpreted:
         return INTERPRETER_BLOCKS
     return DECODE_BLOCKS if num_rows <= DECODE_MAX_ROWS_PER_GROUP * num_groups else PREFILL_BLOCKS
 
@@ -70,9 +72,8 @@ def _project(
     a_rows = a_ptr + rows.to(tl.int64)[:, None] * stride_am
     w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wn
     if FMT == 2:
-        HALF: tl.constexpr = BLOCK_K // 2
         for k0 in range(0, K, BLOCK_K):
-            pairs = k0 // 2 + tl.arange(0, HALF)  # packed byte index along K
+            pairs = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # packed byte index along K
             even = 2 * pairs
             a_even = tl.load(a_rows + even[None, :], mask=row_mask[:, None] & (even[None, :] < K), other=0.0)
             a_odd = tl.load(a_rows + even[None, :] + 1, mask=row_mask[:, None] & (even[None, :] + 1 < K), other=0.0)
@@ -131,7 +132,10 @@ def _grouped_swiglu_kernel(
     tl.store(out, acc.to(tl.bfloat16), mask=row_mask[:, None] & col_mask[None, :])
 
 
-def _launch(a, w, out, row_weight, offsets, block_group, block_row, gate_up: bool, blocks: _Blocks) -> None:
+_INTERPRETED = isinstance(_grouped_swiglu_kernel, InterpretedFunction)
+
+
+def _launch(a, w, out, row_weight, offsets, block_group, block_row, gate_up: bool, blocks: Blocks) -> None:
     n_out = out.shape[1]
     scale = w.data if w.scale is None else w.scale  # unread for bf16 (FMT is constexpr)
     scale_strides = (0, 0) if w.scale is None else (w.scale.stride(0), w.scale.stride(1))
@@ -139,7 +143,7 @@ def _launch(a, w, out, row_weight, offsets, block_group, block_row, gate_up: boo
     _grouped_swiglu_kernel[grid](
         a, w.data, scale, out, a if row_weight is None else row_weight, offsets, block_group, block_row,
         a.shape[1], n_out, a.stride(0), w.data.stride(0), w.data.stride(1), *scale_strides, out.stride(0),
-        GATE_UP=gate_up, HAS_ROW_WEIGHT=row_weight is not None, FMT=_FMT_CODE[w.fmt], UPCAST=not a.is_cuda,
+        GATE_UP=gate_up, HAS_ROW_WEIGHT=row_weight is not None, FMT=_FMT_CODE[w.fmt], UPCAST=_INTERPRETED,
         GROUP=INT4_GROUP, ZERO=INT4_ZERO, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
         BLOCK_K=blocks.block_k, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )
@@ -151,18 +155,22 @@ def grouped_swiglu(
     w_down: QuantWeight,
     offsets: torch.Tensor,
     row_weight: torch.Tensor | None = None,
+    *,
+    blocks: Blocks | None = None,
 ) -> torch.Tensor:
     """bf16 [N, H]: rows offsets[g]:offsets[g+1] of x [N, H] bf16 through copy g of w_gate_up [G, 2I, H], w_down [G, H, I]."""
     _check_inputs(x, w_gate_up, w_down, offsets, row_weight)
-    if not x.is_cuda and not isinstance(_grouped_swiglu_kernel, InterpretedFunction):
+    if not x.is_cuda and not _INTERPRETED:
         raise RuntimeError("grouped_swiglu on CPU tensors needs TRITON_INTERPRET=1 set before triton is first imported")
     num_rows, num_groups = x.shape[0], w_gate_up.shape[0]
-    blocks = choose_blocks(num_rows, num_groups, x.is_cuda)
-    block_group, block_row = block_map(offsets, blocks.block_m, max_blocks(num_rows, num_groups, blocks.block_m))
-    hidden = torch.empty(num_rows, w_down.shape[2], dtype=torch.bfloat16, device=x.device)  # [N, I]
+    blocks = blocks or choose_blocks(num_rows, num_groups, _INTERPRETED)
+    if INT4_GROUP % blocks.block_k:
+        raise ValueError(f"block_k {blocks.block_k} must divide the int4 group {INT4_GROUP}")
     out = torch.empty_like(x)  # [N, H]
     if num_rows == 0:
         return out
+    block_group, block_row = block_map(offsets, blocks.block_m, max_blocks(num_rows, num_groups, blocks.block_m))
+    hidden = torch.empty(num_rows, w_down.shape[2], dtype=torch.bfloat16, device=x.device)  # [N, I]
     offsets = offsets.to(torch.int32)
     _launch(x, w_gate_up, hidden, None, offsets, block_group, block_row, True, blocks)
     rw = None if row_weight is None else row_weight.to(torch.float32).contiguous()
@@ -172,6 +180,8 @@ def grouped_swiglu(
 
 def _check_inputs(x, w_gate_up: QuantWeight, w_down: QuantWeight, offsets, row_weight) -> None:
     groups, two_inter, hidden = w_gate_up.shape
+    if groups == 0:
+        raise ValueError("w_gate_up has no expert copies (G = 0); expected [G >= 1, 2I, H]")
     expected_down = (groups, hidden, two_inter // 2)
     if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != hidden or x.stride(1) != 1:
         raise ValueError(f"x must be contiguous bf16 [N, {hidden}], got {x.dtype} {tuple(x.shape)}")

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rnq_ep.kernels import grouped_swiglu, grouped_swiglu_reference
+from rnq_ep.kernels.grouped_swiglu import DECODE_BLOCKS, PREFILL_BLOCKS
 from rnq_ep.kernels.align import block_map, max_blocks
 from rnq_ep.kernels.reference import block_map_reference
 from rnq_ep.quant import dequantize, quantize
@@ -40,11 +41,11 @@ def _to(q, device):
     return type(q)(q.fmt, q.data.to(device), None if q.scale is None else q.scale.to(device), q.shape)
 
 
-def _assert_matches_reference(x, w_gate_up, w_down, offsets, weights):
+def _assert_matches_reference(x, w_gate_up, w_down, offsets, weights, blocks=None):
     expected = grouped_swiglu_reference(x, dequantize(w_gate_up), dequantize(w_down), offsets, weights)
     got = grouped_swiglu(
         x.to(DEVICE), _to(w_gate_up, DEVICE), _to(w_down, DEVICE), offsets.to(DEVICE),
-        None if weights is None else weights.to(DEVICE),
+        None if weights is None else weights.to(DEVICE), blocks=blocks,
     )
     assert got.dtype == torch.bfloat16 and got.shape == expected.shape
     # bf16 intermediate [N, I] and bf16 output round at ~2^-9 relative; real bugs are O(1)
@@ -63,6 +64,13 @@ def test_grouped_swiglu_matches_reference(case, fmt):
 def test_odd_hidden_and_k_spanning_int4_groups(fmt):
     # odd K (int4 padding nibble) and two int4 scale groups along H
     _assert_matches_reference(*_problem([3, 17], fmt, row_weight=False, seed=1, hidden=131, inter=40))
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("blocks", [DECODE_BLOCKS, PREFILL_BLOCKS], ids=["decode", "prefill"])
+def test_gpu_block_sizes_match_reference(blocks, fmt):
+    # H spans two int4 groups and a partial k tile at block_k 128
+    _assert_matches_reference(*_problem([1, 0, 70], fmt, row_weight=True, seed=3, hidden=200, inter=72), blocks=blocks)
 
 
 def test_row_weight_scales_each_row():
