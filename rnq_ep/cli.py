@@ -56,8 +56,8 @@ def console() -> Console:
 def print_table(table: BenchTable) -> None:
     """Print a BenchTable with rich."""
     view = Table(title=table.title, title_justify="left", caption=table.note or None, caption_justify="left")
-    for column in table.header:
-        view.add_column(column)
+    for i, column in enumerate(table.header):
+        view.add_column(column, no_wrap=i == 0)
     for row in table.rows:
         view.add_row(*row)
     console().print(view)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ RNQ = "R&Q"
 EPLB_SAME = "EPLB-equivalent, same memory"
 EPLB_EXTRA = "EPLB-equivalent, +12.5 % memory"
 PLAIN = "plain EP"
+SUMMARY_KEYS = {PLAIN: "plain_ep", EPLB_SAME: "eplb_same_memory", EPLB_EXTRA: "eplb_extra_12_5pct", RNQ: "rnq"}
 SHIPPED_LOADS = CONFIG_DIR / "loads"
 SHARED_LOADS = CONFIG_DIR.parent.parent / "shared" / "data" / "expert-loads"
 # (model, plan-on file, score-on file); the same file twice means scored in sample
@@ -82,7 +84,7 @@ class BenchTable:
     title: str
     header: tuple[str, ...]
     rows: list[tuple[str, ...]]
-    note: str = ""  # one line printed under the table
+    note: str = ""  # printed under the table
 
 
 def with_budget(cluster: ClusterSpec, model: ModelSpec, options: PlanOptions) -> ClusterSpec:
@@ -90,7 +92,7 @@ def with_budget(cluster: ClusterSpec, model: ModelSpec, options: PlanOptions) ->
     return msgspec.structs.replace(cluster, expert_memory_budget=gpu_budget(model, cluster, options))
 
 
-def timed(planner, *args, **kwargs) -> tuple[Plan, float]:
+def timed(planner: Callable[..., Plan], *args, **kwargs) -> tuple[Plan, float]:
     """Run a planner, return (plan, seconds)."""
     start = time.perf_counter()
     plan = planner(*args, **kwargs)
@@ -142,7 +144,7 @@ def policy_table(results: list[PolicyResult], budget: int, title: str, note: str
         "LIS",
         "MoE time, us",
         "vs plain EP",
-        "max GB/GPU (% budget)",
+        "max bytes/GPU (% budget)",
         "quantized tokens, max (planned / routed)",
         "planner",
     )
@@ -150,7 +152,8 @@ def policy_table(results: list[PolicyResult], budget: int, title: str, note: str
     rows = []
     for r in results:
         if r.score is None:
-            rows.append((r.name, f"infeasible: {r.error}") + ("",) * (len(header) - 2))
+            rows.append((r.name, "infeasible (below)") + ("",) * (len(header) - 2))
+            note += f"\n{r.name} infeasible: {r.error}"
             continue
         s = r.score.summary()
         total = float(r.layer_s.sum())
@@ -163,26 +166,35 @@ def policy_table(results: list[PolicyResult], budget: int, title: str, note: str
             spread(s["lis"]),
             f"{total * 1e6:,.0f}",
             speedup,
-            f"{top / 1e9:.3f} ({100 * top / budget:.1f} %)",
+            f"{human_bytes(top)} ({100 * top / budget:.1f} %)",
             f"{100 * s['quantized_fraction_shares']['max']:.1f} % / {100 * s['quantized_fraction']['max']:.1f} %",
             f"{r.planner_s * 1e3:.1f} ms",
         ))
     return BenchTable(title, header, rows, note)
 
 
+def human_bytes(size: float) -> str:
+    """Bytes as KiB/MiB/GiB with 3 significant digits."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{size:.0f} B"
+
+
 def plan_summary(results: list[PolicyResult], budget: int, tokens_per_gpu: int) -> dict:
     """The PLAN.json `summary`: R&Q's scores at top level, every policy's under 'policies'."""
     policies = {}
     for r in results:
+        key = SUMMARY_KEYS[r.name]
         if r.score is None:
-            policies[r.name] = {"error": r.error}
+            policies[key] = {"error": r.error}
             continue
-        policies[r.name] = {
+        policies[key] = {
             **r.score.summary(),
             "predicted_moe_seconds": float(r.layer_s.sum()),
             "planner_seconds": r.planner_s,
         }
-    rnq, plain = policies[RNQ], policies.get(PLAIN, {})
+    rnq, plain = policies["rnq"], policies["plain_ep"]
     speedup = plain["predicted_moe_seconds"] / rnq["predicted_moe_seconds"] if "error" not in plain else None
     return {"memory_budget_bytes": budget, "tokens_per_gpu": tokens_per_gpu, **rnq,
             "speedup_vs_plain_ep": speedup, "policies": policies}
@@ -270,5 +282,5 @@ def to_markdown(tables: list[BenchTable], command: str, machine: str, date: str)
         lines += [f"**{table.title}**", "", "| " + " | ".join(table.header) + " |",
                   "|" + "---|" * len(table.header)]
         lines += ["| " + " | ".join(row) + " |" for row in table.rows]
-        lines += ["", f"_{table.note}_", ""] if table.note else [""]
+        lines += ["", *(f"_{line}_  " for line in table.note.splitlines()), ""] if table.note else [""]
     return "\n".join(lines)
