@@ -11,6 +11,7 @@ import argparse
 import datetime
 import os
 import platform
+import shlex
 import sys
 from pathlib import Path
 
@@ -97,6 +98,12 @@ def parse_export(text: str | None) -> Path | None:
     return Path(path)
 
 
+def check_folder(path: Path | None, flag: str) -> None:
+    """Fail before any work when an output's folder does not exist."""
+    if path is not None and not path.resolve().parent.is_dir():
+        raise SpecError(f"{flag}: folder {path.resolve().parent} does not exist")
+
+
 def add_plan(subparsers) -> None:
     """Register `rnq-ep plan`."""
     p = subparsers.add_parser(
@@ -145,6 +152,8 @@ def run_plan(args: argparse.Namespace) -> int:
         refine_time_limit=args.refine_time_limit,
     )
     export_path = parse_export(args.export)
+    for path, flag in ((args.out, "--out"), (export_path, "--export"), (args.plot, "--plot")):
+        check_folder(path, flag)
     budget = gpu_budget(model, cluster, options)
     results = compare_policies(model, cluster, loads, options, eval_loads, args.tokens_per_gpu)
     rnq = next(r for r in results if r.name == RNQ)
@@ -227,6 +236,7 @@ def add_bench_planner(benches) -> None:
 
 def run_bench_planner(args: argparse.Namespace) -> int:
     """`rnq-ep bench planner`: print (and optionally write) the speed and balance tables."""
+    check_folder(args.markdown, "--markdown")
     model = load_model(args.model)
     try:
         gpu_counts = [int(g) for g in args.gpus.split(",")]
@@ -241,7 +251,7 @@ def run_bench_planner(args: argparse.Namespace) -> int:
         print_table(tables[-1])
     if args.markdown:
         machine = f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}"
-        command = "rnq-ep " + " ".join(sys.argv[1:]) if sys.argv[1:] else "rnq-ep bench planner"
+        command = shlex.join(["rnq-ep", *args.argv])
         date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         write_atomic(args.markdown, to_markdown(tables, command, machine, date).encode())
     return 0
@@ -273,10 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `rnq-ep` and `python -m rnq_ep`; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as stop:  # --help and usage errors
         return stop.code if isinstance(stop.code, int) else 2
+    args.argv = argv
     try:
         return args.run(args)
     except (SpecError, OSError) as err:

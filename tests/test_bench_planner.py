@@ -66,3 +66,4 @@ def test_bench_planner_prints_ratios_and_writes_markdown(tmp_path, capsys):
     assert "synthetic Zipf" in capsys.readouterr().out
     text = md.read_text()
     assert "| GPUs |" in text and "R&Q / EPLB time" in text
+    assert f"Command: `rnq-ep bench planner --gpus 8,16 --layers 2 --no-real --markdown {md}`" in text
