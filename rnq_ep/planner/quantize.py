@@ -47,7 +47,8 @@ def cheapest_conversions(
     held = fmt_bytes[fmt]  # [c]
     smaller = np.isfinite(cost) & (fmt_bytes[None, :] < held[:, None])  # [c, 3]
     gain = np.where(smaller, held[:, None] - fmt_bytes[None, :], 0)
-    price = np.where(smaller, tokens[:, None] * (cost - np.take_along_axis(cost, fmt[:, None], 1)), np.inf)
+    extra_cost = np.where(smaller, cost - np.take_along_axis(cost, fmt[:, None], 1), 0.0)
+    price = np.where(smaller, tokens[:, None] * extra_cost, np.inf)
     ratio = np.where(smaller, price / np.maximum(gain, 1), np.inf)
     for target in (np.argmin(ratio, axis=1), np.argmax(gain, axis=1)):
         rows = np.arange(fmt.size)

@@ -17,6 +17,7 @@ import numpy as np
 from rnq_ep.planner.quantize import cheapest_conversions
 
 TRIED_SINKS = 4  # least-loaded GPUs tried per copy before the next copy of the source GPU
+MAX_STEPS_PER_COPY = 20  # bound on spread_load's steps (the pairwise halving converges geometrically)
 
 
 @dataclass
@@ -54,17 +55,22 @@ class Limits:
 
 
 def spread_load(state: LayerCopies, limits: Limits) -> None:
-    """Add or move copies until every GPU is at the mean load or no allowed step helps (in place)."""
+    """Add or move copies until every GPU is at the mean load or no allowed step helps (in place).
+
+    A GPU that cannot reach the mean through a new copy evens out its load with the GPUs of its
+    experts' other copies (pairwise halving of the gap), as least-loaded routing would.
+    """
     target = state.load.sum() / state.load.size
     tol = max(target * 1e-9, 1e-12)
     stuck = np.zeros(state.load.size, dtype=bool)
-    while True:
+    for _ in range(MAX_STEPS_PER_COPY * len(state.gpu)):
         excess = np.where(stuck, -np.inf, state.load - target)
         source = int(np.argmax(excess))
         if excess[source] <= tol:
             return
         if not _shift_from(state, limits, source, target, tol):
-            stuck[source] = True
+            if not _pour_to_existing(state, limits, source, state.slots_on(source), -np.inf, tol * 1e3):
+                stuck[source] = True
 
 
 def _shift_from(state: LayerCopies, limits: Limits, source: int, target: float, tol: float) -> bool:
@@ -98,18 +104,25 @@ def _shift_from(state: LayerCopies, limits: Limits, source: int, target: float, 
 def _pour_to_existing(
     state: LayerCopies, limits: Limits, source: int, slots: np.ndarray, target: float, tol: float
 ) -> bool:
-    """Move tokens from a copy on `source` to another copy of its expert on a GPU below the target."""
+    """Move tokens from a copy on `source` to another copy of its expert on a lighter GPU.
+
+    With a finite `target`, fill that GPU up to the target; with -inf, halve the gap between the two.
+    """
     for slot in slots.tolist():
         expert = state.expert[slot]
         if state.copies[expert] == 1 or state.tokens[slot] <= tol:
             continue
         others = state.slot_of[expert]
-        open_gpus = np.flatnonzero((others >= 0) & (state.load < target - tol))
+        ceiling = target if np.isfinite(target) else state.load[source]
+        open_gpus = np.flatnonzero((others >= 0) & (state.load < ceiling - tol))
         if open_gpus.size == 0:
             continue
         sink = int(open_gpus[np.argmin(state.load[open_gpus])])
         other = int(others[sink])
-        amount = min(state.load[source] - target, target - state.load[sink], state.tokens[slot])
+        if np.isfinite(target):
+            amount = min(state.load[source] - target, target - state.load[sink], state.tokens[slot])
+        else:
+            amount = min((state.load[source] - state.load[sink]) / 2, state.tokens[slot])
         token_change = (amount if state.fmt[other] else 0.0) - (amount if state.fmt[slot] else 0.0)
         if state.quantized_tokens + token_change > limits.token_budget + 1e-9 * max(limits.token_budget, 1.0):
             continue

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 # Replicas beyond what balancing the planning loads needs make least-loaded routing robust to
 # shifts in the loads; we start from the most of these that fit and let spread_load finish.
-EXTRA_REPLICAS_PER_GPU = (2.0, 1.0, 0.5, 0.25, 0.125)
+EXTRA_REPLICAS_PER_GPU = (2.0, 1.0, 0.5, 0.25, 0.125)  # tried in this order, then none
 SPREAD_RESERVE = 0.2  # share of the quality budget the initial replicas leave to spread_load
 NODE_LOCAL_RATIO = 4.0  # prefer same-node copies when intra-node links are this many times faster
 
@@ -52,8 +52,7 @@ def plan_rnq(model: ModelSpec, cluster: ClusterSpec, loads: LoadStats, options: 
             gpus_per_node=cluster.gpus_per_node,
             prefer_node=prefer_node,
         )
-        state = most_replicated_fit(weight, num_gpus, limits, layer)
-        spread_load(state, limits)
+        state = balanced_copies(weight, num_gpus, limits, layer)
         gpu, expert, fmt, share = copies_arrays(state, weight)
         layers.append(layer_plan(layer, gpu, expert, fmt, share))
     summary = {"planner_seconds": time.perf_counter() - started}
@@ -78,17 +77,27 @@ def check_memory_fits(
         )
 
 
-def most_replicated_fit(weight: np.ndarray, num_gpus: int, limits: Limits, layer: int) -> LayerCopies:
-    """Initial copies with the most replicas (of EXTRA_REPLICAS_PER_GPU x G) that fit memory and quality."""
+def balanced_copies(weight: np.ndarray, num_gpus: int, limits: Limits, layer: int) -> LayerCopies:
+    """Initial replicas (most first, see EXTRA_REPLICAS_PER_GPU) spread to balance; the first that reaches
+    the mean load wins, else the one with the lowest max GPU load."""
     leave_room = replace(limits, token_budget=limits.token_budget * (1.0 - SPREAD_RESERVE))
-    for per_gpu in EXTRA_REPLICAS_PER_GPU:
-        if math.ceil((weight.size + per_gpu * num_gpus) / num_gpus) > limits.max_held:
+    best = None
+    for per_gpu in (*EXTRA_REPLICAS_PER_GPU, 0.0):
+        extra = int(per_gpu * num_gpus)
+        if math.ceil((weight.size + extra) / num_gpus) > limits.max_held:
             continue
         try:
-            return base_copies(weight, num_gpus, leave_room, layer, int(per_gpu * num_gpus))
+            state = base_copies(weight, num_gpus, leave_room if extra else limits, layer, extra)
         except InfeasiblePlan:
-            continue
-    return base_copies(weight, num_gpus, limits, layer, 0)
+            if extra:
+                continue
+            raise
+        spread_load(state, limits)
+        if best is None or state.load.max() < best.load.max():
+            best = state
+        if state.load.max() <= state.load.mean() * (1 + 1e-6):
+            break
+    return best
 
 
 def base_copies(weight: np.ndarray, num_gpus: int, limits: Limits, layer: int, extra: int) -> LayerCopies:

@@ -1,0 +1,122 @@
+"""R&Q planner behaviour: balance on real loads, quality spending, derived arrays, bad inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rnq_ep.memory import expert_bytes, plain_ep_budget
+from rnq_ep.planner import InfeasiblePlan, plan_arrays, plan_plain_ep, plan_rnq
+from rnq_ep.planner.quantize import cheapest_conversions
+from rnq_ep.specs import ClusterSpec, LoadStats, ModelSpec, PlanOptions, SpecError, load_cluster, load_model, load_stats
+
+SHIPPED = Path(__file__).resolve().parent.parent / "configs" / "loads"
+
+
+def olmoe():
+    return load_model("olmoe-1b-7b"), load_cluster("h100x8"), load_stats(SHIPPED / "olmoe-1b-7b-0924_olmoe-repo_github.json")
+
+
+def planned_gpu_loads(plan, loads) -> np.ndarray:
+    """[L, G] tokens per GPU under the plan's shares."""
+    out = np.zeros((len(plan.layers), plan.cluster.num_gpus))
+    for i, (layer, counts) in enumerate(zip(plan.layers, loads.counts)):
+        for slot in layer.slots:
+            out[i, slot.gpu] += slot.share * counts[slot.expert]
+    return out
+
+
+def test_rnq_balances_real_olmoe_loads_at_plain_ep_memory():
+    model, cluster, loads = olmoe()
+    rnq = planned_gpu_loads(plan_rnq(model, cluster, loads, PlanOptions()), loads)
+    plain = planned_gpu_loads(plan_plain_ep(model, cluster, loads), loads)
+    assert (rnq.max(axis=1) / rnq.mean(axis=1)).max() <= 1.01
+    assert (plain.max(axis=1) / plain.mean(axis=1)).min() > 1.2
+
+
+def test_plan_layers_follow_the_load_files_layer_ids():
+    model, cluster, loads = olmoe()
+    assert [layer.layer for layer in plan_rnq(model, cluster, loads, PlanOptions()).layers] == [0, 7, 15]
+
+
+def test_quality_budget_zero_keeps_every_copy_bf16():
+    model, cluster, loads = olmoe()
+    plan = plan_rnq(model, cluster, loads, PlanOptions(quality_budget=0.0))
+    assert all(slot.fmt == "bf16" for layer in plan.layers for slot in layer.slots)
+
+
+def test_sensitive_expert_is_not_quantized_when_others_can_be():
+    model = ModelSpec(name="m", num_layers=1, num_experts=8, top_k=1, hidden_size=64, moe_intermediate_size=64)
+    cluster = ClusterSpec(
+        name="c2", nodes=1, gpus_per_node=2, hbm_bytes_per_s=1e12, peak_flops=1e15,
+        intra_node_bytes_per_s=1e11, inter_node_bytes_per_s=1e11,
+    )
+    base = dict(counts=[[400, 10, 12, 9, 11, 10, 10, 10]], num_experts=8, top_k=1)
+    fragile = [[{"int8": 100.0 if e == 3 else 1.0} for e in range(8)]]
+    options = PlanOptions(quality_budget=0.1)
+
+    def quantized(loads: LoadStats) -> set[int]:
+        return {s.expert for s in plan_rnq(model, cluster, loads, options).layers[0].slots if s.fmt != "bf16"}
+
+    assert 3 in quantized(LoadStats(**base))
+    assert 3 not in quantized(LoadStats(**base, sensitivity=fragile))
+    assert quantized(LoadStats(**base, sensitivity=fragile))
+
+
+def test_cheapest_conversions_frees_bytes_from_the_cheapest_copies():
+    fmt_bytes = np.array([100, 52, 28])
+    cost = np.array([[0.0, 1.0, 4.0]] * 4)
+    cost[0] = [0.0, 50.0, 200.0]
+    new_fmt, _, tokens = cheapest_conversions(np.zeros(4, dtype=np.int64), np.array([10.0, 10, 30, 10]), cost, fmt_bytes, 90)
+    assert new_fmt.tolist() == [0, 1, 0, 1]
+    assert tokens == 20.0
+    assert cheapest_conversions(np.zeros(2, dtype=np.int64), np.ones(2), cost[:2], fmt_bytes, 1000) is None
+
+
+def test_plan_arrays_pad_uneven_gpus_and_agree_with_slots():
+    model, cluster, loads = olmoe()
+    plan = plan_rnq(model, cluster, loads, PlanOptions())
+    phy2log, log2phy, logcnt = plan_arrays(plan)
+    per_gpu = phy2log.shape[1] // cluster.num_gpus
+    for i, layer in enumerate(plan.layers):
+        held = np.bincount([s.gpu for s in layer.slots], minlength=cluster.num_gpus)
+        for g in range(cluster.num_gpus):
+            row = phy2log[i, g * per_gpu : (g + 1) * per_gpu]
+            assert (row[: held[g]] >= 0).all() and (row[held[g] :] == -1).all()
+        assert logcnt[i].tolist() == np.bincount([s.expert for s in layer.slots], minlength=64).tolist()
+        for e in range(64):
+            physical = log2phy[i, e][: logcnt[i, e]]
+            assert (phy2log[i, physical] == e).all() and (log2phy[i, e][logcnt[i, e] :] == -1).all()
+
+
+def test_budget_too_small_even_for_int4_names_gpus_and_missing_bytes():
+    model, cluster, loads = olmoe()
+    options = PlanOptions(formats=("bf16", "int8", "int4"), memory_budget=7 * expert_bytes(model, "int4"))
+    with pytest.raises(InfeasiblePlan, match=r"GPUs 0\.\.7 of 8 .* int4 .* misses \d+ bytes"):
+        plan_rnq(model, cluster, loads, options)
+
+
+def test_budget_that_needs_more_quantization_than_quality_allows_names_gpus():
+    model, cluster, loads = olmoe()
+    options = PlanOptions(quality_budget=0.0, memory_budget=plain_ep_budget(model, 8) * 3 // 4)
+    with pytest.raises(InfeasiblePlan, match=r"quality budget .* GPU \d+ \(\d+ bytes over"):
+        plan_rnq(model, cluster, loads, options)
+
+
+def test_loads_for_another_expert_count_are_rejected():
+    model, cluster, _ = olmoe()
+    with pytest.raises(SpecError, match="num_experts=8 but model"):
+        plan_rnq(model, cluster, LoadStats(counts=[[1] * 8], num_experts=8, top_k=2), PlanOptions())
+
+
+def test_more_gpus_than_experts_fills_gpus_with_replicas():
+    model = ModelSpec(name="m", num_layers=1, num_experts=4, top_k=1, hidden_size=64, moe_intermediate_size=64)
+    cluster = load_cluster("h100x8")
+    loads = LoadStats(counts=[[100, 100, 100, 500]], num_experts=4, top_k=1)
+    plan = plan_rnq(model, cluster, loads, PlanOptions())
+    gpu_load = planned_gpu_loads(plan, loads)[0]
+    assert gpu_load.max() == pytest.approx(gpu_load.mean())
+    with pytest.raises(SpecError, match="8 GPUs"):
+        plan_plain_ep(model, cluster, loads)
