@@ -23,11 +23,12 @@ from rich.table import Table
 from rnq_ep.bench.planner import (
     RNQ,
     BenchTable,
+    PolicyResult,
     balance_table,
-    real_pairs,
     compare_policies,
     plan_summary,
     policy_table,
+    real_pairs,
     speed_table,
     to_markdown,
 )
@@ -36,6 +37,8 @@ from rnq_ep.memory import gpu_budget, plain_ep_budget
 from rnq_ep.planner import export_sglang
 from rnq_ep.specs import (
     FORMATS,
+    ClusterSpec,
+    ModelSpec,
     PlanOptions,
     SpecError,
     encode_json,
@@ -45,7 +48,16 @@ from rnq_ep.specs import (
     write_atomic,
 )
 
-HELP = argparse.ArgumentDefaultsHelpFormatter
+Subparsers = argparse._SubParsersAction  # what add_parser is called on
+
+
+class HELP(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: X)' only where a flag has a real default (not None / off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def console() -> Console:
@@ -73,7 +85,7 @@ def parse_formats(text: str) -> tuple[str, ...]:
     return formats
 
 
-def parse_budget(text: str | None, model, cluster) -> int | None:
+def parse_budget(text: str | None, model: ModelSpec, cluster: ClusterSpec) -> int | None:
     """--memory-budget: bytes (e.g. 1.5e9) or 'plain-ep'; None keeps the cluster's budget."""
     if text is None:
         return None
@@ -104,30 +116,30 @@ def check_folder(path: Path | None, flag: str) -> None:
         raise SpecError(f"{flag}: folder {path.resolve().parent} does not exist")
 
 
-def add_plan(subparsers) -> None:
+def add_plan(subparsers: Subparsers) -> None:
     """Register `rnq-ep plan`."""
     p = subparsers.add_parser(
         "plan", formatter_class=HELP, help="plan R&Q placement for a model, cluster and load file (dry run)",
         description="Plan Replicate-and-Quantize expert placement and compare it with plain EP and "
-        "EPLB-equivalent baselines (same memory and +12.5 %% memory). No GPU or weights needed.",
+        "EPLB-equivalent baselines (same memory and +12.5 % memory). No GPU or weights needed.",
     )
-    p.add_argument("--model", required=True, help="model name in configs/models or a TOML/JSON path")
-    p.add_argument("--cluster", required=True, help="cluster name in configs/clusters or a TOML/JSON path")
-    p.add_argument("--loads", required=True, type=Path, help="expert-load JSON (counts[layer][expert]) to plan on")
-    p.add_argument("--out", required=True, type=Path, help="where to write the R&Q plan JSON")
-    p.add_argument("--eval-loads", type=Path, help="score every plan on this load file instead (the honest test)")
-    p.add_argument("--formats", default="bf16,int8", help="allowed weight formats, comma separated (bf16,int8,int4)")
-    p.add_argument("--quality-budget", type=float, default=PlanOptions().quality_budget,
+    p.add_argument("--model", required=True, metavar="NAME|PATH", help="model name in configs/models or a TOML/JSON path")
+    p.add_argument("--cluster", required=True, metavar="NAME|PATH", help="cluster name in configs/clusters or a TOML/JSON path")
+    p.add_argument("--loads", required=True, type=Path, metavar="FILE", help="expert-load JSON (counts[layer][expert]) to plan on")
+    p.add_argument("--out", required=True, type=Path, metavar="PLAN.json", help="where to write the R&Q plan JSON")
+    p.add_argument("--eval-loads", type=Path, metavar="FILE", help="score every plan on this load file instead (the honest test)")
+    p.add_argument("--formats", default="bf16,int8", metavar="F,F", help="allowed weight formats, comma separated (bf16,int8,int4)")
+    p.add_argument("--quality-budget", type=float, metavar="F", default=PlanOptions().quality_budget,
                    help="largest fraction of routed tokens that quantized copies may serve")
-    p.add_argument("--memory-budget", help="expert bytes per GPU per layer, or plain-ep (default: the cluster's)")
-    p.add_argument("--max-copies", type=int, default=0, help="most copies of one expert (0: up to the GPU count)")
+    p.add_argument("--memory-budget", metavar="BYTES|plain-ep", help="expert bytes per GPU per layer, or plain-ep (default: the cluster's)")
+    p.add_argument("--max-copies", type=int, default=0, metavar="N", help="most copies of one expert (0: up to the GPU count)")
     p.add_argument("--refine", action="store_true", help="exact HiGHS refine of each layer's placement")
-    p.add_argument("--refine-time-limit", type=float, default=PlanOptions().refine_time_limit,
+    p.add_argument("--refine-time-limit", type=float, metavar="S", default=PlanOptions().refine_time_limit,
                    help="seconds per layer for --refine")
-    p.add_argument("--tokens-per-gpu", type=int, default=DEFAULT_TOKENS_PER_GPU,
+    p.add_argument("--tokens-per-gpu", type=int, metavar="N", default=DEFAULT_TOKENS_PER_GPU,
                    help="tokens per GPU in one step for the predicted time (loads are rescaled to it)")
-    p.add_argument("--export", help="also write the plan for a serving system: sglang:PATH")
-    p.add_argument("--plot", type=Path, help="PNG of tokens per GPU per policy for the most imbalanced layer")
+    p.add_argument("--export", metavar="sglang:PATH", help="also write the plan for a serving system: sglang:PATH")
+    p.add_argument("--plot", type=Path, metavar="PNG", help="PNG of tokens per GPU per policy for the most imbalanced layer")
     p.set_defaults(run=run_plan)
 
 
@@ -177,7 +189,7 @@ def run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def plot_gpu_loads(results, path: Path, title: str) -> None:
+def plot_gpu_loads(results: list[PolicyResult], path: Path, title: str) -> None:
     """Tokens per GPU (best split) per policy for the most imbalanced layer: bars, or steps past 32 GPUs."""
     import matplotlib
 
@@ -208,7 +220,7 @@ def plot_gpu_loads(results, path: Path, title: str) -> None:
     tmp.replace(path)
 
 
-def add_bench(subparsers) -> None:
+def add_bench(subparsers: Subparsers) -> None:
     """Register `rnq-ep bench <name>` with every entry of BENCHES."""
     p = subparsers.add_parser("bench", help="benchmarks that print ratios against a baseline run alongside")
     benches = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -216,7 +228,7 @@ def add_bench(subparsers) -> None:
         add(benches)
 
 
-def add_bench_planner(benches) -> None:
+def add_bench_planner(benches: Subparsers) -> None:
     """Register `rnq-ep bench planner`."""
     p = benches.add_parser(
         "planner", formatter_class=HELP, help="planner speed at DeepSeek-V3 scale and balance on real loads",
@@ -230,7 +242,7 @@ def add_bench_planner(benches) -> None:
     p.add_argument("--balance-cluster", default="h100x8", help="cluster for the real-load balance table")
     p.add_argument("--no-real", action="store_true", help="skip the real-load balance table")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic loads")
-    p.add_argument("--markdown", type=Path, help="also write the tables as a markdown fragment (BENCHMARKS.md)")
+    p.add_argument("--markdown", type=Path, metavar="PATH", help="also write the tables as a markdown fragment (BENCHMARKS.md)")
     p.set_defaults(run=run_bench_planner)
 
 
