@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from rnq_ep.balance import SlotTable, gpu_loads, water_fill
 from rnq_ep.routing import POLICIES, copy_quotas, rank_copy_counts, route
+from routing_cases import draw_topk, random_table
 
 # water_fill is a greedy heuristic; balance.py guarantees it within 2 % (+1 token) of any share split
 WATER_FILL_SLACK = 0.02
@@ -19,27 +20,12 @@ def routing_instances(draw, max_experts=8, max_gpus=4, max_ranks=4):
     rng = np.random.default_rng(draw(st.integers(0, 2**31)))
     num_experts = draw(st.integers(1, max_experts))
     num_gpus = draw(st.integers(1, max_gpus))
-    gpu, expert = [], []
-    for e in range(num_experts):
-        for g in rng.choice(num_gpus, rng.integers(1, num_gpus + 1), replace=False):
-            gpu.append(g)
-            expert.append(e)
-    expert_arr = np.array(expert)
-    share = rng.random(len(expert)) + 0.01
-    share /= np.bincount(expert_arr, weights=share)[expert_arr]
-    fmt = rng.integers(0, 3, len(expert))
-    table = SlotTable.from_arrays(np.array(gpu), expert_arr, fmt, share, num_gpus, num_experts)
+    table = random_table(rng, num_gpus, num_experts, random_shares=True)
     top_k = int(rng.integers(1, num_experts + 1))
     skew = rng.random(num_experts) ** 3 + 1e-3  # a few hot experts
-    topk_ids = [_draw_topk(rng, int(rng.integers(0, 12)), top_k, skew) for _ in range(rng.integers(1, max_ranks + 1))]
+    num_ranks = rng.integers(1, max_ranks + 1)
+    topk_ids = [draw_topk(rng, int(rng.integers(0, 12)), top_k, skew) for _ in range(num_ranks)]
     return table, topk_ids
-
-
-def _draw_topk(rng, tokens, top_k, weight):
-    """[tokens, top_k] distinct expert ids per token, drawn with probability ~ weight."""
-    p = weight / weight.sum()
-    ids = [rng.choice(len(p), top_k, replace=False, p=p) for _ in range(tokens)]
-    return torch.tensor(np.array(ids, dtype=np.int64).reshape(tokens, top_k))
 
 
 def _counts(topk_ids, num_experts):
@@ -52,8 +38,11 @@ def _reference_route(topk_ids, table, quotas, policy):
     out = [torch.full_like(ids, -1) for ids in topk_ids]
     for e in range(table.num_experts):
         copies = table.copies_of()[e]
-        order = [(r, t, j) for r, ids in enumerate(topk_ids) for t in range(ids.shape[0]) for j in range(ids.shape[1]) if ids[t, j] == e]
-        owner = np.arange(len(order)) % len(copies) if policy == "hash" else np.repeat(np.arange(len(copies)), quotas[copies])
+        order = [(r, t, j) for r, ids in enumerate(topk_ids) for t, j in zip(*np.nonzero(ids.numpy() == e))]
+        if policy == "hash":
+            owner = np.arange(len(order)) % len(copies)
+        else:
+            owner = np.repeat(np.arange(len(copies)), quotas[copies])
         for (r, t, j), c in zip(order, owner):
             out[r][t, j] = int(copies[c])
     return out
@@ -144,7 +133,7 @@ def test_one_copy_per_expert_routes_like_plain_ep(policy):
     rng = np.random.default_rng(0)
     perm = rng.permutation(8)
     table = SlotTable.from_arrays(perm % 4, np.arange(8), np.zeros(8), np.ones(8), 4, 8)
-    topk_ids = [_draw_topk(rng, 10, 2, np.ones(8)) for _ in range(3)]
+    topk_ids = [draw_topk(rng, 10, 2, np.ones(8)) for _ in range(3)]
     counts = _counts(topk_ids, 8)
     slot_of_expert = torch.from_numpy(np.argsort(table.expert))
     for rank, ids in enumerate(topk_ids):

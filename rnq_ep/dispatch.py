@@ -1,0 +1,208 @@
+"""All-to-all dispatch of routed tokens to expert copies, and the combine that brings them back.
+
+Collectives per step, all on `group` (world size 1 runs the same code with none):
+  dispatch  all_gather(counts [E + 2] int64)     per-expert counts, hidden size, input-ok flag
+            all_to_all_single(meta [A, 3] int32)  per (token, k): row in its block, local copy, weight
+            all_to_all_single(x [U, H])           one row per unique (token, destination GPU)
+  combine   all_to_all_single(y [U', H])          one partial sum per unique (token, destination GPU)
+Split sizes: the meta sizes follow from the gathered counts (routing is exact, so every rank knows
+how many (token, k) each rank sends to each copy); the x sizes from the meta itself (a sender
+numbers its rows 0..u-1 per destination, the receiver reads u off the block's last entry);
+combine reverses x. Both sides of every exchange derive sizes from the same data, because gloo
+aborts the process on sizes that disagree. A rank with bad inputs still joins the all-gather
+(flag 0), so every rank raises instead of leaving the others blocked in a collective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from rnq_ep.balance import SlotTable, gpu_loads
+from rnq_ep.routing import check_topk_ids, copy_quotas, rank_copy_counts, route
+
+META_BYTES = 3 * 4  # per (token, k) sent: row in block, local copy, fp32 router weight (int32 bits)
+
+
+@dataclass(frozen=True)
+class DispatchHandle:
+    """What combine needs to undo dispatch, plus this step's routing and traffic stats."""
+
+    group: dist.ProcessGroup | None
+    num_tokens: int  # T, this rank's tokens
+    dtype: torch.dtype  # x's dtype, also combine's output dtype
+    local_slots: np.ndarray  # [C] slot index (into the table) of each local copy
+    local_offsets: torch.Tensor  # [C + 1] int32, recv rows of local copy c: [off[c], off[c + 1])
+    recv_weights: torch.Tensor  # [N] fp32 router weight of each recv row
+    recv_row: torch.Tensor  # [N] int64 received unique row behind each recv row
+    sent_token: torch.Tensor  # [U] int64 source token of each unique row sent, by destination
+    send_counts: tuple[int, ...]  # [R] unique rows sent to each rank
+    recv_counts: tuple[int, ...]  # [R] unique rows received from each rank
+    tokens_per_gpu: np.ndarray  # [R] (token, k) assignments each GPU serves this step, all ranks
+    tokens_per_copy: np.ndarray  # [C] recv rows per local copy
+    bytes_sent: int  # rows + meta this rank sends to other ranks, with dedupe
+    bytes_sent_no_dedupe: int  # the same if every (token, k) travelled as its own row
+
+
+def dispatch(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    table: SlotTable,
+    rank: int,
+    group: dist.ProcessGroup | None = None,
+    policy: str = "least-loaded",
+) -> tuple[torch.Tensor, DispatchHandle]:
+    """Send each token once per destination GPU and fan it out there: x [T, H] -> recv [N, H] by local copy."""
+    world = _world_size(group)
+    if table.num_gpus != world:
+        raise ValueError(f"slot table has {table.num_gpus} GPUs but the process group has {world} ranks")
+    if world > 1 and rank != dist.get_rank(group):
+        raise ValueError(f"rank {rank} given, but this process is rank {dist.get_rank(group)} of the group")
+    problem = _input_problem(x, topk_ids, topk_weights, table.num_experts)
+    device, num_experts = x.device, table.num_experts
+    local_counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    if problem is None:
+        local_counts = torch.bincount(topk_ids.reshape(-1).long(), minlength=num_experts)  # [E]
+    flags = torch.tensor([x.shape[1] if x.dim() == 2 else -1, problem is None], dtype=torch.int64, device=device)
+    gathered = _all_gather(torch.cat([local_counts, flags]), group, world).cpu().numpy()  # [R, E + 2]
+    _raise_on_problems(problem, gathered[:, num_experts], gathered[:, num_experts + 1])
+    counts = gathered[:, :num_experts]  # [R, E]
+
+    quotas = copy_quotas(counts, table, policy)
+    slots = route(counts, table, topk_ids, rank, policy, quotas).reshape(-1)  # [T, k] -> [A]
+    on_gpu = np.eye(world, dtype=np.int64)[table.gpu]  # [S, R]
+    assigned = rank_copy_counts(counts, table, policy, quotas) @ on_gpu  # [R src, R dst] (token, k)
+
+    # sender: one row per unique (destination, token) pair, grouped by destination
+    num_tokens, top_k = topk_ids.shape
+    dest = torch.from_numpy(table.gpu).to(device)[slots]  # [A]
+    token = torch.arange(num_tokens * top_k, device=device) // top_k  # [A]
+    stride = max(num_tokens, 1)
+    key = dest * stride + token  # [A] (destination, token) pair
+    order = torch.argsort(key, stable=True)  # [A] grouped by destination, token order within
+    pair, row_of = torch.unique_consecutive(key[order], return_inverse=True)  # [U], [A]
+    sent_token = pair % stride  # [U]
+    send_counts = torch.bincount(pair // stride, minlength=world)  # [R]
+    row_in_block = row_of - (torch.cumsum(send_counts, 0) - send_counts)[dest[order]]  # [A]
+    local_copy = torch.from_numpy(_local_copy_index(table)).to(device)[slots[order]]  # [A]
+    weight_bits = topk_weights.reshape(-1)[order].float().view(torch.int32)  # [A], exact bits
+    meta = torch.stack([row_in_block.int(), local_copy.int(), weight_bits], dim=1)  # [A, 3]
+    recv_meta = _all_to_all(meta, assigned[rank].tolist(), assigned[:, rank].tolist(), group, world)
+
+    # receiver: unique rows per source, then one row per (token, local copy), sorted by copy
+    per_source = torch.from_numpy(assigned[:, rank]).to(device)  # [R] meta entries from each rank
+    has_rows = per_source > 0
+    recv_counts = torch.zeros_like(per_source)  # [R] unique rows: last row index in each block + 1
+    recv_counts[has_rows] = recv_meta[(torch.cumsum(per_source, 0) - 1)[has_rows], 0].long() + 1
+    send_list, recv_list = send_counts.tolist(), recv_counts.tolist()
+    x_recv = _all_to_all(x[sent_token], send_list, recv_list, group, world)  # [U', H]
+    source = torch.repeat_interleave(torch.arange(world, device=device), per_source)  # [A']
+    unique_row = (torch.cumsum(recv_counts, 0) - recv_counts)[source] + recv_meta[:, 0].long()  # [A']
+    by_copy = torch.argsort(recv_meta[:, 1], stable=True)
+    local_slots = np.flatnonzero(table.gpu == rank)
+    tokens_per_copy = torch.bincount(recv_meta[:, 1].long(), minlength=len(local_slots))  # [C]
+    local_offsets = torch.cat([tokens_per_copy.new_zeros(1), torch.cumsum(tokens_per_copy, 0)]).int()
+
+    remote = np.arange(world) != rank
+    meta_bytes = int(assigned[rank, remote].sum()) * META_BYTES
+    row_bytes = x.shape[1] * x.element_size()
+    handle = DispatchHandle(
+        group=group,
+        num_tokens=num_tokens,
+        dtype=x.dtype,
+        local_slots=local_slots,
+        local_offsets=local_offsets,
+        recv_weights=recv_meta[:, 2].contiguous().view(torch.float32)[by_copy],
+        recv_row=unique_row[by_copy],
+        sent_token=sent_token,
+        send_counts=tuple(send_list),
+        recv_counts=tuple(recv_list),
+        tokens_per_gpu=gpu_loads(table, quotas).astype(np.int64),
+        tokens_per_copy=tokens_per_copy.cpu().numpy(),
+        bytes_sent=int(np.array(send_list)[remote].sum()) * row_bytes + meta_bytes,
+        bytes_sent_no_dedupe=int(assigned[rank, remote].sum()) * row_bytes + meta_bytes,
+    )
+    return x_recv[handle.recv_row], handle
+
+
+def combine(y: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+    """Sum weighted expert outputs back onto their tokens (fp32 sums): y [N, H] -> out [T, H] in x's dtype.
+
+    `y` rows must already carry their router weight (handle.recv_weights). Partial sums travel in
+    x's dtype, one row per unique (token, destination GPU), as DeepEP's combine does.
+    """
+    if y.dim() != 2 or y.shape[0] != len(handle.recv_row):
+        raise ValueError(f"combine: y has shape {tuple(y.shape)}, expected ({len(handle.recv_row)}, hidden)")
+    hidden = y.shape[1]
+    partial = torch.zeros(sum(handle.recv_counts), hidden, dtype=torch.float32, device=y.device)
+    partial.index_add_(0, handle.recv_row, y.float())  # [N, H] -> [U', H]
+    world = len(handle.send_counts)
+    back = _all_to_all(partial.to(handle.dtype), handle.recv_counts, handle.send_counts, handle.group, world)
+    out = torch.zeros(handle.num_tokens, hidden, dtype=torch.float32, device=y.device)
+    return out.index_add_(0, handle.sent_token, back.float()).to(handle.dtype)  # [U, H] -> [T, H]
+
+
+def _input_problem(
+    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int
+) -> str | None:
+    """What is wrong with this rank's inputs, or None."""
+    if x.dim() != 2:
+        return f"x must be [tokens, hidden], got shape {tuple(x.shape)}"
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
+        return f"topk_ids has shape {tuple(topk_ids.shape)}, expected ({x.shape[0]}, k) for x of shape {tuple(x.shape)}"
+    if topk_weights.shape != topk_ids.shape:
+        return f"topk_weights has shape {tuple(topk_weights.shape)}, expected topk_ids' shape {tuple(topk_ids.shape)}"
+    try:
+        check_topk_ids(topk_ids, num_experts)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def _raise_on_problems(problem: str | None, hidden_sizes: np.ndarray, ok: np.ndarray) -> None:
+    """Raise on every rank if any rank's inputs were bad or hidden sizes differ between ranks."""
+    if problem is not None:
+        raise ValueError(f"dispatch: {problem}")
+    if not ok.all():
+        raise ValueError(f"dispatch: ranks {np.flatnonzero(ok == 0).tolist()} rejected their inputs (see their errors)")
+    if (hidden_sizes != hidden_sizes[0]).any():
+        raise ValueError(f"dispatch: hidden size differs between ranks (by rank: {hidden_sizes.tolist()})")
+
+
+def _local_copy_index(table: SlotTable) -> np.ndarray:
+    """Index of each slot among its GPU's slots, in table order: [S] int64."""
+    order = np.argsort(table.gpu, kind="stable")
+    per_gpu = np.bincount(table.gpu, minlength=table.num_gpus)
+    index = np.empty(table.num_slots, dtype=np.int64)
+    index[order] = np.arange(table.num_slots) - (np.cumsum(per_gpu) - per_gpu)[table.gpu[order]]
+    return index
+
+
+def _world_size(group: dist.ProcessGroup | None) -> int:
+    """Ranks in `group` (None: the default group), 1 without an initialised process group."""
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_gather(t: torch.Tensor, group: dist.ProcessGroup | None, world: int) -> torch.Tensor:
+    """Every rank's copy of t, stacked: [n] -> [R, n]."""
+    if world == 1:
+        return t[None]
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t, group=group)
+    return torch.stack(parts)
+
+
+def _all_to_all(
+    t: torch.Tensor, send: Sequence[int], recv: Sequence[int], group: dist.ProcessGroup | None, world: int
+) -> torch.Tensor:
+    """Uneven all-to-all along dim 0: rows [sum(send), ...] -> [sum(recv), ...]."""
+    if world == 1:
+        return t
+    out = t.new_empty((sum(recv), *t.shape[1:]))
+    dist.all_to_all_single(out, t.contiguous(), list(recv), list(send), group=group)
+    return out
