@@ -44,16 +44,16 @@ def cheapest_conversions(
     """
     if need <= 0:
         return fmt, 0.0, 0.0
+    rows = np.arange(fmt.size)
     held = fmt_bytes[fmt]  # [c]
-    smaller = np.isfinite(cost) & (fmt_bytes[None, :] < held[:, None])  # [c, 3]
-    gain = np.where(smaller, held[:, None] - fmt_bytes[None, :], 0)
-    extra_cost = np.where(smaller, cost - np.take_along_axis(cost, fmt[:, None], 1), 0.0)
-    price = np.where(smaller, tokens[:, None] * extra_cost, np.inf)
-    ratio = np.where(smaller, price / np.maximum(gain, 1), np.inf)
+    smaller = np.isfinite(cost) & (fmt_bytes < held[:, None])  # [c, 3]
+    gain = np.where(smaller, held[:, None] - fmt_bytes, 0)
+    price = np.where(smaller, tokens[:, None] * np.where(smaller, cost - cost[rows, fmt][:, None], 0.0), np.inf)
+    ratio = price / np.maximum(gain, 1)
     for target in (np.argmin(ratio, axis=1), np.argmax(gain, axis=1)):
-        rows = np.arange(fmt.size)
         movable = smaller[rows, target]
-        order = np.flatnonzero(movable)[np.argsort(ratio[rows, target][movable], kind="stable")]
+        order = np.flatnonzero(movable)
+        order = order[np.argsort(ratio[order, target[order]], kind="stable")]
         freed = np.cumsum(gain[order, target[order]])
         if freed.size == 0 or freed[-1] < need:
             continue
@@ -63,3 +63,27 @@ def cheapest_conversions(
         added_tokens = float(tokens[take][fmt[take] == 0].sum())
         return new_fmt, float(price[take, target[take]].sum()), added_tokens
     return None
+
+
+def cheapest_conversions_by_gpu(
+    gpu: np.ndarray, fmt: np.ndarray, tokens: np.ndarray, cost: np.ndarray, fmt_bytes: np.ndarray, need: np.ndarray
+) -> np.ndarray:
+    """Every GPU at once: re-format its cheapest copies (each to its best format per freed byte)
+    until it frees need[g] bytes. gpu/fmt/tokens [S], cost [S, 3], need [G] -> new fmt [S];
+    GPUs that cannot free enough this way keep their copies unchanged (callers check bytes)."""
+    rows = np.arange(fmt.size)
+    held = fmt_bytes[fmt]
+    smaller = np.isfinite(cost) & (fmt_bytes < held[:, None])
+    gain = np.where(smaller, held[:, None] - fmt_bytes, 0)
+    price = np.where(smaller, tokens[:, None] * np.where(smaller, cost - cost[rows, fmt][:, None], 0.0), np.inf)
+    target = np.argmin(price / np.maximum(gain, 1), axis=1)
+    movable = smaller[rows, target]
+    order = np.lexsort((price[rows, target] / np.maximum(gain[rows, target], 1), gpu))  # by gpu, then ratio
+    freed = np.where(movable, gain[rows, target], 0)[order]
+    start = np.searchsorted(gpu[order], gpu[order], side="left")
+    before = np.cumsum(freed) - freed
+    freed_before = before - before[start]  # bytes freed by the cheaper copies of the same GPU
+    take = order[movable[order] & (freed_before < need[gpu[order]])]
+    new_fmt = fmt.copy()
+    new_fmt[take] = target[take]
+    return new_fmt

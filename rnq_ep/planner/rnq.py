@@ -12,7 +12,7 @@ import numpy as np
 from rnq_ep.memory import gpu_budget
 from rnq_ep.planner.layout import InfeasiblePlan, format_bytes, layer_plan
 from rnq_ep.planner.place import copy_counts, pack_by_rounds
-from rnq_ep.planner.quantize import cheapest_conversions, sensitivity_costs
+from rnq_ep.planner.quantize import cheapest_conversions, cheapest_conversions_by_gpu, sensitivity_costs
 from rnq_ep.planner.replicate import LayerCopies, Limits, spread_load
 from rnq_ep.specs import FORMATS, ClusterSpec, LoadStats, ModelSpec, Plan, PlanOptions, SpecError
 
@@ -111,18 +111,20 @@ def base_copies(weight: np.ndarray, num_gpus: int, limits: Limits, layer: int, e
     slot_of[expert, gpu] = np.arange(expert.size)
     fmt = np.zeros(expert.size, dtype=np.int64)
     used = np.bincount(gpu, minlength=num_gpus) * int(limits.fmt_bytes[0])
-    spent = 0.0
-    short: list[str] = []
-    for g in np.flatnonzero(used > limits.budget):
-        mine = np.flatnonzero(gpu == g)
-        over = int(used[g] - limits.budget)
-        fit = cheapest_conversions(fmt[mine], tokens[mine], limits.cost[expert[mine]], limits.fmt_bytes, over)
-        if fit is None or spent + fit[2] > limits.token_budget:
-            short.append(f"GPU {g} ({over} bytes over in bf16)")
-            continue
-        fmt[mine] = fit[0]
-        spent += fit[2]
-        used[g] = int(limits.fmt_bytes[fmt[mine]].sum())
+    over = np.maximum(used - limits.budget, 0)
+    fmt = cheapest_conversions_by_gpu(gpu, fmt, tokens, limits.cost[expert], limits.fmt_bytes, over)
+    short = []
+    for g in np.flatnonzero(np.bincount(gpu, weights=limits.fmt_bytes[fmt], minlength=num_gpus) > limits.budget):
+        mine = np.flatnonzero(gpu == g)  # the one-format-step greedy was not enough: allow the smallest formats
+        fit = cheapest_conversions(np.zeros(mine.size, np.int64), tokens[mine], limits.cost[expert[mine]], limits.fmt_bytes, int(over[g]))
+        if fit is None:
+            short.append(f"GPU {g} ({int(over[g])} bytes over in bf16)")
+        else:
+            fmt[mine] = fit[0]
+    used = np.bincount(gpu, weights=limits.fmt_bytes[fmt], minlength=num_gpus).astype(np.int64)
+    spent = float(tokens[fmt > 0].sum())
+    if spent > limits.token_budget:
+        short = [f"GPU {g} ({int(over[g])} bytes over in bf16)" for g in np.flatnonzero(over > 0)]
     if short:
         raise InfeasiblePlan(
             f"layer {layer}: fitting the budget of {limits.budget} bytes needs more quantized tokens than the "
