@@ -38,9 +38,15 @@ DEFAULT_TOKENS_PER_GPU = 4096  # a prefill-like step; use ~1..64 for decode
 class LayerTime:
     """Predicted time of one MoE layer, per GPU parts in seconds."""
 
-    compute_s: np.ndarray  # [G] max(FLOP time, HBM time)
+    flop_s: np.ndarray  # [G] FLOPs / peak_flops
+    hbm_s: np.ndarray  # [G] bytes read and written / hbm_bytes_per_s
     comm_s: np.ndarray  # [G] dispatch + combine
     total_s: float  # max over GPUs of compute + comm
+
+    @property
+    def compute_s(self) -> np.ndarray:
+        """Roofline time per GPU [G]: the larger of FLOP and HBM time."""
+        return np.maximum(self.flop_s, self.hbm_s)
 
 
 def scale_counts(counts: np.ndarray, model: ModelSpec, num_gpus: int, tokens_per_gpu: int) -> np.ndarray:
@@ -52,15 +58,17 @@ def scale_counts(counts: np.ndarray, model: ModelSpec, num_gpus: int, tokens_per
     return np.rint(counts * (target / total)).astype(np.int64)
 
 
-def compute_time(model: ModelSpec, cluster: ClusterSpec, table: SlotTable, copy_tokens: np.ndarray) -> np.ndarray:
-    """Roofline time per GPU [G] of the expert GEMMs for copy_tokens [S] assignments per copy."""
+def compute_time(
+    model: ModelSpec, cluster: ClusterSpec, table: SlotTable, copy_tokens: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(FLOP time [G], HBM time [G]) of the expert GEMMs for copy_tokens [S] assignments per copy."""
     h, i = model.hidden_size, model.moe_intermediate_size
     factor = np.array([DEQUANT_FLOP_FACTOR[fmt] for fmt in FORMATS])[table.fmt]
     flops = np.bincount(table.gpu, weights=copy_tokens * 6.0 * h * i * factor, minlength=table.num_gpus)
     weights = np.where(copy_tokens >= 1, copy_bytes(model, table), 0.0)
     activations = copy_tokens * h * ACTIVATION_BYTES * 2
     hbm = np.bincount(table.gpu, weights=weights + activations, minlength=table.num_gpus)
-    return np.maximum(flops / cluster.peak_flops, hbm / cluster.hbm_bytes_per_s)
+    return flops / cluster.peak_flops, hbm / cluster.hbm_bytes_per_s
 
 
 def link_time(cluster: ClusterSpec, send: np.ndarray, recv: np.ndarray) -> np.ndarray:
@@ -87,9 +95,10 @@ def predict_layer_time(model: ModelSpec, cluster: ClusterSpec, table: SlotTable,
     """Predicted time of one layer given copy_tokens [S] (token, copy) assignments per copy."""
     copy_tokens = np.asarray(copy_tokens, dtype=np.float64)
     gpu_tokens = np.bincount(table.gpu, weights=copy_tokens, minlength=table.num_gpus)
-    compute = compute_time(model, cluster, table, copy_tokens)
+    flop_s, hbm_s = compute_time(model, cluster, table, copy_tokens)
     comm = all_to_all_time(model, cluster, gpu_tokens)
-    return LayerTime(compute_s=compute, comm_s=comm, total_s=float(np.max(compute + comm)))
+    total = float(np.max(np.maximum(flop_s, hbm_s) + comm))
+    return LayerTime(flop_s=flop_s, hbm_s=hbm_s, comm_s=comm, total_s=total)
 
 
 def predict_plan(
