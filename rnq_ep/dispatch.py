@@ -63,71 +63,104 @@ def dispatch(
         raise ValueError(f"slot table has {table.num_gpus} GPUs but the process group has {world} ranks")
     if world > 1 and rank != dist.get_rank(group):
         raise ValueError(f"rank {rank} given, but this process is rank {dist.get_rank(group)} of the group")
-    problem = _input_problem(x, topk_ids, topk_weights, table.num_experts)
-    device, num_experts = x.device, table.num_experts
-    local_counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
-    if problem is None:
-        local_counts = torch.bincount(topk_ids.reshape(-1).long(), minlength=num_experts)  # [E]
-    flags = torch.tensor([x.shape[1] if x.dim() == 2 else -1, problem is None], dtype=torch.int64, device=device)
-    gathered = _all_gather(torch.cat([local_counts, flags]), group, world).cpu().numpy()  # [R, E + 2]
-    _raise_on_problems(problem, gathered[:, num_experts], gathered[:, num_experts + 1])
-    counts = gathered[:, :num_experts]  # [R, E]
-
+    counts = _gather_counts(x, topk_ids, topk_weights, table.num_experts, group, world)  # [R, E]
     quotas = copy_quotas(counts, table, policy)
-    slots = route(counts, table, topk_ids, rank, policy, quotas).reshape(-1)  # [T, k] -> [A]
+    slots = route(counts, table, topk_ids, rank, policy, quotas)  # [T, k]
     on_gpu = np.eye(world, dtype=np.int64)[table.gpu]  # [S, R]
     assigned = rank_copy_counts(counts, table, policy, quotas) @ on_gpu  # [R src, R dst] (token, k)
 
-    # sender: one row per unique (destination, token) pair, grouped by destination
-    num_tokens, top_k = topk_ids.shape
-    dest = torch.from_numpy(table.gpu).to(device)[slots]  # [A]
-    token = torch.arange(num_tokens * top_k, device=device) // top_k  # [A]
-    stride = max(num_tokens, 1)
-    key = dest * stride + token  # [A] (destination, token) pair
-    order = torch.argsort(key, stable=True)  # [A] grouped by destination, token order within
-    pair, row_of = torch.unique_consecutive(key[order], return_inverse=True)  # [U], [A]
-    sent_token = pair % stride  # [U]
-    send_counts = torch.bincount(pair // stride, minlength=world)  # [R]
-    row_in_block = row_of - (torch.cumsum(send_counts, 0) - send_counts)[dest[order]]  # [A]
-    local_copy = torch.from_numpy(_local_copy_index(table)).to(device)[slots[order]]  # [A]
-    weight_bits = topk_weights.reshape(-1)[order].float().view(torch.int32)  # [A], exact bits
-    meta = torch.stack([row_in_block.int(), local_copy.int(), weight_bits], dim=1)  # [A, 3]
-    recv_meta = _all_to_all(meta, assigned[rank].tolist(), assigned[:, rank].tolist(), group, world)
-
-    # receiver: unique rows per source, then one row per (token, local copy), sorted by copy
-    per_source = torch.from_numpy(assigned[:, rank]).to(device)  # [R] meta entries from each rank
-    has_rows = per_source > 0
-    recv_counts = torch.zeros_like(per_source)  # [R] unique rows: last row index in each block + 1
-    recv_counts[has_rows] = recv_meta[(torch.cumsum(per_source, 0) - 1)[has_rows], 0].long() + 1
-    send_list, recv_list = send_counts.tolist(), recv_counts.tolist()
-    x_recv = _all_to_all(x[sent_token], send_list, recv_list, group, world)  # [U', H]
-    source = torch.repeat_interleave(torch.arange(world, device=device), per_source)  # [A']
-    unique_row = (torch.cumsum(recv_counts, 0) - recv_counts)[source] + recv_meta[:, 0].long()  # [A']
-    by_copy = torch.argsort(recv_meta[:, 1], stable=True)
+    sent_token, send_counts, meta = _pack(slots, topk_weights, table)
+    recv_meta = _all_to_all(meta, assigned[rank], assigned[:, rank], group, world)  # [A', 3]
+    recv_counts = _rows_per_source(recv_meta, assigned[:, rank])
+    x_recv = _all_to_all(x[sent_token], send_counts, recv_counts, group, world)  # [U', H]
     local_slots = np.flatnonzero(table.gpu == rank)
-    tokens_per_copy = torch.bincount(recv_meta[:, 1].long(), minlength=len(local_slots))  # [C]
-    local_offsets = torch.cat([tokens_per_copy.new_zeros(1), torch.cumsum(tokens_per_copy, 0)]).int()
+    recv_row, recv_weights, tokens_per_copy = _fan_out(recv_meta, assigned[:, rank], recv_counts, len(local_slots))
 
     remote = np.arange(world) != rank
     meta_bytes = int(assigned[rank, remote].sum()) * META_BYTES
     row_bytes = x.shape[1] * x.element_size()
     handle = DispatchHandle(
         group=group,
-        num_tokens=num_tokens,
+        num_tokens=x.shape[0],
         dtype=x.dtype,
         local_slots=local_slots,
-        local_offsets=local_offsets,
-        recv_weights=recv_meta[:, 2].contiguous().view(torch.float32)[by_copy],
-        recv_row=unique_row[by_copy],
+        local_offsets=torch.cat([tokens_per_copy.new_zeros(1), torch.cumsum(tokens_per_copy, 0)]).int(),
+        recv_weights=recv_weights,
+        recv_row=recv_row,
         sent_token=sent_token,
-        send_counts=tuple(send_list),
-        recv_counts=tuple(recv_list),
+        send_counts=send_counts,
+        recv_counts=recv_counts,
         tokens_per_gpu=gpu_loads(table, quotas).astype(np.int64),
         tokens_per_copy=tokens_per_copy.cpu().numpy(),
-        bytes_sent=int(np.array(send_list)[remote].sum()) * row_bytes + meta_bytes,
+        bytes_sent=int(np.array(send_counts)[remote].sum()) * row_bytes + meta_bytes,
         bytes_sent_no_dedupe=int(assigned[rank, remote].sum()) * row_bytes + meta_bytes,
     )
-    return x_recv[handle.recv_row], handle
+    return x_recv[recv_row], handle
+
+
+def _gather_counts(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    num_experts: int,
+    group: dist.ProcessGroup | None,
+    world: int,
+) -> np.ndarray:
+    """All ranks' per-expert counts [R, E] from one all-gather; every rank raises if any input is bad."""
+    problem = _input_problem(x, topk_ids, topk_weights, num_experts)
+    local_counts = torch.zeros(num_experts, dtype=torch.int64, device=x.device)
+    if problem is None:
+        local_counts = torch.bincount(topk_ids.reshape(-1).long(), minlength=num_experts)  # [E]
+    flags = torch.tensor([x.shape[1] if x.dim() == 2 else -1, problem is None], dtype=torch.int64, device=x.device)
+    gathered = _all_gather(torch.cat([local_counts, flags]), group, world).cpu().numpy()  # [R, E + 2]
+    _raise_on_problems(problem, gathered[:, num_experts], gathered[:, num_experts + 1])
+    return gathered[:, :num_experts]
+
+
+def _pack(
+    slots: torch.Tensor, topk_weights: torch.Tensor, table: SlotTable
+) -> tuple[torch.Tensor, tuple[int, ...], torch.Tensor]:
+    """One row per unique (destination, token), grouped by destination: slots [T, k] -> token of each
+    row [U], rows per destination [R], meta [A, 3] (row in its destination's block, local copy, weight)."""
+    device, (num_tokens, top_k) = slots.device, slots.shape
+    slots = slots.reshape(-1)  # [T, k] -> [A]
+    dest = torch.from_numpy(table.gpu).to(device)[slots]  # [A]
+    token = torch.arange(len(slots), device=device) // top_k  # [A]
+    stride = max(num_tokens, 1)
+    key = dest * stride + token  # [A] (destination, token) pair
+    order = torch.argsort(key, stable=True)  # [A] grouped by destination, token order within
+    pair, row_of = torch.unique_consecutive(key[order], return_inverse=True)  # [U], [A]
+    send_counts = torch.bincount(pair // stride, minlength=table.num_gpus)  # [R]
+    row_in_block = row_of - (torch.cumsum(send_counts, 0) - send_counts)[dest[order]]  # [A]
+    local_copy = torch.from_numpy(_local_copy_index(table)).to(device)[slots[order]]  # [A]
+    weight_bits = topk_weights.reshape(-1)[order].float().view(torch.int32)  # [A], exact bits
+    meta = torch.stack([row_in_block.int(), local_copy.int(), weight_bits], dim=1)  # [A, 3]
+    return pair % stride, tuple(send_counts.tolist()), meta
+
+
+def _rows_per_source(recv_meta: torch.Tensor, meta_per_source: np.ndarray) -> tuple[int, ...]:
+    """Unique rows each rank sends here: its block's last row index + 1 (meta [A', 3] -> [R])."""
+    ends = np.cumsum(meta_per_source)
+    last_rows = recv_meta[torch.from_numpy(ends[meta_per_source > 0] - 1).to(recv_meta.device), 0].tolist()
+    rows = np.zeros(len(meta_per_source), dtype=np.int64)
+    rows[meta_per_source > 0] = np.array(last_rows, dtype=np.int64) + 1
+    return tuple(rows.tolist())
+
+
+def _fan_out(
+    recv_meta: torch.Tensor, meta_per_source: np.ndarray, rows_per_source: tuple[int, ...], num_local: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One recv row per (token, local copy), sorted by copy: received row behind each [N], its
+    router weight [N] fp32, rows per local copy [C]."""
+    device = recv_meta.device
+    source = torch.repeat_interleave(torch.arange(len(meta_per_source), device=device),
+                                     torch.from_numpy(meta_per_source).to(device))  # [A']
+    rows = torch.tensor(rows_per_source, dtype=torch.int64, device=device)
+    unique_row = (torch.cumsum(rows, 0) - rows)[source] + recv_meta[:, 0].long()  # [A'] into x_recv
+    copy = recv_meta[:, 1].long()
+    by_copy = torch.argsort(copy, stable=True)
+    weights = recv_meta[:, 2].contiguous().view(torch.float32)
+    return unique_row[by_copy], weights[by_copy], torch.bincount(copy, minlength=num_local)
 
 
 def combine(y: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
@@ -203,6 +236,6 @@ def _all_to_all(
     """Uneven all-to-all along dim 0: rows [sum(send), ...] -> [sum(recv), ...]."""
     if world == 1:
         return t
-    out = t.new_empty((sum(recv), *t.shape[1:]))
-    dist.all_to_all_single(out, t.contiguous(), list(recv), list(send), group=group)
+    out = t.new_empty((int(sum(recv)), *t.shape[1:]))
+    dist.all_to_all_single(out, t.contiguous(), [int(n) for n in recv], [int(n) for n in send], group=group)
     return out

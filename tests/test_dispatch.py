@@ -187,3 +187,11 @@ def test_combine_rejects_outputs_of_the_wrong_length():
     recv, handle = dispatch(xs[0], ids[0], weights[0], table, 0, None)
     with pytest.raises(ValueError, match=r"expected \(15, hidden\)"):
         combine(recv[1:], handle)
+
+
+def test_bf16_tokens_come_back_in_bf16_close_to_the_fp32_reference():
+    table, xs, ids, weights, maps = _make_case(10, 1, (9,))
+    out, _, _ = _ep_step(table, xs[0].bfloat16(), ids[0], weights[0], maps.bfloat16(), 0, "least-loaded")
+    assert out.dtype == torch.bfloat16
+    expected = _dense(xs[0].bfloat16().float(), ids[0], weights[0], maps.bfloat16().float())
+    torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=2e-2)

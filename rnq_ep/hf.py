@@ -1,0 +1,149 @@
+"""transformers MoE models: family table, tiny random-weight builders, loading, expert access.
+
+transformers 5.x stores the routed experts of a layer as one module with fused 3-D weights
+(`gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]); GPT-OSS stores them transposed
+([E, H, 2I], [E, I, H]) with biases and interleaved gate/up columns. Every experts module is
+called as `experts(hidden_states[T, H], top_k_index[T, k], top_k_weights[T, k])`, which is the
+seam calibration hooks and conversion replace. `canonical_weights` hides the layout difference:
+it always returns [N, K] (output channels, input features) matrices.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rnq_ep.specs import ModelSpec, SpecError
+
+TINY_PREFIX = "tiny-"
+_COMMON = dict(
+    vocab_size=512, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=4096, bos_token_id=0, eos_token_id=1, pad_token_id=None, tie_word_embeddings=False,
+)
+# family -> (transformers model_type, config overrides): 3 layers, hidden 64, 8-16 experts
+FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "mixtral": ("mixtral", dict(intermediate_size=96, num_local_experts=8, num_experts_per_tok=2)),
+    "qwen2-moe": ("qwen2_moe", dict(
+        intermediate_size=128, moe_intermediate_size=96, shared_expert_intermediate_size=128,
+        num_experts=8, num_experts_per_tok=2)),
+    "qwen3-moe": ("qwen3_moe", dict(
+        intermediate_size=128, moe_intermediate_size=96, num_experts=16, num_experts_per_tok=4, head_dim=16)),
+    "olmoe": ("olmoe", dict(intermediate_size=96, num_experts=16, num_experts_per_tok=4)),
+    "deepseek-v3": ("deepseek_v3", dict(
+        num_key_value_heads=4, intermediate_size=128, moe_intermediate_size=96, n_routed_experts=16,
+        num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1, n_shared_experts=1,
+        kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=16)),
+    "gpt-oss": ("gpt_oss", dict(
+        intermediate_size=96, num_local_experts=8, num_experts_per_tok=2, head_dim=16, sliding_window=64,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0))),
+    "phimoe": ("phimoe", dict(intermediate_size=96, num_local_experts=8, num_experts_per_tok=2)),
+}
+_WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def tiny_model(family: str, seed: int = 0) -> nn.Module:
+    """A small random-weight causal LM of `family` (fp32, eval mode); same seed, same weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if family not in FAMILIES:
+        raise SpecError(f"unknown model family {family!r}, expected one of {sorted(FAMILIES)}")
+    model_type, overrides = FAMILIES[family]
+    config = AutoConfig.for_model(model_type, **{**_COMMON, **overrides})
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def load_model(source: str, seed: int = 0) -> tuple[nn.Module, Any | None, str]:
+    """(model in eval mode, tokenizer or None, name) from `tiny-<family>` or a save_pretrained folder."""
+    if source.startswith(TINY_PREFIX):
+        return tiny_model(source[len(TINY_PREFIX):], seed), None, source
+    folder = Path(source)
+    if not folder.is_dir():
+        raise SpecError(
+            f"model {source!r}: no such folder, expected a save_pretrained folder or "
+            f"{TINY_PREFIX}<family> with family one of {sorted(FAMILIES)}"
+        )
+    if not (folder / "config.json").is_file():
+        raise SpecError(f"{folder}: no config.json, expected a save_pretrained folder")
+    if not any(any(folder.glob(pattern)) for pattern in _WEIGHT_FILES):
+        raise SpecError(f"{folder}: no weights (*.safetensors or pytorch_model*.bin), expected a save_pretrained folder")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto").eval()
+        has_tokenizer = any((folder / name).is_file() for name in _TOKENIZER_FILES)
+        tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
+    except (OSError, ValueError, KeyError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SpecError(f"{folder}: transformers cannot load it: {first_line}") from None
+    return model, tokenizer, folder.name
+
+
+def is_experts_module(module: nn.Module) -> bool:
+    """True for a transformers 5.x fused experts module (3-D gate_up_proj and down_proj)."""
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.dim() == 3
+
+
+def moe_layers(model: nn.Module) -> list[tuple[int, str, nn.Module]]:
+    """(decoder layer id, module name, experts module) of every MoE layer, in model order."""
+    found = []
+    for name, module in model.named_modules():
+        if is_experts_module(module):
+            match = re.search(r"layers\.(\d+)\.", name)
+            found.append((int(match.group(1)) if match else len(found), name, module))
+    if not found:
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise SpecError(
+            f"not a MoE model (model_type={model_type!r}): no experts module with fused "
+            "gate_up_proj/down_proj weights found"
+        )
+    return found
+
+
+def canonical_weights(experts: nn.Module, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert `expert`'s (gate_up [2I, H], down [H, I]) as [N, K] views, whatever the storage layout."""
+    gate_up, down = experts.gate_up_proj[expert], experts.down_proj[expert]
+    if getattr(experts, "is_transposed", False):
+        return gate_up.t(), down.t()  # GPT-OSS: [H, 2I] -> [2I, H], [I, H] -> [H, I]
+    return gate_up, down
+
+
+def expert_forward(
+    experts: nn.Module, expert: int, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
+    """f_e(x) [T, H] for rows x [T, H] with weights gate_up [2I, H], down [H, I], in their dtype."""
+    x = x.to(gate_up.dtype)
+    hidden = nn.functional.linear(x, gate_up)  # [T, 2I]
+    if getattr(experts, "has_bias", False):
+        hidden = hidden + experts.gate_up_proj_bias[expert].to(hidden.dtype)
+    hidden = experts._apply_gate(hidden)  # the family's own gating (GPT-OSS: interleaved, clamped)
+    out = nn.functional.linear(hidden, down)  # [T, H]
+    if getattr(experts, "has_bias", False):
+        out = out + experts.down_proj_bias[expert].to(out.dtype)
+    return out
+
+
+def model_spec(model: nn.Module, name: str) -> ModelSpec:
+    """The ModelSpec (MoE shape) of a transformers MoE model."""
+    layers = moe_layers(model)
+    experts = layers[0][2]
+    gate_up, down = canonical_weights(experts, 0)
+    config = model.config
+    shared = getattr(config, "n_shared_experts", None) or (1 if getattr(config, "shared_expert_intermediate_size", 0) else 0)
+    return ModelSpec(
+        name=name,
+        num_layers=len(layers),
+        num_experts=experts.gate_up_proj.shape[0],
+        top_k=int(config.num_experts_per_tok),
+        hidden_size=down.shape[0],
+        moe_intermediate_size=gate_up.shape[0] // 2,
+        num_shared_experts=int(shared),
+        activation=str(getattr(config, "hidden_act", "silu")),
+        source=f"transformers {config.model_type}",
+    )

@@ -1,0 +1,159 @@
+"""Calibration on tiny random-weight models of every family: stats, oracles, CLI, bad input."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="the hf extra (transformers>=5) is not installed")
+
+from rnq_ep import hf  # noqa: E402
+from rnq_ep.calibration import add_calibrate_arguments, balanced_picks, calibrate, calibrate_main  # noqa: E402
+from rnq_ep.quant import dequantize, quantize  # noqa: E402
+from rnq_ep.specs import SpecError, load_stats  # noqa: E402
+from rnq_ep.textdata import builtin_text, token_batches, tokenize  # noqa: E402
+
+FAMILIES = sorted(hf.FAMILIES)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models run ~20x faster on one thread when the test machine's cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def batches() -> list[torch.Tensor]:
+    """Two [2, 32] batches of builtin text, byte-level ids."""
+    return token_batches(tokenize(builtin_text()[:4000], vocab_size=512), batch=2, seq_len=32, max_tokens=128)
+
+
+def run_cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    add_calibrate_arguments(parser)
+    return calibrate_main(parser.parse_args(list(argv)))
+
+
+def capture_routed(model: torch.nn.Module, batch: torch.Tensor, layer: int) -> tuple[torch.Tensor, ...]:
+    """(x [T, H], ids [T, k], weights [T, k]) that MoE layer `layer`'s experts module receives."""
+    seen = []
+    experts = hf.moe_layers(model)[layer][2]
+    handle = experts.register_forward_hook(lambda module, args, out: seen.append(args))
+    with torch.no_grad():
+        model(input_ids=batch, use_cache=False)
+    handle.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_family_calibrates_to_load_stats_that_round_trip(family, batches, tmp_path):
+    model = hf.tiny_model(family)
+    stats = calibrate(model, batches, model_name=f"tiny-{family}")
+    tokens = sum(b.numel() for b in batches)
+    assert all(sum(row) == tokens * stats.top_k for row in stats.counts)
+    assert all(set(by_fmt) == {"int8", "int4"} for row in stats.sensitivity for by_fmt in row)
+    int8 = [by_fmt["int8"] for row in stats.sensitivity for by_fmt in row]
+    int4 = [by_fmt["int4"] for row in stats.sensitivity for by_fmt in row]
+    assert 0 < sum(int8) < sum(int4)
+    out = tmp_path / "stats.json"
+    assert run_cli("--model", f"tiny-{family}", "--out", str(out), "--tokens", "128", "--batch", "2", "--seq-len", "32") == 0
+    assert load_stats(out).counts == stats.counts
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt-oss", "deepseek-v3"])
+def test_sensitivity_equals_the_experts_module_with_quantized_weights(family, batches):
+    model = hf.tiny_model(family)
+    stats = calibrate(model, batches[:1], cap_factor=1e9)  # no sampling: every routed token counts
+    x, ids, weights = capture_routed(model, batches[0], layer=0)
+    experts = hf.moe_layers(model)[0][2]
+    for expert in range(3):
+        only_expert = weights.masked_fill(ids != expert, 0.0)  # the layer output of expert e alone
+        quantized = copy.deepcopy(experts)
+        with torch.no_grad():
+            for w in hf.canonical_weights(quantized, expert):
+                w.copy_(dequantize(quantize(w, "int4")))
+            exact, approx = experts(x, ids, only_expert), quantized(x, ids, only_expert)
+        reference = float((approx - exact).norm() / exact.norm())
+        assert stats.sensitivity[0][expert]["int4"] == pytest.approx(reference, rel=1e-4)
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen2-moe"])
+def test_coactivation_margins_are_counts_times_top_k(family, batches):
+    stats = calibrate(hf.tiny_model(family), batches)
+    for layer, matrix in enumerate(stats.coactivation):
+        assert [sum(row) for row in matrix] == [c * stats.top_k for c in stats.counts[layer]]
+        assert [sum(col) for col in zip(*matrix)] == [c * stats.top_k for c in stats.counts[layer + 1]]
+
+
+def test_gate_mass_sums_to_tokens_when_router_weights_are_normalised(batches):
+    stats = calibrate(hf.tiny_model("mixtral"), batches)  # Mixtral renormalises its top-k weights
+    tokens = sum(b.numel() for b in batches)
+    assert all(sum(row) == pytest.approx(tokens) for row in stats.gate_mass)
+
+
+def test_removal_importance_is_the_loss_change_with_the_expert_zeroed(batches):
+    model = hf.tiny_model("mixtral")
+    stats = calibrate(model, batches[:1], importance="removal")
+    layer, expert = 1, max(range(8), key=lambda e: stats.counts[1][e])
+    without = copy.deepcopy(model)
+    experts = hf.moe_layers(without)[layer][2]
+    with torch.no_grad():
+        experts.gate_up_proj[expert].zero_()  # silu(0) * 0 = 0: the expert contributes nothing
+        loss = float(model(input_ids=batches[0], labels=batches[0]).loss)
+        loss_without = float(without(input_ids=batches[0], labels=batches[0]).loss)
+    assert stats.importance[layer][expert] == pytest.approx(loss_without - loss, abs=1e-6)
+
+
+def test_unrouted_expert_gets_sensitivity_and_zero_importance(batches):
+    model = hf.tiny_model("gpt-oss")
+    with torch.no_grad():
+        model.model.layers[0].mlp.router.bias[5] = -1e4  # expert 5 of layer 0 is never picked
+    stats = calibrate(model, batches[:1], importance="removal")
+    assert stats.counts[0][5] == 0
+    assert stats.importance[0][5] == 0.0
+    assert 0 < stats.sensitivity[0][5]["int8"] < stats.sensitivity[0][5]["int4"]
+
+
+def test_balanced_picks_cap_hot_experts_and_keep_rare_ones():
+    flat_ids = torch.tensor([0] * 50 + [1] * 3 + [3] * 10)
+    picks = dict(balanced_picks(flat_ids, num_experts=4, cap=8, generator=torch.Generator().manual_seed(0)))
+    assert {e: p.numel() for e, p in picks.items()} == {0: 8, 1: 3, 3: 8}
+    assert all(bool((flat_ids[p] == e).all()) and p.unique().numel() == p.numel() for e, p in picks.items())
+
+
+def test_calibrating_a_saved_folder_equals_the_tiny_model(tmp_path):
+    hf.tiny_model("qwen3-moe").save_pretrained(tmp_path / "ckpt")
+    args = ("--tokens", "96", "--batch", "1", "--seq-len", "48")
+    assert run_cli("--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "a.json"), *args) == 0
+    assert run_cli("--model", "tiny-qwen3-moe", "--out", str(tmp_path / "b.json"), *args) == 0
+    folder, tiny = load_stats(tmp_path / "a.json"), load_stats(tmp_path / "b.json")
+    assert folder.model == "ckpt" and tiny.model == "tiny-qwen3-moe"
+    assert folder.counts == tiny.counts and folder.coactivation == tiny.coactivation
+
+
+def test_stats_and_spec_from_calibrate_feed_rnq_ep_plan(tmp_path):
+    cli = pytest.importorskip("rnq_ep.cli")
+    stats, spec = tmp_path / "stats.json", tmp_path / "spec.json"
+    assert run_cli("--model", "tiny-olmoe", "--out", str(stats), "--spec-out", str(spec), "--tokens", "64",
+                   "--batch", "1", "--seq-len", "64") == 0
+    rc = cli.main(["plan", "--model", str(spec), "--cluster", "cpu4", "--loads", str(stats),
+                   "--out", str(tmp_path / "plan.json")])
+    assert rc == 0 and (tmp_path / "plan.json").is_file()
+
+
+def test_empty_data_file_is_a_clear_error(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(SpecError, match="data file has no text"):
+        run_cli("--model", "tiny-mixtral", "--data", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "s.json"))
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_unknown_format_is_rejected(batches):
+    with pytest.raises(SpecError, match=r"formats: \['int3'\]"):
+        calibrate(hf.tiny_model("mixtral"), batches, formats=("int3",))

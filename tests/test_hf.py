@@ -1,0 +1,121 @@
+"""transformers integration: tiny family builders, expert access, model loading and bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="the hf extra (transformers>=5) is not installed")
+
+from rnq_ep import hf  # noqa: E402
+from rnq_ep.specs import SpecError  # noqa: E402
+
+FAMILIES = sorted(hf.FAMILIES)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models run ~20x faster on one thread when the test machine's cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """One tiny model per family, built once for this module."""
+    cache: dict[str, torch.nn.Module] = {}
+
+    def build(family: str) -> torch.nn.Module:
+        if family not in cache:
+            cache[family] = hf.tiny_model(family)
+        return cache[family]
+
+    return build
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_family_has_moe_layers_with_its_expert_count(tiny, family):
+    model = tiny(family)
+    layers = hf.moe_layers(model)
+    spec = hf.model_spec(model, f"tiny-{family}")
+    assert spec.num_layers == len(layers) >= 2
+    assert 8 <= spec.num_experts <= 16
+    assert spec.hidden_size == 64
+    assert all(module.gate_up_proj.shape[0] == spec.num_experts for _, _, module in layers)
+
+
+def test_tiny_model_is_reproducible_from_its_seed():
+    first, second = hf.tiny_model("olmoe", seed=3), hf.tiny_model("olmoe", seed=3)
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_expert_forward_equals_the_experts_module_on_one_expert(tiny, family):
+    experts = hf.moe_layers(tiny(family))[0][2]
+    x = torch.randn(7, 64, generator=torch.Generator().manual_seed(0))
+    expert = 3
+    with torch.no_grad():
+        # routing every row to `expert` with weight 1 makes the module compute f_e(x)
+        expected = experts(x, torch.full((7, 1), expert), torch.ones(7, 1))
+        gate_up, down = hf.canonical_weights(experts, expert)
+        got = hf.expert_forward(experts, expert, x, gate_up, down)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_canonical_weights_are_output_by_input_for_transposed_gpt_oss(tiny):
+    experts = hf.moe_layers(tiny("gpt-oss"))[0][2]
+    gate_up, down = hf.canonical_weights(experts, 0)
+    intermediate = experts.down_proj.shape[1]
+    assert tuple(gate_up.shape) == (2 * intermediate, 64)
+    assert tuple(down.shape) == (64, intermediate)
+
+
+def test_deepseek_v3_dense_first_layer_is_not_a_moe_layer(tiny):
+    assert [layer_id for layer_id, _, _ in hf.moe_layers(tiny("deepseek-v3"))] == [1, 2]
+
+
+def test_unknown_family_names_the_known_ones():
+    with pytest.raises(SpecError, match=r"unknown model family 'llama4'.*mixtral"):
+        hf.load_model("tiny-llama4")
+
+
+def test_dense_model_is_rejected_as_not_moe():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+    )
+    with pytest.raises(SpecError, match=r"not a MoE model \(model_type='llama'\)"):
+        hf.moe_layers(AutoModelForCausalLM.from_config(config))
+
+
+def test_missing_model_folder_is_rejected(tmp_path):
+    with pytest.raises(SpecError, match="no such folder"):
+        hf.load_model(str(tmp_path / "absent"))
+
+
+def test_model_folder_without_weights_is_rejected(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
+    with pytest.raises(SpecError, match=r"no weights \(\*\.safetensors"):
+        hf.load_model(str(tmp_path))
+
+
+def test_model_folder_without_config_is_rejected(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(SpecError, match="no config.json"):
+        hf.load_model(str(tmp_path))
+
+
+def test_saved_tiny_model_loads_with_the_same_weights(tiny, tmp_path):
+    model = tiny("qwen2-moe")
+    model.save_pretrained(tmp_path)
+    loaded, tokenizer, name = hf.load_model(str(tmp_path))
+    assert tokenizer is None and name == tmp_path.name
+    ids = torch.arange(20)[None] % 512
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
