@@ -8,24 +8,14 @@ import copy
 import pytest
 import torch
 
-pytest.importorskip("transformers", reason="the hf extra (transformers>=5) is not installed")
-
-from rnq_ep import hf  # noqa: E402
-from rnq_ep.calibration import add_calibrate_arguments, balanced_picks, calibrate, calibrate_main  # noqa: E402
-from rnq_ep.quant import dequantize, quantize  # noqa: E402
-from rnq_ep.specs import SpecError, load_stats  # noqa: E402
-from rnq_ep.textdata import builtin_text, token_batches, tokenize  # noqa: E402
+from tiny_hf import one_torch_thread  # noqa: F401  (autouse fixture; skips without transformers)
+from rnq_ep import hf
+from rnq_ep.calibration import add_calibrate_arguments, balanced_picks, calibrate, calibrate_main
+from rnq_ep.quant import dequantize, quantize
+from rnq_ep.specs import SpecError, load_stats
+from rnq_ep.textdata import builtin_text, token_batches, tokenize
 
 FAMILIES = sorted(hf.FAMILIES)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run ~20x faster on one thread when the test machine's cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -7,21 +7,11 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("transformers", reason="the hf extra (transformers>=5) is not installed")
-
-from rnq_ep import hf  # noqa: E402
-from rnq_ep.specs import SpecError  # noqa: E402
+from tiny_hf import one_torch_thread  # noqa: F401  (autouse fixture; skips without transformers)
+from rnq_ep import hf
+from rnq_ep.specs import SpecError
 
 FAMILIES = sorted(hf.FAMILIES)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run ~20x faster on one thread when the test machine's cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
