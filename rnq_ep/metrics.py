@@ -5,9 +5,10 @@ Definitions (DESIGN.md, "Metrics"):
 - balancedness: `max_j g_j / mean_j g_j`, under (a) the plan's shares (`share_quotas`), (b) the best
   split of each expert's tokens over its copies (`water_fill`, what least-loaded routing reaches),
   and (c) the LP bound of the placement (`lp_min_max_load`); 1.0 is perfect.
-- LIS (R&Q's load imbalance score): `max_j n_j / (sum_j n_j / m)` where, as in R&Q, every expert
-  copy is its own device: n_j is the tokens copy j serves under the best split and m the number of
-  copies. It measures how much the heaviest hitter stands out, independent of packing.
+- LIS (R&Q's load imbalance score): `max_j n_j / (sum_j n_j / m)`, the heaviest hitter's load against
+  an equal allocation. As in R&Q, the m devices are the model's m = E expert slots: n_j is the
+  tokens one copy serves under the best split, so a replica that takes half of a hot expert's tokens
+  halves its n_j, while the equal-allocation baseline total/E is the same for every policy.
 - quantized fraction: tokens served by int8/int4 copies over all tokens, under the best split and
   under the plan's shares (least-loaded routing may send more to quantized copies than planned).
 - bytes per GPU: sum of `memory.expert_bytes` of the GPU's copies.
@@ -44,7 +45,7 @@ class PlanScore:
     balancedness_shares: np.ndarray  # [L] max/mean of share_loads
     balancedness_best: np.ndarray  # [L] max/mean of best_loads
     balancedness_lp: np.ndarray  # [L] lp_max_load / mean GPU load
-    lis: np.ndarray  # [L] heaviest copy load / mean copy load
+    lis: np.ndarray  # [L] heaviest copy load / (tokens / experts)
     quantized_fraction: np.ndarray  # [L] tokens on int8/int4 copies / all tokens, best split
     quantized_fraction_shares: np.ndarray  # [L] the same under the plan's shares (what the planner budgeted)
     bytes_per_gpu: np.ndarray  # [L, G] expert weight bytes held by each GPU
@@ -67,9 +68,10 @@ def balancedness(loads: np.ndarray) -> float:
     return float(np.max(loads)) / mean if mean > 0 else 1.0
 
 
-def load_imbalance_score(copy_loads: np.ndarray) -> float:
-    """R&Q's LIS of per-copy loads [S]: max / mean; 1.0 for an all-zero layer."""
-    return balancedness(copy_loads)
+def load_imbalance_score(copy_loads: np.ndarray, num_experts: int) -> float:
+    """R&Q's LIS of per-copy loads [S]: max / (sum / num_experts); 1.0 for an all-zero layer."""
+    total = float(np.sum(copy_loads))
+    return float(np.max(copy_loads)) / (total / num_experts) if total > 0 else 1.0
 
 
 def quantized_fraction(table: SlotTable, quotas: np.ndarray) -> float:
@@ -117,7 +119,7 @@ def score_plan(plan: Plan, loads: LoadStats) -> PlanScore:
         share_rows.append(gpu_loads(table, shares))
         best_rows.append(gpu_loads(table, best))
         lp.append(lp_min_max_load(table, row))
-        lis.append(load_imbalance_score(best))
+        lis.append(load_imbalance_score(best, table.num_experts))
         quantized.append(quantized_fraction(table, best))
         quantized_shares.append(quantized_fraction(table, shares))
         mem.append(gpu_bytes(plan.model, table))

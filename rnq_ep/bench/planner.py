@@ -168,7 +168,7 @@ def policy_table(results: list[PolicyResult], budget: int, title: str, note: str
             speedup,
             f"{human_bytes(top)} ({100 * top / budget:.1f} %)",
             f"{100 * s['quantized_fraction_shares']['max']:.1f} % / {100 * s['quantized_fraction']['max']:.1f} %",
-            f"{r.planner_s * 1e3:.1f} ms",
+            f"{r.planner_s:.2f} s" if r.planner_s >= 1 else f"{r.planner_s * 1e3:.1f} ms",
         ))
     return BenchTable(title, header, rows, note)
 
