@@ -233,7 +233,9 @@ def _decode(path: Path, kind: type[S]) -> S:
     except msgspec.ValidationError as err:
         raise SpecError(f"{path}: {err}") from None
     except msgspec.DecodeError as err:
-        raise SpecError(f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'}: {err}") from None
+        kind_name = "TOML" if path.suffix == ".toml" else "JSON"
+        hint = " (NaN and Infinity are not JSON numbers; counts must be integers >= 0)" if kind_name == "JSON" else ""
+        raise SpecError(f"{path}: not valid {kind_name}: {err}{hint}") from None
     except SpecError as err:
         raise SpecError(f"{path}: {err}") from None
 
