@@ -56,7 +56,7 @@ def test_negative_count_names_layer_and_expert(tmp_path):
 
 def test_nan_count_is_rejected(tmp_path):
     path = write(tmp_path, "loads.json", '{"counts": [[1, NaN, 3, 4]], "num_experts": 4, "top_k": 2}')
-    with pytest.raises(SpecError, match=r"loads\.json: not valid json: .*byte 16"):
+    with pytest.raises(SpecError, match=r"loads\.json: not valid JSON: .*byte 16.*NaN and Infinity are not JSON numbers"):
         load_stats(path)
 
 
