@@ -4,9 +4,9 @@ Two launches per call: (1) gate and up GEMMs with silu(gate) * up in the epilogu
 bf16 [N, I] intermediate; (2) the down GEMM with the optional per-row weight in the epilogue.
 Tiles are (row block, column block); a row block belongs to one group through the block map of
 `align.py`. Weights are dequantised in registers: int8 values go to the MMA as exact bf16 and
-the per-channel scale multiplies the accumulator; int4 nibbles are split into even/odd k
-(two MMAs against the even/odd columns of x) and each k tile, which lies inside one group of
-128, is scaled after its MMA. Accumulation is fp32.
+the per-channel scale multiplies the accumulator; int4 bytes are unpacked into low/high
+nibbles (even/odd k) and multiplied by the even/odd columns of the x tile (two MMAs), and each
+k tile, which lies inside one group of 128, is scaled after its MMAs. Accumulation is fp32.
 
 Without CUDA, Triton can only run its CPU interpreter, which it reads from TRITON_INTERPRET
 when triton is first imported; this module sets the variable (if unset) before importing triton
@@ -71,34 +71,26 @@ def _project(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     a_rows = a_ptr + rows.to(tl.int64)[:, None] * stride_am
     w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wn
-    if FMT == 2:
-        for k0 in range(0, K, BLOCK_K):
-            pairs = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # packed byte index along K
-            even = 2 * pairs
-            a_even = tl.load(a_rows + even[None, :], mask=row_mask[:, None] & (even[None, :] < K), other=0.0)
-            a_odd = tl.load(a_rows + even[None, :] + 1, mask=row_mask[:, None] & (even[None, :] + 1 < K), other=0.0)
-            packed = tl.load(w_cols + pairs[:, None], mask=col_mask[None, :] & (even[:, None] < K), other=0)
-            low = (packed & 0xF).to(tl.int32) - ZERO  # [HALF, BLOCK_N], weights of even k
-            high = (packed >> 4).to(tl.int32) - ZERO
-            if UPCAST:
-                part = tl.dot(a_even.to(tl.float32), low.to(tl.float32))
-                part = tl.dot(a_odd.to(tl.float32), high.to(tl.float32), part)
-            else:
-                part = tl.dot(a_even, low.to(tl.bfloat16))
-                part = tl.dot(a_odd, high.to(tl.bfloat16), part)
-            scale = tl.load(s_ptr + cols * stride_sn + k0 // GROUP, mask=col_mask, other=0.0)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_rows + ks[None, :], mask=row_mask[:, None] & (ks[None, :] < K), other=0.0)  # [BM, BK]
+        if UPCAST:
+            a = a.to(tl.float32)
+        if FMT == 2:
+            # the byte of k pairs (2p, 2p + 1): multiply even/odd columns of A by low/high nibbles
+            a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
+            pairs = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            packed = tl.load(w_cols + pairs[:, None], mask=col_mask[None, :] & (2 * pairs[:, None] < K), other=0)
+            low = ((packed & 0xF).to(tl.int32) - ZERO).to(a.dtype)  # [BK/2, BN], exact in bf16
+            high = ((packed >> 4).to(tl.int32) - ZERO).to(a.dtype)
+            part = tl.dot(a_odd, high, tl.dot(a_even, low))
+            scale = tl.load(s_ptr + cols * stride_sn + k0 // GROUP, mask=col_mask, other=0.0)  # one group per k tile
             acc += part * scale.to(tl.float32)[None, :]
-    else:
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(a_rows + ks[None, :], mask=row_mask[:, None] & (ks[None, :] < K), other=0.0)
-            w = tl.load(w_cols + ks[:, None], mask=col_mask[None, :] & (ks[:, None] < K), other=0)
-            if UPCAST:
-                acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc)
-            else:
-                acc = tl.dot(a, w.to(tl.bfloat16), acc)
-        if FMT == 1:
-            acc *= tl.load(s_ptr + cols * stride_sn, mask=col_mask, other=0.0)[None, :]
+        else:
+            w = tl.load(w_cols + ks[:, None], mask=col_mask[None, :] & (ks[:, None] < K), other=0)  # [BK, BN]
+            acc = tl.dot(a, w.to(a.dtype), acc)
+    if FMT == 1:  # per output channel: scales the accumulator
+        acc *= tl.load(s_ptr + cols * stride_sn, mask=col_mask, other=0.0)[None, :]
     return acc
 
 

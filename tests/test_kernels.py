@@ -1,8 +1,15 @@
 """Triton grouped SwiGLU vs the fp32 torch reference on awkward shapes.
 
 Without CUDA the kernels run in Triton's CPU interpreter (rnq_ep.kernels sets TRITON_INTERPRET
-before it imports triton when no GPU is present); with CUDA the same tests run natively.
+before it imports triton when no GPU is present); with CUDA the same tests run natively. One
+slow test compiles every variant for Hopper in a subprocess, so the compiled path is checked
+without a GPU too.
 """
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -10,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rnq_ep.kernels import grouped_swiglu, grouped_swiglu_reference
-from rnq_ep.kernels.grouped_swiglu import DECODE_BLOCKS, PREFILL_BLOCKS
 from rnq_ep.kernels.align import block_map, max_blocks
+from rnq_ep.kernels.grouped_swiglu import DECODE_BLOCKS, PREFILL_BLOCKS
 from rnq_ep.kernels.reference import block_map_reference
 from rnq_ep.quant import dequantize, quantize
 
@@ -103,3 +110,39 @@ def test_block_map_matches_python_loop_within_the_bound(rows_per_group, block_m)
     got = block_map(offsets, block_m, bound)
     expected = block_map_reference(offsets, block_m, bound)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+# Compiles every variant for Hopper (sm_90) with Triton's own NVIDIA backend; no GPU needed.
+# Real launches specialise 16-aligned pointers and strides, so the source says so too.
+_COMPILE_FOR_HOPPER = textwrap.dedent("""
+    import os, sys
+    os.environ["TRITON_INTERPRET"] = "0"
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import rnq_ep.kernels  # noqa: F401
+    m = sys.modules["rnq_ep.kernels.grouped_swiglu"]
+    names = m._grouped_swiglu_kernel.arg_names
+    for fmt in (0, 1, 2):
+        for gate_up, blocks in ((True, m.DECODE_BLOCKS), (False, m.PREFILL_BLOCKS)):
+            w, s = {0: ("*bf16", "*bf16"), 1: ("*i8", "*fp32"), 2: ("*u8", "*fp16")}[fmt]
+            kinds = ["*bf16", w, s, "*bf16", "*fp32", "*i32", "*i32", "*i32"] + ["i32"] * 8
+            consts = dict(GATE_UP=gate_up, HAS_ROW_WEIGHT=not gate_up, FMT=fmt, UPCAST=False, GROUP=128, ZERO=8,
+                          BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k)
+            signature = dict(zip(names, kinds + ["constexpr"] * len(consts)))
+            aligned = {(i,): [["tt.divisibility", 16]] for i in range(len(kinds)) if names[i] != "stride_sn"}
+            source = ASTSource(m._grouped_swiglu_kernel, signature, consts, aligned)
+            options = {"num_warps": blocks.num_warps, "num_stages": blocks.num_stages}
+            ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+            sys.stdout.write(f"fmt={fmt} gate_up={gate_up} {'pipelined' if 'cp.async' in ptx else 'unpipelined'}\\n")
+""")
+
+
+@pytest.mark.slow
+def test_every_kernel_variant_compiles_for_hopper_with_pipelined_loads():
+    pytest.importorskip("triton.backends.nvidia")
+    env = {**os.environ, "TRITON_DEFAULT_FP_FUSION": "1"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    assert len(lines) == 6 and all(line.endswith(" pipelined") for line in lines), run.stdout
