@@ -18,6 +18,7 @@ from rnq_ep.planner.quantize import cheapest_conversions
 
 TRIED_SINKS = 4  # least-loaded GPUs tried per copy before the next copy of the source GPU
 MAX_STEPS_PER_COPY = 20  # bound on spread_load's steps (the pairwise halving converges geometrically)
+HALVING_TOL = 1e-3  # pairwise halving stops at gaps below this fraction of the mean load
 
 
 @dataclass
@@ -69,7 +70,7 @@ def spread_load(state: LayerCopies, limits: Limits) -> None:
         if excess[source] <= tol:
             return
         if not _shift_from(state, limits, source, target, tol):
-            if not _pour_to_existing(state, limits, source, state.slots_on(source), -np.inf, tol * 1e3):
+            if not _pour_to_existing(state, limits, source, state.slots_on(source), -np.inf, target * HALVING_TOL):
                 stuck[source] = True
 
 

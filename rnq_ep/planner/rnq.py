@@ -79,7 +79,7 @@ def check_memory_fits(
 
 def balanced_copies(weight: np.ndarray, num_gpus: int, limits: Limits, layer: int) -> LayerCopies:
     """Initial replicas (most first, see EXTRA_REPLICAS_PER_GPU) spread to balance; the first that reaches
-    the mean load wins, else the one with the lowest max GPU load."""
+    the mean load wins, else fewer replicas are tried while that lowers the max GPU load."""
     leave_room = replace(limits, token_budget=limits.token_budget * (1.0 - SPREAD_RESERVE))
     best = None
     for per_gpu in (*EXTRA_REPLICAS_PER_GPU, 0.0):
@@ -93,8 +93,9 @@ def balanced_copies(weight: np.ndarray, num_gpus: int, limits: Limits, layer: in
                 continue
             raise
         spread_load(state, limits)
-        if best is None or state.load.max() < best.load.max():
-            best = state
+        if best is not None and state.load.max() >= best.load.max():
+            break  # fewer replicas stopped helping
+        best = state
         if state.load.max() <= state.load.mean() * (1 + 1e-6):
             break
     return best
