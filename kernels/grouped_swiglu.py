@@ -1,7 +1,8 @@
 """Grouped SwiGLU over expert copies in bf16, int8 (w8a16) or int4 (w4a16) weights, in Triton.
 
-Two launches per call: (1) gate and up GEMMs with silu(gate) * up in the epilogue, writing a
-bf16 [N, I] intermediate; (2) the down GEMM with the optional per-row weight in the epilogue.
+Two launches per call: (1) gate and up GEMMs as one tile (gate and up weight rows interleaved
+as columns, so x is read once) with silu(gate) * up in the epilogue, writing a bf16 [N, I]
+intermediate; (2) the down GEMM with the optional per-row weight in the epilogue.
 Tiles are (row block, column block); a row block belongs to one group through the block map of
 `align.py`. Weights are dequantised in registers: int8 values go to the MMA as exact bf16 and
 the per-channel scale multiplies the accumulator; int4 bytes are unpacked into low/high
@@ -67,7 +68,7 @@ def _project(
     FMT: tl.constexpr, UPCAST: tl.constexpr, GROUP: tl.constexpr, ZERO: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """fp32 [BLOCK_M, BLOCK_N] = A[rows, :K] @ W[cols, :K]^T with W dequantised (one group's W)."""
+    """fp32 [BLOCK_M, BLOCK_N] = A[rows, :K] @ W[cols, :K]^T with W dequantised (one group's W; cols: [BLOCK_N])."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     a_rows = a_ptr + rows.to(tl.int64)[:, None] * stride_am
     w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wn
@@ -112,12 +113,19 @@ def _grouped_swiglu_kernel(
     col_mask = cols < N_OUT
     w_group = w_ptr + group.to(tl.int64) * stride_wg
     s_group = s_ptr + group.to(tl.int64) * stride_sg
-    acc = _project(a_ptr, rows, row_mask, stride_am, K, w_group, stride_wn, s_group, stride_sn, cols, col_mask,
-                   FMT, UPCAST, GROUP, ZERO, BLOCK_M, BLOCK_N, BLOCK_K)
-    if GATE_UP:  # acc is the gate; the up rows of W follow the N_OUT gate rows
-        up = _project(a_ptr, rows, row_mask, stride_am, K, w_group, stride_wn, s_group, stride_sn,
-                      cols + N_OUT, col_mask, FMT, UPCAST, GROUP, ZERO, BLOCK_M, BLOCK_N, BLOCK_K)
-        acc = acc * tl.sigmoid(acc) * up
+    if GATE_UP:
+        # one [BLOCK_M, 2 * BLOCK_N] tile whose columns interleave gate row c and up row N_OUT + c,
+        # so x is read once for both and the epilogue splits them apart
+        pair = tl.arange(0, 2 * BLOCK_N)
+        w_rows = tl.program_id(1) * BLOCK_N + pair // 2 + (pair % 2) * N_OUT
+        w_mask = tl.program_id(1) * BLOCK_N + pair // 2 < N_OUT
+        both = _project(a_ptr, rows, row_mask, stride_am, K, w_group, stride_wn, s_group, stride_sn, w_rows, w_mask,
+                        FMT, UPCAST, GROUP, ZERO, BLOCK_M, 2 * BLOCK_N, BLOCK_K)
+        gate, up = tl.split(tl.reshape(both, (BLOCK_M, BLOCK_N, 2)))
+        acc = gate * tl.sigmoid(gate) * up
+    else:
+        acc = _project(a_ptr, rows, row_mask, stride_am, K, w_group, stride_wn, s_group, stride_sn, cols, col_mask,
+                       FMT, UPCAST, GROUP, ZERO, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_ROW_WEIGHT:
         acc *= tl.load(row_weight_ptr + rows, mask=row_mask, other=0.0)[:, None]
     out = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]

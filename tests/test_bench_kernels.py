@@ -66,3 +66,30 @@ def test_grouped_mm_baselines_compute_the_reference_swiglu(fmt):
     expected = grouped_swiglu_reference(x, dequantize(gate_up), dequantize(down), offsets)
     got = bench._dequant_grouped_mm(x, gate_up, down, offsets[1:])
     torch.testing.assert_close(got.float(), expected, atol=3e-2 * expected.abs().max().item(), rtol=3e-2)
+
+
+class _FakeEvent:
+    """Stands in for torch.cuda.Event on CPU: every timed run takes 1 ms."""
+
+    def __init__(self, enable_timing: bool = False):
+        self.enable_timing = enable_timing
+
+    def record(self) -> None:
+        pass
+
+    def elapsed_time(self, end: "_FakeEvent") -> float:
+        return 1.0
+
+
+@pytest.mark.slow
+def test_bench_shape_runs_end_to_end_on_cpu_with_fake_timers(monkeypatch):
+    monkeypatch.setitem(bench.SHAPES, "tiny", (64, 32))
+    monkeypatch.setattr(bench, "NUM_COPIES", 2)
+    monkeypatch.setattr(bench, "_graphed", lambda fn: fn)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    args = bench._parser().parse_args(["--rows", "1", "3", "--repeats", "2", "--warmup", "1"])
+    results = bench.bench_shape("tiny", ["bf16", "int4"], args, flush=torch.empty(16, dtype=torch.uint8))
+    assert [(r.rows_per_expert, r.fmt) for r in results] == [(1, "bf16"), (1, "int4"), (3, "bf16"), (3, "int4")]
+    assert all(r.seconds == 1e-3 and r.vs_reference == 1.0 and r.rel_error < 2e-2 for r in results)
+    assert [r.vs_dequant_grouped_mm for r in results] == [None, 1.0, None, 1.0]

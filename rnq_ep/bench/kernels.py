@@ -158,19 +158,20 @@ def _time_optional(fn: Callable[[], object], args: argparse.Namespace, flush: to
 
 
 def bench_shape(name: str, formats: list[str], args: argparse.Namespace, flush: torch.Tensor) -> list[Result]:
-    """Results of every (rows per expert, format) on one model shape, baselines timed alongside."""
+    """Results of every (rows per expert, format) on one model shape, on flush.device, baselines timed alongside."""
     from rnq_ep.kernels import grouped_swiglu, grouped_swiglu_reference
 
     hidden, inter = SHAPES[name]
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    gate_up = torch.randn(NUM_COPIES, 2 * inter, hidden, device="cuda", dtype=torch.bfloat16, generator=gen) * hidden**-0.5
-    down = torch.randn(NUM_COPIES, hidden, inter, device="cuda", dtype=torch.bfloat16, generator=gen) * inter**-0.5
+    device = flush.device
+    gen = torch.Generator(device=device).manual_seed(0)
+    gate_up = torch.randn(NUM_COPIES, 2 * inter, hidden, device=device, dtype=torch.bfloat16, generator=gen) * hidden**-0.5
+    down = torch.randn(NUM_COPIES, hidden, inter, device=device, dtype=torch.bfloat16, generator=gen) * inter**-0.5
     weights = {fmt: (quantize(gate_up, fmt), quantize(down, fmt)) for fmt in formats}
     results = []
     for rows in args.rows:
         _log.info("%s: %d rows per expert", name, rows)
-        x = torch.randn(NUM_COPIES * rows, hidden, device="cuda", dtype=torch.bfloat16, generator=gen)
-        offsets = torch.arange(NUM_COPIES + 1, device="cuda", dtype=torch.int32) * rows
+        x = torch.randn(NUM_COPIES * rows, hidden, device=device, dtype=torch.bfloat16, generator=gen)
+        offsets = torch.arange(NUM_COPIES + 1, device=device, dtype=torch.int32) * rows
         ends = offsets[1:]
         ref_s = None
         if not args.skip_reference:
