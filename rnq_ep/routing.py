@@ -30,6 +30,10 @@ def copy_quotas(global_counts: torch.Tensor | np.ndarray, table: SlotTable, poli
     if policy == "least-loaded":
         return water_fill(table, total)
     if policy == "static":
+        share_sum = np.bincount(table.expert, weights=table.share, minlength=table.num_experts)
+        off = np.flatnonzero(np.abs(share_sum - 1.0) > 1e-6)
+        if len(off):
+            raise ValueError(f"static routing: shares of expert {off[0]} sum to {share_sum[off[0]]:.6g}, expected 1")
         return share_quotas(table, total)
     index, copies = _copy_index(table)
     return _residues_below(total[table.expert], index, copies)

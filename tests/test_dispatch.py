@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 import torch
 from gloo import run_ranks
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from routing_cases import draw_topk, random_table
 
-from rnq_ep.balance import gpu_loads
+from rnq_ep.balance import SlotTable, gpu_loads
 from rnq_ep.dispatch import combine, dispatch
-from rnq_ep.routing import copy_quotas
+from rnq_ep.routing import POLICIES, copy_quotas
 
 NUM_EXPERTS, HIDDEN, TOP_K = 6, 8, 3
 # (seed, tokens on each rank, policy); rank 1 of the last case has no tokens at all
@@ -122,6 +124,23 @@ def test_dedupe_sends_fewer_bytes_for_the_same_output(four_ranks):
     steps = [step for results, _, _ in four_ranks for step in results]
     assert all(step["bytes"] <= step["bytes_no_dedupe"] for step in steps)
     assert sum(step["bytes"] for step in steps) < sum(step["bytes_no_dedupe"] for step in steps)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31), st.integers(0, 9), st.integers(1, 4), st.sampled_from(POLICIES))
+def test_one_rank_with_several_copies_of_an_expert_matches_the_dense_reference(seed, tokens, top_k, policy):
+    # one GPU may hold two copies of an expert here (the planner never does): fan-out must still split them
+    rng = np.random.default_rng(seed)
+    expert = np.r_[np.arange(NUM_EXPERTS), rng.integers(0, NUM_EXPERTS, 3)]
+    share = 1.0 / np.bincount(expert)[expert]
+    table = SlotTable.from_arrays(np.zeros(len(expert)), expert, np.zeros(len(expert)), share, 1, NUM_EXPERTS)
+    ids = draw_topk(rng, tokens, top_k, np.ones(NUM_EXPERTS))
+    x = torch.from_numpy(rng.standard_normal((tokens, HIDDEN)).astype(np.float32))
+    weights = torch.from_numpy(rng.random((tokens, top_k)).astype(np.float32))
+    maps = torch.from_numpy(rng.standard_normal((NUM_EXPERTS, HIDDEN, HIDDEN)).astype(np.float32))
+    out, recv, handle = _ep_step(table, x, ids, weights, maps, 0, policy)
+    torch.testing.assert_close(out, _dense(x, ids, weights, maps), atol=1e-5, rtol=1e-5)
+    assert len(handle.tokens_per_copy) == len(expert)
 
 
 def test_one_rank_sends_no_bytes():

@@ -161,3 +161,9 @@ def test_unknown_policy_is_rejected_with_the_choices():
     table = SlotTable.from_arrays(np.arange(2), np.arange(2), np.zeros(2), np.ones(2), 2, 2)
     with pytest.raises(ValueError, match="least-loaded"):
         copy_quotas(np.array([[1, 1]]), table, "random")
+
+
+def test_static_routing_rejects_shares_that_do_not_sum_to_one():
+    table = SlotTable.from_arrays(np.array([0, 1]), np.array([0, 0]), np.zeros(2), np.array([0.5, 0.4]), 2, 1)
+    with pytest.raises(ValueError, match="shares of expert 0 sum to 0.9, expected 1"):
+        copy_quotas(np.array([[10]]), table, "static")
