@@ -9,29 +9,22 @@ the per-channel scale multiplies the accumulator; int4 bytes are unpacked into l
 nibbles (even/odd k) and multiplied by the even/odd columns of the x tile (two MMAs), and each
 k tile, which lies inside one group of 128, is scaled after its MMAs. Accumulation is fp32.
 
-Without CUDA, Triton can only run its CPU interpreter, which it reads from TRITON_INTERPRET
-when triton is first imported; this module sets the variable (if unset) before importing triton
-when there is no GPU, so the kernels run on CPU whichever module imports them first. The
-interpreter computes bf16 dots wrongly (triton-lang/triton#11584), so on CPU tensors operands
-are upcast to fp32 before tl.dot.
+Without CUDA the kernels run in Triton's CPU interpreter (the package __init__ sets
+TRITON_INTERPRET). The interpreter computes bf16 dots wrongly (triton-lang/triton#11584), so
+when interpreted the operands are upcast to fp32 before tl.dot (constexpr UPCAST).
 """
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-from rnq_ep.kernels.align import block_map, max_blocks  # noqa: E402
-from rnq_ep.quant import INT4_GROUP, INT4_ZERO, QuantWeight  # noqa: E402
+from rnq_ep.kernels.align import block_map, max_blocks
+from rnq_ep.quant import INT4_GROUP, INT4_ZERO, QuantWeight
 
 _FMT_CODE = {"bf16": 0, "int8": 1, "int4": 2}
 
@@ -169,9 +162,9 @@ def grouped_swiglu(
     out = torch.empty_like(x)  # [N, H]
     if num_rows == 0:
         return out
+    offsets = offsets.to(torch.int32)
     block_group, block_row = block_map(offsets, blocks.block_m, max_blocks(num_rows, num_groups, blocks.block_m))
     hidden = torch.empty(num_rows, w_down.shape[2], dtype=torch.bfloat16, device=x.device)  # [N, I]
-    offsets = offsets.to(torch.int32)
     _launch(x, w_gate_up, hidden, None, offsets, block_group, block_row, True, blocks)
     rw = None if row_weight is None else row_weight.to(torch.float32).contiguous()
     _launch(hidden, w_down, out, rw, offsets, block_group, block_row, False, blocks)

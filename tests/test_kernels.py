@@ -1,7 +1,7 @@
 """Triton grouped SwiGLU vs the fp32 torch reference on awkward shapes.
 
-Without CUDA the kernels run in Triton's CPU interpreter (rnq_ep.kernels sets TRITON_INTERPRET
-before it imports triton when no GPU is present); with CUDA the same tests run natively. One
+Without CUDA the kernels run in Triton's CPU interpreter (the rnq_ep.kernels package sets
+TRITON_INTERPRET before it imports triton when no GPU is present); with CUDA the same tests run natively. One
 slow test compiles every variant for Hopper in a subprocess, so the compiled path is checked
 without a GPU too.
 """
@@ -112,7 +112,7 @@ def test_block_map_matches_python_loop_within_the_bound(rows_per_group, block_m)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
-# Compiles every variant for Hopper (sm_90) with Triton's own NVIDIA backend; no GPU needed.
+# Compiles every variant (and the block map) for Hopper (sm_90) with Triton's own NVIDIA backend; no GPU needed.
 # Real launches specialise 16-aligned pointers and strides, so the source says so too.
 _COMPILE_FOR_HOPPER = textwrap.dedent("""
     import os, sys
@@ -135,6 +135,11 @@ _COMPILE_FOR_HOPPER = textwrap.dedent("""
             options = {"num_warps": blocks.num_warps, "num_stages": blocks.num_stages}
             ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
             sys.stdout.write(f"fmt={fmt} gate_up={gate_up} {'pipelined' if 'cp.async' in ptx else 'unpipelined'}\\n")
+    align = sys.modules["rnq_ep.kernels.align"]
+    source = ASTSource(align._block_map_kernel, {"offsets_ptr": "*i32", "block_group_ptr": "*i32", "block_row_ptr": "*i32",
+                       "num_groups": "i32", "num_blocks": "i32", "BLOCK_M": "constexpr", "GROUPS": "constexpr",
+                       "BLOCKS": "constexpr"}, {"BLOCK_M": 16, "GROUPS": 64, "BLOCKS": 32})
+    triton.compile(source, target=GPUTarget("cuda", 90, 32))
 """)
 
 
