@@ -1,0 +1,243 @@
+"""`rnq-ep simulate`: the policies users compare, on the cost model, from 8 to 1024 GPUs.
+
+For each GPU count (a cluster scaled from a config: its node size, budget as plain EP) every policy
+of `rnq_ep.policies` plans on one window of loads and is scored on the next (synthetic Zipf
+windows whose hot sets drift, or two load files; one file twice is labelled in-sample). Tables give
+each policy's time per layer as a ratio to plain EP and to the best other policy of the same GPU
+count in the same run, the time parts, balance, quantized tokens, memory, and planner and
+simulation seconds. A Zipf-exponent sweep at one GPU count shows the skew at which each policy wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from rnq_ep.bench.planner import BenchTable, scaled_cluster, to_markdown
+from rnq_ep.costmodel import DEFAULT_TOKENS_PER_GPU
+from rnq_ep.memory import plain_ep_budget
+from rnq_ep.policies import PLAIN_EP, PolicyRun, Windows, expert_skew, run_all, synthetic_windows
+from rnq_ep.specs import LoadStats, ModelSpec, SpecError, load_cluster, load_model, load_stats, write_atomic
+from rnq_ep.synthetic import DEFAULT_DRIFT, ZipfLoads, parse_zipf
+
+DEFAULT_GPUS = "8,32,64,256,1024"
+DEFAULT_CLUSTER = "h100x32"  # node size and links that --gpus scales
+DEFAULT_LOADS = "zipf:0.6"
+DEFAULT_SWEEP = "0.2,0.4,0.6,0.8,1.0,1.2,1.4,1.6"
+DEFAULT_LAYERS = 4  # synthetic layers are drawn alike, so a few stand for all (planner time is per these)
+SCALE_NOTE = (
+    "MoE us/layer: cost model, the slowest GPU's max(FLOP, HBM) time + all-to-all, plus LLEP's weight moves (not "
+    "overlapped), mean over layers and scored windows; parts are the slowest GPU's. time / best other < 1: fastest of "
+    "this GPU count. Memory: largest expert bytes one GPU holds for one layer (LLEP: with spilled copies) vs plain EP. "
+    "Planner s: one plan of all simulated layers; simulation s: routing + cost model of one window."
+)
+PLOT_POLICIES = ("plain EP", "EPLB +12.5 % mem, least-loaded", "LLEP spill", "R&Q bf16+int8")
+
+
+def ratios(runs: list[PolicyRun]) -> list[tuple[float, float]]:
+    """(time / plain EP, time / best other policy) per run of one GPU count; NaN where not comparable."""
+    plain = next(r.layer_s for r in runs if r.policy == PLAIN_EP.name)
+    out = []
+    for r in runs:
+        others = [o.layer_s for o in runs if o is not r and not o.error]
+        out.append((r.layer_s / plain, r.layer_s / min(others) if others else float("nan")))
+    return out
+
+
+def scale_table(runs_by_gpus: dict[int, list[PolicyRun]], model: ModelSpec, title: str) -> BenchTable:
+    """One row per (GPU count, policy): time per layer, ratios, time parts, balance, memory, planner cost."""
+    header = ("GPUs", "policy", "MoE us/layer", "time / plain EP", "time / best other", "FLOP / HBM / all-to-all / moves, us",
+              "balancedness (median)", "quantized tokens", "max bytes/GPU (vs plain EP)", "planner s", "simulation s")
+    rows = []
+    for g, runs in runs_by_gpus.items():
+        budget = plain_ep_budget(model, g)
+        for r, (vs_plain, vs_best) in zip(runs, ratios(runs)):
+            if r.error:
+                rows.append((str(g), r.policy, "infeasible: " + r.error) + ("",) * (len(header) - 3))
+                continue
+            rows.append((
+                str(g), r.policy, f"{r.layer_s * 1e6:,.0f}", f"{vs_plain:.2f}", f"{vs_best:.2f}" + (" (best)" if vs_best < 1 else ""),
+                " / ".join(f"{x * 1e6:,.0f}" for x in (r.flop_s, r.hbm_s, r.comm_s, r.move_s)),
+                f"{r.balancedness:.2f}", f"{100 * r.quantized_fraction:.1f} %",
+                f"{r.max_bytes_per_gpu / 2**20:,.0f} MiB ({100 * r.max_bytes_per_gpu / budget:.0f} %)",
+                f"{r.planner_s:.3f}", f"{r.simulation_s:.3f}",
+            ))
+    return BenchTable(title, header, rows, SCALE_NOTE)
+
+
+def sweep_table(sweep: dict[float, tuple[float, list[PolicyRun]]], num_gpus: int, title: str) -> BenchTable:
+    """Per Zipf exponent: skew, plain EP time, each policy's time / plain EP, and the winner."""
+    names = [r.policy for r in next(iter(sweep.values()))[1]]
+    header = ("Zipf s", "expert max/mean", "plain EP us/layer", *(f"{n}: time / plain EP" for n in names[1:]), "fastest")
+    rows, wins = [], {}
+    for exponent, (skew, runs) in sweep.items():
+        ok = [r for r in runs if not r.error]
+        fastest = min(ok, key=lambda r: r.layer_s).policy
+        cells = [f"{vs_plain:.2f}" if not r.error else "infeasible" for r, (vs_plain, _) in zip(runs, ratios(runs))]
+        rows.append((f"{exponent:g}", f"{skew:.1f}", f"{runs[0].layer_s * 1e6:,.0f}", *cells[1:], fastest))
+        wins.setdefault(fastest, []).append(f"{exponent:g}")
+    note = "; ".join(f"{name} fastest at s = {', '.join(at)}" for name, at in wins.items())
+    return BenchTable(title + f", {num_gpus} GPUs", header, rows, note)
+
+
+def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
+    """Register the flags of `rnq-ep simulate` on `p` and set run=simulate_main."""
+    p.add_argument("--model", default="deepseek-v3", metavar="NAME|PATH", help="model name in configs/models or a TOML/JSON path")
+    p.add_argument("--cluster", metavar="NAME|PATH", help=f"cluster to simulate, or with --gpus the one whose node size and links are scaled (default: {DEFAULT_CLUSTER})")
+    p.add_argument("--gpus", metavar="G,G", help=f"GPU counts, comma separated (default: {DEFAULT_GPUS}, or the --cluster's own size)")
+    p.add_argument("--loads", default=DEFAULT_LOADS, metavar="FILE|zipf:S[:drift=D]",
+                   help=f"load file to plan on, or seeded Zipf windows with exponent S whose hot sets drift by D (default drift {DEFAULT_DRIFT})")
+    p.add_argument("--eval-loads", type=Path, metavar="FILE", help="load file to score on (default: the --loads file, in sample)")
+    p.add_argument("--windows", type=int, default=2, metavar="W", help="synthetic windows: plan on each, score on the next")
+    p.add_argument("--layers", type=int, default=DEFAULT_LAYERS, metavar="N", help="synthetic layers per window (0: the model's)")
+    p.add_argument("--tokens-per-gpu", type=int, default=DEFAULT_TOKENS_PER_GPU, metavar="N", help="tokens per GPU in one step")
+    p.add_argument("--sweep", default=DEFAULT_SWEEP, metavar="S,S|none", help="Zipf exponents of the skew sweep")
+    p.add_argument("--sweep-gpus", type=int, default=32, metavar="G", help="GPU count of the skew sweep")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic loads")
+    p.add_argument("--plot", type=Path, metavar="PNG", help="PNG: time per layer vs GPUs, tokens per GPU, sweep")
+    p.add_argument("--markdown", type=Path, metavar="PATH", help="also write the tables as a markdown fragment")
+    p.set_defaults(run=simulate_main)
+
+
+def parse_ints(text: str, flag: str) -> list[int]:
+    """'8,32' -> [8, 32], each >= 1."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise SpecError(f"{flag}: expected comma separated integers, got {text!r}") from None
+    if min(values) < 1:
+        raise SpecError(f"{flag}: every value must be >= 1, got {text!r}")
+    return values
+
+
+def parse_sweep(text: str) -> list[float]:
+    """'0.6,1.0' -> [0.6, 1.0]; 'none' -> []."""
+    if text == "none":
+        return []
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise SpecError(f"--sweep: expected comma separated exponents or none, got {text!r}") from None
+
+
+def simulate_main(args: argparse.Namespace) -> int:
+    """`rnq-ep simulate`: run every policy at every GPU count (+ the sweep), print, write markdown/plot."""
+    from rnq_ep.cli import check_folder, console, cpu_name, print_table  # the CLI imports this module
+
+    for path, flag in ((args.markdown, "--markdown"), (args.plot, "--plot")):
+        check_folder(path, flag)
+    if min(args.windows, args.tokens_per_gpu, args.layers + 1, args.sweep_gpus) < 1 or args.windows < 2:
+        raise SpecError("--windows must be >= 2, --tokens-per-gpu and --sweep-gpus >= 1, --layers >= 0")
+    model = load_model(args.model)
+    base = load_cluster(args.cluster or DEFAULT_CLUSTER)
+    gpu_counts = parse_ints(args.gpus, "--gpus") if args.gpus else [base.num_gpus] if args.cluster else parse_ints(DEFAULT_GPUS, "--gpus")
+    exponents = parse_sweep(args.sweep)
+    layers = args.layers or model.num_layers
+    synthetic = parse_zipf(args.loads) if args.loads.startswith("zipf") else None
+    real = None if synthetic else real_windows(model, Path(args.loads), args.eval_loads)
+    show = console()
+    runs_by_gpus = {}
+    for g in gpu_counts:
+        cluster = scaled_cluster(base, g) if args.gpus or not args.cluster else base
+        windows = real or synthetic_windows(model, synthetic, layers, args.windows, g * args.tokens_per_gpu, args.seed)
+        with show.status(f"{model.name}: {len(windows)} window(s) on {g} GPUs"):
+            runs_by_gpus[g] = run_all(model, cluster, windows, args.tokens_per_gpu)
+    source = synthetic.label + f", {layers} layers, {args.windows} windows (plan on one, score on the next)" if synthetic else (
+        f"{Path(args.loads).name} " + (f"-> {args.eval_loads.name}" if args.eval_loads else "(in sample: planned and scored on the same file)"))
+    tables = [scale_table(runs_by_gpus, model, f"rnq-ep simulate: {model.name} on {base.name}-like nodes, {source}, "
+                          f"{args.tokens_per_gpu} tokens/GPU/step")]
+    sweep = {}
+    for s in exponents:
+        zipf = ZipfLoads(s, synthetic.drift if synthetic else DEFAULT_DRIFT)
+        windows = synthetic_windows(model, zipf, layers, 2, args.sweep_gpus * args.tokens_per_gpu, args.seed)
+        with show.status(f"sweep: Zipf s={s:g} on {args.sweep_gpus} GPUs"):
+            sweep[s] = (expert_skew(windows), run_all(model, scaled_cluster(base, args.sweep_gpus), windows, args.tokens_per_gpu))
+    if sweep:
+        tables.append(sweep_table(sweep, args.sweep_gpus, f"Skew sweep: {model.name}, Zipf windows, {layers} layers"))
+    for table in tables:
+        print_table(table)
+    if args.plot:
+        plot_study(runs_by_gpus, sweep, args.plot, model.name)
+    if args.markdown:
+        machine = f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}"
+        command = shlex.join(["rnq-ep", *getattr(args, "argv", ["simulate", *sys.argv[1:]])])
+        date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        text = to_markdown(tables, command, machine, date)
+        if args.plot:
+            text += f"\n![{model.name} simulation]({os.path.relpath(args.plot, args.markdown.resolve().parent)})\n"
+        write_atomic(args.markdown, text.encode())
+    return 0
+
+
+def real_windows(model: ModelSpec, loads: Path, eval_loads: Path | None) -> Windows:
+    """One (plan on, score on) pair from load files; the same file twice when no --eval-loads."""
+    plan_on = load_stats(loads, model)
+    score_on = load_stats(eval_loads, model) if eval_loads else plan_on
+    if len(score_on.counts) != len(plan_on.counts):
+        raise SpecError(f"{eval_loads}: has {len(score_on.counts)} layers but {loads} has {len(plan_on.counts)}; layers are matched by position")
+    return [(plan_on, score_on)]
+
+
+def plot_study(runs_by_gpus: dict[int, list[PolicyRun]], sweep: dict, path: Path, model_name: str) -> None:
+    """PNG: time per layer vs GPU count, tokens per GPU in plain EP's worst layer, and the sweep's ratios."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3 if sweep else 2, figsize=(18 if sweep else 12, 4.5))
+    gpus = list(runs_by_gpus)
+    for i, name in enumerate(r.policy for r in runs_by_gpus[gpus[0]]):
+        times = [next(r.layer_s for r in runs_by_gpus[g] if r.policy == name) * 1e6 for g in gpus]
+        axes[0].plot(gpus, times, marker="o", linestyle="-" if i < 6 else "--", label=name)
+    axes[0].set(xscale="log", xlabel="GPUs", ylabel="MoE us per layer (cost model)", title=f"{model_name}: step time vs GPUs")
+    axes[0].set_xticks(gpus, [str(g) for g in gpus])
+    axes[0].legend(fontsize=7)
+    g = min(gpus, key=lambda n: abs(n - 32))
+    runs = {r.policy: r for r in runs_by_gpus[g] if not r.error}
+    plain = runs["plain EP"].gpu_loads
+    worst = int(np.argmax(plain.max(axis=1) / plain.mean(axis=1)))
+    shown = [n for n in PLOT_POLICIES if n in runs]
+    width = 0.8 / len(shown)
+    for i, name in enumerate(shown):
+        loads = runs[name].gpu_loads[worst]
+        axes[1].bar(np.arange(g) + (i - (len(shown) - 1) / 2) * width, loads, width, label=f"{name} (max/mean {loads.max() / loads.mean():.2f})")
+    axes[1].set(xlabel="GPU", ylabel="(token, expert) assignments", title=f"tokens per GPU, {g} GPUs, plain EP's worst layer")
+    axes[1].legend(fontsize=7)
+    if sweep:
+        exponents = list(sweep)
+        for name in (r.policy for r in next(iter(sweep.values()))[1]):
+            ratio = [next(r.layer_s for r in runs if r.policy == name) / runs[0].layer_s for _, runs in sweep.values()]
+            axes[2].plot(exponents, ratio, marker="o", label=name)
+        axes[2].set(xlabel="Zipf exponent s", ylabel="time / plain EP", title="skew sweep (lower is faster)")
+        axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m rnq_ep.simulate ...`, the same as `rnq-ep simulate ...`; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="rnq-ep simulate", description=__doc__.splitlines()[0])
+    add_simulate_arguments(parser)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    args.argv = ["simulate", *argv]
+    try:
+        return simulate_main(args)
+    except (SpecError, OSError) as err:
+        sys.stderr.write(f"rnq-ep simulate: error: {err}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""simulate: ratios against the same run's baseline, tables, and the CLI end to end on tiny sizes."""
+
+from pathlib import Path
+
+from rnq_ep.policies import PolicyRun
+from rnq_ep.simulate import main, ratios, scale_table, sweep_table
+from rnq_ep.specs import load_model
+
+SHIPPED = Path(__file__).resolve().parent.parent / "configs" / "loads"
+TINY = ["--model", "tiny", "--layers", "2", "--tokens-per-gpu", "2048"]
+
+
+def run(policy: str, layer_s: float, error: str = "") -> PolicyRun:
+    return PolicyRun(policy, 8, layer_s=layer_s, flop_s=0, hbm_s=0, comm_s=0, move_s=0, error=error)
+
+
+def test_ratios_are_against_plain_ep_and_the_best_other_policy_of_the_same_run():
+    runs = [run("plain EP", 4.0), run("A", 2.0), run("B", 1.0), run("C", float("nan"), error="infeasible")]
+    got = ratios(runs)
+    assert got[:3] == [(1.0, 4.0), (0.5, 2.0), (0.25, 0.5)]
+
+
+def test_scale_table_marks_the_fastest_policy_and_explains_an_infeasible_one():
+    runs = [run("plain EP", 4.0), run("B", 1.0), run("C", float("nan"), error="needs 3 bytes")]
+    rows = scale_table({8: runs}, load_model("tiny"), "t").rows
+    assert rows[1][4] == "0.25 (best)" and rows[2][2] == "infeasible: needs 3 bytes"
+
+
+def test_sweep_table_names_the_fastest_policy_per_exponent():
+    sweep = {0.5: (2.0, [run("plain EP", 1.0), run("LLEP", 2.0)]), 1.5: (9.0, [run("plain EP", 4.0), run("LLEP", 1.0)])}
+    table = sweep_table(sweep, 32, "sweep")
+    assert [row[-1] for row in table.rows] == ["plain EP", "LLEP"]
+    assert table.note == "plain EP fastest at s = 0.5; LLEP fastest at s = 1.5"
+
+
+def test_cli_prints_the_tables_and_writes_markdown_and_plot(tmp_path, capsys):
+    md, png = tmp_path / "sim.md", tmp_path / "sim.png"
+    code = main([*TINY, "--gpus", "4,16", "--sweep", "0.5,1.5", "--sweep-gpus", "4", "--markdown", str(md), "--plot", str(png)])
+    out = capsys.readouterr().out
+    assert code == 0 and "rnq-ep simulate: tiny" in out and "Skew sweep" in out
+    text = md.read_text()
+    assert text.startswith("Command: `rnq-ep simulate --model tiny")
+    assert sum(line.startswith("| 16 | ") for line in text.splitlines()) == 8 and "R&Q bf16+int8+int4" in text and "![tiny simulation](sim.png)" in text
+    assert png.stat().st_size > 0
+
+
+def test_cli_labels_one_load_file_as_in_sample(tmp_path, capsys):
+    loads = SHIPPED / "mixtral-8x7b-v0.1_olmoe-repo_github.json"
+    code = main(["--model", "mixtral-8x7b", "--gpus", "8", "--loads", str(loads), "--sweep", "none"])
+    assert code == 0 and "in sample" in capsys.readouterr().out
+
+
+def test_cli_rejects_a_malformed_generator_with_exit_code_2(capsys):
+    code = main([*TINY, "--loads", "zipf:steep", "--sweep", "none"])
+    assert code == 2 and "zipf:steep" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_missing_output_folder_before_any_work(tmp_path, capsys):
+    code = main([*TINY, "--markdown", str(tmp_path / "no" / "sim.md")])
+    assert code == 2 and "--markdown" in capsys.readouterr().err
