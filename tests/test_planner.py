@@ -9,7 +9,7 @@ import pytest
 
 from rnq_ep.memory import expert_bytes, plain_ep_budget
 from rnq_ep.planner import InfeasiblePlan, plan_arrays, plan_plain_ep, plan_rnq
-from rnq_ep.planner.quantize import cheapest_conversions
+from rnq_ep.planner.quantize import cheapest_conversions, cheapest_conversions_by_gpu
 from rnq_ep.specs import ClusterSpec, LoadStats, ModelSpec, PlanOptions, SpecError, load_cluster, load_model, load_stats
 
 SHIPPED = Path(__file__).resolve().parent.parent / "configs" / "loads"
@@ -120,3 +120,18 @@ def test_more_gpus_than_experts_fills_gpus_with_replicas():
     assert gpu_load.max() == pytest.approx(gpu_load.mean())
     with pytest.raises(SpecError, match="8 GPUs"):
         plan_plain_ep(model, cluster, loads)
+
+
+def test_cheapest_conversions_by_gpu_matches_one_gpu_at_a_time():
+    rng = np.random.default_rng(5)
+    fmt_bytes = np.array([100, 52, 28])
+    gpu = rng.integers(0, 6, 40)
+    tokens = rng.random(40) * 10
+    cost = np.tile([0.0, 1.0, 4.0], (40, 1)) * rng.random((40, 1))
+    need = np.array([0, 30, 150, 400, 2000, 60])
+    together = cheapest_conversions_by_gpu(gpu, np.zeros(40, dtype=np.int64), tokens, cost, fmt_bytes, need)
+    for g in range(6):
+        mine = gpu == g
+        alone = cheapest_conversions(np.zeros(mine.sum(), dtype=np.int64), tokens[mine], cost[mine], fmt_bytes, int(need[g]))
+        expected = np.zeros(mine.sum(), dtype=np.int64) if alone is None else alone[0]
+        assert together[mine].tolist() == expected.tolist(), f"GPU {g}"

@@ -66,24 +66,37 @@ def cheapest_conversions(
 
 
 def cheapest_conversions_by_gpu(
-    gpu: np.ndarray, fmt: np.ndarray, tokens: np.ndarray, cost: np.ndarray, fmt_bytes: np.ndarray, need: np.ndarray
+    gpu: np.ndarray,
+    fmt: np.ndarray,
+    tokens: np.ndarray,
+    cost: np.ndarray,
+    fmt_bytes: np.ndarray,
+    need: np.ndarray,
+    allow_smallest: bool = True,
 ) -> np.ndarray:
-    """Every GPU at once: re-format its cheapest copies (each to its best format per freed byte)
-    until it frees need[g] bytes. gpu/fmt/tokens [S], cost [S, 3], need [G] -> new fmt [S];
-    GPUs that cannot free enough this way keep their copies unchanged (callers check bytes)."""
+    """`cheapest_conversions` for every GPU at once: gpu/fmt/tokens [S], cost [S, 3], need [G] -> new fmt [S].
+
+    GPUs that cannot free need[g] bytes keep their copies unchanged (callers check the bytes).
+    Without `allow_smallest` only the best-ratio format step is used (no fallback to the smallest).
+    """
     rows = np.arange(fmt.size)
     held = fmt_bytes[fmt]
     smaller = np.isfinite(cost) & (fmt_bytes < held[:, None])
     gain = np.where(smaller, held[:, None] - fmt_bytes, 0)
     price = np.where(smaller, tokens[:, None] * np.where(smaller, cost - cost[rows, fmt][:, None], 0.0), np.inf)
-    target = np.argmin(price / np.maximum(gain, 1), axis=1)
-    movable = smaller[rows, target]
-    order = np.lexsort((price[rows, target] / np.maximum(gain[rows, target], 1), gpu))  # by gpu, then ratio
-    freed = np.where(movable, gain[rows, target], 0)[order]
-    start = np.searchsorted(gpu[order], gpu[order], side="left")
-    before = np.cumsum(freed) - freed
-    freed_before = before - before[start]  # bytes freed by the cheaper copies of the same GPU
-    take = order[movable[order] & (freed_before < need[gpu[order]])]
+    ratio = price / np.maximum(gain, 1)
     new_fmt = fmt.copy()
-    new_fmt[take] = target[take]
+    pending = need > 0  # [G] GPUs not yet fitted
+    targets = (np.argmin(ratio, axis=1), np.argmax(gain, axis=1))
+    for target in targets if allow_smallest else targets[:1]:
+        movable = smaller[rows, target] & pending[gpu]
+        order = np.lexsort((ratio[rows, target], gpu))  # by gpu, then cost per freed byte
+        freed = np.where(movable, gain[rows, target], 0)[order]
+        before = np.cumsum(freed) - freed
+        first = np.searchsorted(gpu[order], gpu[order], side="left")
+        before -= before[first]  # bytes freed by the cheaper copies of the same GPU
+        enough = np.bincount(gpu[order], weights=freed, minlength=need.size) >= need
+        take = order[movable[order] & (before < need[gpu[order]]) & enough[gpu[order]]]
+        new_fmt[take] = target[take]
+        pending &= ~enough
     return new_fmt

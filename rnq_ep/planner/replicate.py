@@ -10,7 +10,7 @@ rule this reaches the mean load with at most G-1 extra copies when memory allows
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -35,6 +35,7 @@ class LayerCopies:
     used: np.ndarray  # [G] bytes per GPU
     held: np.ndarray  # [G] copies per GPU
     quantized_tokens: float
+    room_cache: dict[int, list] = field(default_factory=dict)  # gpu -> _room_plans, dropped when it changes
 
     def slots_on(self, gpu: int) -> np.ndarray:
         """Slot indices held by `gpu` -> [c]."""
@@ -80,7 +81,6 @@ def _shift_from(state: LayerCopies, limits: Limits, source: int, target: float, 
     tokens = np.array([state.tokens[s] for s in slots])
     if _pour_to_existing(state, limits, source, slots[np.argsort(-tokens, kind="stable")], target, tol):
         return True
-    room_plans: dict[int, list] = {}  # sink -> per format: how the sink makes room (its state is fixed here)
     for slot in slots[np.argsort(-tokens, kind="stable")]:
         expert, held = state.expert[slot], state.tokens[slot]
         open_gpus = np.flatnonzero(
@@ -92,9 +92,9 @@ def _shift_from(state: LayerCopies, limits: Limits, source: int, target: float, 
             moves_all = amount >= held - tol
             if not moves_all and state.copies[expert] >= limits.max_copies:
                 continue
-            if sink not in room_plans:
-                room_plans[sink] = _room_plans(state, limits, sink)
-            choice = _cheapest_format(state, limits, slot, room_plans[sink], held if moves_all else amount)
+            if sink not in state.room_cache:
+                state.room_cache[sink] = _room_plans(state, limits, sink)
+            choice = _cheapest_format(state, limits, slot, state.room_cache[sink], held if moves_all else amount)
             if choice is None:
                 continue
             _apply(state, limits, slot, sink, held if moves_all else amount, moves_all, *choice)
@@ -132,6 +132,8 @@ def _pour_to_existing(
         state.tokens[other] += amount
         state.load[source] -= amount
         state.load[sink] += amount
+        state.room_cache.pop(source, None)
+        state.room_cache.pop(sink, None)
         return True
     return False
 
@@ -203,6 +205,8 @@ def _apply(
     state.quantized_tokens += token_change
     state.load[source] -= amount
     state.load[sink] += amount
+    state.room_cache.pop(source, None)
+    state.room_cache.pop(sink, None)
     state.used[sink] += fmt_bytes[code]
     state.held[sink] += 1
     if moves_all:

@@ -12,8 +12,9 @@ import numpy as np
 from rnq_ep.memory import gpu_budget
 from rnq_ep.planner.layout import InfeasiblePlan, format_bytes, layer_plan
 from rnq_ep.planner.place import copy_counts, pack_by_rounds
-from rnq_ep.planner.quantize import cheapest_conversions, cheapest_conversions_by_gpu, sensitivity_costs
+from rnq_ep.planner.quantize import cheapest_conversions_by_gpu, sensitivity_costs
 from rnq_ep.planner.replicate import LayerCopies, Limits, spread_load
+from rnq_ep.planner.transport import Copies, transport_spread
 from rnq_ep.specs import FORMATS, ClusterSpec, LoadStats, ModelSpec, Plan, PlanOptions, SpecError
 
 log = logging.getLogger(__name__)
@@ -82,16 +83,15 @@ def balanced_copies(weight: np.ndarray, num_gpus: int, limits: Limits, layer: in
     the mean load wins, else fewer replicas are tried while that lowers the max GPU load."""
     leave_room = replace(limits, token_budget=limits.token_budget * (1.0 - SPREAD_RESERVE))
     best = None
-    for per_gpu in (*EXTRA_REPLICAS_PER_GPU, 0.0):
-        extra = int(per_gpu * num_gpus)
-        if math.ceil((weight.size + extra) / num_gpus) > limits.max_held:
-            continue
+    room = limits.max_held * num_gpus - weight.size  # replicas that fill every GPU in the smallest format
+    for extra in sorted({min(room, int(f * num_gpus)) for f in EXTRA_REPLICAS_PER_GPU} | {0}, reverse=True):
         try:
-            state = base_copies(weight, num_gpus, leave_room if extra else limits, layer, extra)
+            copies = initial_copies(weight, num_gpus, leave_room if extra else limits, layer, extra)
         except InfeasiblePlan:
             if extra:
                 continue
             raise
+        state = layer_state(transport_spread(copies, limits, num_gpus, weight.size), limits, num_gpus, weight.size)
         spread_load(state, limits)
         if best is not None and state.load.max() >= best.load.max():
             break  # fewer replicas stopped helping
@@ -101,47 +101,45 @@ def balanced_copies(weight: np.ndarray, num_gpus: int, limits: Limits, layer: in
     return best
 
 
-def base_copies(weight: np.ndarray, num_gpus: int, limits: Limits, layer: int, extra: int) -> LayerCopies:
+def initial_copies(weight: np.ndarray, num_gpus: int, limits: Limits, layer: int, extra: int) -> Copies:
     """`extra` replicas by load per copy, packed by load; GPUs over budget quantize their cheapest copies."""
     num_experts = weight.size
     counts = copy_counts(weight, extra, limits.max_copies)
     expert = np.repeat(np.arange(num_experts), counts)
     tokens = weight[expert] / counts[expert]
     gpu = pack_by_rounds(expert, tokens, num_gpus)
-    slot_of = np.full((num_experts, num_gpus), -1, dtype=np.int64)
-    slot_of[expert, gpu] = np.arange(expert.size)
     fmt = np.zeros(expert.size, dtype=np.int64)
     used = np.bincount(gpu, minlength=num_gpus) * int(limits.fmt_bytes[0])
     over = np.maximum(used - limits.budget, 0)
     fmt = cheapest_conversions_by_gpu(gpu, fmt, tokens, limits.cost[expert], limits.fmt_bytes, over)
-    short = []
-    for g in np.flatnonzero(np.bincount(gpu, weights=limits.fmt_bytes[fmt], minlength=num_gpus) > limits.budget):
-        mine = np.flatnonzero(gpu == g)  # the one-format-step greedy was not enough: allow the smallest formats
-        fit = cheapest_conversions(np.zeros(mine.size, np.int64), tokens[mine], limits.cost[expert[mine]], limits.fmt_bytes, int(over[g]))
-        if fit is None:
-            short.append(f"GPU {g} ({int(over[g])} bytes over in bf16)")
-        else:
-            fmt[mine] = fit[0]
-    used = np.bincount(gpu, weights=limits.fmt_bytes[fmt], minlength=num_gpus).astype(np.int64)
-    spent = float(tokens[fmt > 0].sum())
-    if spent > limits.token_budget:
+    still_over = np.bincount(gpu, weights=limits.fmt_bytes[fmt], minlength=num_gpus) > limits.budget
+    short = [f"GPU {g} ({int(over[g])} bytes over in bf16)" for g in np.flatnonzero(still_over)]
+    if tokens[fmt > 0].sum() > limits.token_budget:
         short = [f"GPU {g} ({int(over[g])} bytes over in bf16)" for g in np.flatnonzero(over > 0)]
     if short:
         raise InfeasiblePlan(
             f"layer {layer}: fitting the budget of {limits.budget} bytes needs more quantized tokens than the "
             f"quality budget allows ({limits.token_budget:.0f} tokens); missing room on {', '.join(short[:8])}"
         )
+    return gpu, expert, fmt, tokens
+
+
+def layer_state(copies: Copies, limits: Limits, num_gpus: int, num_experts: int) -> LayerCopies:
+    """Mutable planning state of copies (gpu, expert, fmt, tokens) [S]."""
+    gpu, expert, fmt, tokens = copies
+    slot_of = np.full((num_experts, num_gpus), -1, dtype=np.int64)
+    slot_of[expert, gpu] = np.arange(expert.size)
     return LayerCopies(
         gpu=gpu.tolist(),
         expert=expert.tolist(),
         fmt=fmt.tolist(),
         tokens=tokens.tolist(),
         slot_of=slot_of,
-        copies=counts,
+        copies=np.bincount(expert, minlength=num_experts),
         load=np.bincount(gpu, weights=tokens, minlength=num_gpus),
-        used=used.astype(np.int64),
+        used=np.bincount(gpu, weights=limits.fmt_bytes[fmt], minlength=num_gpus).astype(np.int64),
         held=np.bincount(gpu, minlength=num_gpus),
-        quantized_tokens=spent,
+        quantized_tokens=float(tokens[fmt > 0].sum()),
     )
 
 
