@@ -200,7 +200,9 @@ def calibrate(
     )
 
 
-def _description(num_tokens: int, data_name: str, formats: Sequence[str], cap_factor: float, importance: str | None) -> str:
+def _description(
+    num_tokens: int, data_name: str, formats: Sequence[str], cap_factor: float, importance: str | None
+) -> str:
     from transformers import __version__ as transformers_version
 
     text = (
@@ -219,22 +221,23 @@ def _description(num_tokens: int, data_name: str, formats: Sequence[str], cap_fa
 def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `rnq-ep calibrate`."""
     families = ", ".join(sorted(hf.FAMILIES))
-    parser.add_argument("--model", required=True, help=f"save_pretrained folder, or tiny-<family> ({families})")
-    parser.add_argument("--data", default=BUILTIN, help="plain-text file, JSONL with a 'text' field, or 'builtin' "
-                        "(Python's help topics, no download)")
-    parser.add_argument("--out", required=True, help="LoadStats JSON to write (input of `rnq-ep plan --loads`)")
-    parser.add_argument("--tokens", type=int, default=8192, help="calibration tokens in all")
-    parser.add_argument("--batch", type=int, default=8, help="sequences per forward pass")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
-    parser.add_argument("--formats", default="int8,int4", help="formats to measure sensitivity for")
-    parser.add_argument("--importance", choices=["removal"], default=None, help=(
-        "also record removal importance: the calibration loss change when each expert is dropped; costs one "
-        "extra forward pass per (MoE layer, expert used in the batch), i.e. up to layers x experts times the plain run"))
-    parser.add_argument("--cap-factor", type=float, default=2.0,
-                        help="balanced sampling: sensitivity uses at most this many times the mean tokens per expert "
-                        "per batch")
-    parser.add_argument("--seed", type=int, default=0, help="seed of tiny models and of the sampling")
-    parser.add_argument("--spec-out", help="also write the model's ModelSpec JSON (input of `rnq-ep plan --model`)")
+    add = parser.add_argument
+    add("--model", required=True, metavar="PATH|tiny-<family>",
+        help=f"save_pretrained folder, or a random-weight tiny model of a family ({families})")
+    add("--data", default=BUILTIN, metavar="FILE|builtin",
+        help="plain-text file, JSONL with a 'text' field, or builtin (Python's help topics, no download)")
+    add("--out", required=True, metavar="STATS.json", help="LoadStats JSON to write (input of `rnq-ep plan --loads`)")
+    add("--tokens", type=int, default=8192, metavar="N", help="calibration tokens in all")
+    add("--batch", type=int, default=8, metavar="B", help="sequences per forward pass")
+    add("--seq-len", type=int, default=256, metavar="S", help="tokens per sequence")
+    add("--formats", default="int8,int4", metavar="F,F", help="formats to measure quantization sensitivity for")
+    add("--importance", choices=["removal"], default=None, help=(
+        "also record removal importance, the calibration loss change when each expert is dropped; costs one extra "
+        "forward pass per (MoE layer, expert used in the batch): up to layers x experts times the plain run"))
+    add("--cap-factor", type=float, default=2.0, metavar="F",
+        help="balanced sampling: sensitivity uses at most F x the mean tokens per expert per batch")
+    add("--seed", type=int, default=0, metavar="K", help="seed of tiny models and of the sampling")
+    add("--spec-out", metavar="MODEL.json", help="also write the model's ModelSpec (input of `rnq-ep plan --model`)")
 
 
 def calibrate_main(args: argparse.Namespace) -> int:

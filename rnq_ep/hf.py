@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from rnq_ep.specs import ModelSpec, SpecError
+from rnq_ep.specs import ModelSpec, Plan, SpecError
 
 TINY_PREFIX = "tiny-"
 _COMMON = dict(
@@ -47,7 +48,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 def tiny_model(family: str, seed: int = 0) -> nn.Module:
-    """A small random-weight causal LM of `family` (fp32, eval mode); same seed, same weights."""
+    """A small random-weight causal LM of `family` (fp32 holding bf16-exact values, eval mode); seeded."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if family not in FAMILIES:
@@ -55,7 +56,11 @@ def tiny_model(family: str, seed: int = 0) -> nn.Module:
     model_type, overrides = FAMILIES[family]
     config = AutoConfig.for_model(model_type, **{**_COMMON, **overrides})
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # bf16-exact values, like a bf16 checkpoint loaded in fp32
+        for param in model.parameters():
+            param.copy_(param.to(torch.bfloat16))
+    return model
 
 
 def load_model(source: str, seed: int = 0) -> tuple[nn.Module, Any | None, str]:
@@ -71,7 +76,9 @@ def load_model(source: str, seed: int = 0) -> tuple[nn.Module, Any | None, str]:
     if not (folder / "config.json").is_file():
         raise SpecError(f"{folder}: no config.json, expected a save_pretrained folder")
     if not any(any(folder.glob(pattern)) for pattern in _WEIGHT_FILES):
-        raise SpecError(f"{folder}: no weights (*.safetensors or pytorch_model*.bin), expected a save_pretrained folder")
+        raise SpecError(
+            f"{folder}: no weights (*.safetensors or pytorch_model*.bin), expected a save_pretrained folder"
+        )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -106,6 +113,14 @@ def moe_layers(model: nn.Module) -> list[tuple[int, str, nn.Module]]:
     return found
 
 
+def is_plain_swiglu(experts: nn.Module) -> bool:
+    """True when the experts compute (silu(x W_gate^T) * x W_up^T) W_down^T from [E, 2I, H] / [E, H, I] weights."""
+    from transformers.integrations.moe import _default_apply_gate
+
+    plain_layout = not getattr(experts, "has_bias", False) and not getattr(experts, "is_transposed", False)
+    return plain_layout and type(experts)._apply_gate is _default_apply_gate
+
+
 def canonical_weights(experts: nn.Module, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert `expert`'s (gate_up [2I, H], down [H, I]) as [N, K] views, whatever the storage layout."""
     gate_up, down = experts.gate_up_proj[expert], experts.down_proj[expert]
@@ -135,7 +150,8 @@ def model_spec(model: nn.Module, name: str) -> ModelSpec:
     experts = layers[0][2]
     gate_up, down = canonical_weights(experts, 0)
     config = model.config
-    shared = getattr(config, "n_shared_experts", None) or (1 if getattr(config, "shared_expert_intermediate_size", 0) else 0)
+    has_qwen_shared = bool(getattr(config, "shared_expert_intermediate_size", 0))
+    shared = getattr(config, "n_shared_experts", None) or int(has_qwen_shared)
     return ModelSpec(
         name=name,
         num_layers=len(layers),
@@ -147,3 +163,70 @@ def model_spec(model: nn.Module, name: str) -> ModelSpec:
         activation=str(getattr(config, "hidden_act", "silu")),
         source=f"transformers {config.model_type}",
     )
+
+
+class EPExperts(nn.Module):
+    """Drop-in for a transformers experts module that runs the routed experts through an EPMoE."""
+
+    def __init__(self, ep_layer: nn.Module):
+        super().__init__()
+        self.ep_layer = ep_layer
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """hidden_states [T, H], top_k_index / top_k_weights [T, k] (the model's router) -> [T, H]."""
+        return self.ep_layer.forward_routed(hidden_states, top_k_index, top_k_weights).to(hidden_states.dtype)
+
+
+def _router_of(block: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The block's own router as x [T, H] -> (ids [T, k], weights [T, k]) (routers return logits, weights, ids)."""
+    router = getattr(block, "gate", None) or getattr(block, "router")
+
+    def route(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, weights, ids = router(x)
+        return ids, weights
+
+    return route
+
+
+def convert(
+    model: nn.Module, plan: Plan, rank: int, world_size: int, group: Any = None, policy: str = "least-loaded"
+) -> nn.Module:
+    """Replace every MoE layer's experts with this rank's EPMoE copies (in place); router and shared experts stay."""
+    import torch.distributed as dist
+
+    from rnq_ep.layer import EPMoE
+
+    spec = model_spec(model, plan.model.name)
+    _check_plan_fits(model, spec, plan, world_size)
+    if group is None and world_size > 1:
+        group = dist.group.WORLD
+    by_layer = {layer_plan.layer: layer_plan for layer_plan in plan.layers}
+    for layer_id, name, experts in moe_layers(model):
+        block_name, _, attribute = name.rpartition(".")
+        block = model.get_submodule(block_name)
+        # plain SwiGLU experts are stored [E, 2I, H] / [E, H, I]: EPMoE slices its copies without a full copy
+        ep_layer = EPMoE(plan.model, by_layer[layer_id], world_size, rank, group, experts.gate_up_proj.detach(),
+                         experts.down_proj.detach(), _router_of(block), policy=policy)
+        setattr(block, attribute, EPExperts(ep_layer))
+    return model
+
+
+def _check_plan_fits(model: nn.Module, spec: ModelSpec, plan: Plan, world_size: int) -> None:
+    """Raise SpecError unless `plan` was made for this model's MoE shape, its layers and world_size GPUs."""
+    for key in ("num_experts", "top_k", "hidden_size", "moe_intermediate_size"):
+        if getattr(plan.model, key) != getattr(spec, key):
+            planned, actual = getattr(plan.model, key), getattr(spec, key)
+            raise SpecError(f"plan: model {key}={planned} but the transformers model has {actual}")
+    if plan.cluster.num_gpus != world_size:
+        raise SpecError(f"plan: made for {plan.cluster.num_gpus} GPUs, but world size is {world_size}")
+    if not is_plain_swiglu(moe_layers(model)[0][2]) or spec.activation != "silu":
+        raise SpecError(
+            f"{model.config.model_type}: its experts are not plain SwiGLU (biases or custom gating); rnq-ep's expert "
+            "kernels compute (silu(x W_gate^T) * x W_up^T) W_down^T without biases, so this family can be "
+            "calibrated but not converted"
+        )
+    missing = sorted({layer_id for layer_id, _, _ in moe_layers(model)} - {lp.layer for lp in plan.layers})
+    if missing:
+        raise SpecError(f"plan: no layer plan for MoE layers {missing} of the model")

@@ -52,7 +52,8 @@ def test_tiny_family_calibrates_to_load_stats_that_round_trip(family, batches, t
     int4 = [by_fmt["int4"] for row in stats.sensitivity for by_fmt in row]
     assert 0 < sum(int8) < sum(int4)
     out = tmp_path / "stats.json"
-    assert run_cli("--model", f"tiny-{family}", "--out", str(out), "--tokens", "128", "--batch", "2", "--seq-len", "32") == 0
+    assert run_cli("--model", f"tiny-{family}", "--out", str(out), "--tokens", "128", "--batch", "2",
+                   "--seq-len", "32") == 0
     assert load_stats(out).counts == stats.counts
 
 
@@ -147,3 +148,18 @@ def test_empty_data_file_is_a_clear_error(tmp_path):
 def test_unknown_format_is_rejected(batches):
     with pytest.raises(SpecError, match=r"formats: \['int3'\]"):
         calibrate(hf.tiny_model("mixtral"), batches, formats=("int3",))
+
+
+def test_tokenizer_in_the_model_folder_is_used(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.train_from_iterator(["the cat sat on the mat"], trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
+    hf.tiny_model("olmoe").save_pretrained(tmp_path)
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]").save_pretrained(tmp_path)
+    (tmp_path / "cats.txt").write_text("the cat sat on the mat " * 20)
+    assert run_cli("--model", str(tmp_path), "--data", str(tmp_path / "cats.txt"), "--out", str(tmp_path / "s.json"),
+                   "--seq-len", "20") == 0
+    assert sum(load_stats(tmp_path / "s.json").counts[0]) == 120 * 4  # 6 words x 20, not 460 bytes

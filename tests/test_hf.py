@@ -7,24 +7,11 @@ import json
 import pytest
 import torch
 
-from tiny_hf import one_torch_thread  # noqa: F401  (autouse fixture; skips without transformers)
+from tiny_hf import one_torch_thread, tiny  # noqa: F401  (fixtures; the import skips without transformers)
 from rnq_ep import hf
 from rnq_ep.specs import SpecError
 
 FAMILIES = sorted(hf.FAMILIES)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    """One tiny model per family, built once for this module."""
-    cache: dict[str, torch.nn.Module] = {}
-
-    def build(family: str) -> torch.nn.Module:
-        if family not in cache:
-            cache[family] = hf.tiny_model(family)
-        return cache[family]
-
-    return build
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -109,3 +96,4 @@ def test_saved_tiny_model_loads_with_the_same_weights(tiny, tmp_path):
     ids = torch.arange(20)[None] % 512
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
