@@ -130,8 +130,9 @@ def llep_spill(
     tokens = quotas.tolist()
     slot_of = {(int(g), int(e)): s for s, (g, e) in enumerate(zip(gpu, expert))}
     moves = []
+    local_slots = [np.flatnonzero(table.gpu == g).tolist() for g in range(table.num_gpus)]  # senders never receive
     for src in np.argsort(-load, kind="stable"):
-        local = [s for s in range(len(gpu)) if gpu[s] == src]
+        local = local_slots[src]
         while load[src] - cap >= min_chunk:
             slot = max(local, key=lambda s: (tokens[s], -s))
             dst = int(np.argmin(load))
