@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -68,7 +68,7 @@ class _Recorder:
         names = self.arg_names[index]
         return [args[i] if i < len(args) else kwargs[names[i]] for i in range(3)]
 
-    def pre_hook(self, index: int):
+    def pre_hook(self, index: int) -> Callable:
         def zero_dropped_expert(module: nn.Module, args: tuple, kwargs: dict):
             if self.drop is None or self.drop[0] != index:
                 return None
@@ -80,7 +80,7 @@ class _Recorder:
 
         return zero_dropped_expert
 
-    def hook(self, index: int):
+    def hook(self, index: int) -> Callable:
         def record(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
             if self.recording:
                 self.record(index, *self.routed(index, args, kwargs))
@@ -90,6 +90,7 @@ class _Recorder:
     def record(self, index: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
         """Add one forward's routing of layer `index`: x [T, H], ids [T, k], weights [T, k]."""
         num_tokens, top_k = ids.shape
+        ids, weights = ids.detach().cpu(), weights.detach().cpu()  # sums live on the CPU, x stays where it is
         if self.top_k is not None and self.top_k != top_k:
             raise SpecError(f"MoE layer {index} routes top-{top_k}, earlier layers top-{self.top_k}")
         self.top_k = top_k
@@ -109,19 +110,19 @@ class _Recorder:
         cap = max(MIN_SAMPLES, math.ceil(self.cap_factor * num_tokens * top_k / self.num_experts))
         rows = torch.arange(num_tokens).repeat_interleave(top_k)  # [T*k] token of each selection
         for expert, picks in balanced_picks(flat_ids, self.num_experts, cap, self.generator):
-            self.add_sensitivity(index, expert, x[rows[picks]], flat_weights[picks])
+            self.add_sensitivity(index, expert, x[rows[picks].to(x.device)], flat_weights[picks])
 
     def add_sensitivity(self, index: int, expert: int, x: torch.Tensor, weights: torch.Tensor) -> None:
-        """Accumulate sum w^2 ||f - f_q||^2 and sum w^2 ||f||^2 over rows x [n, H], weights [n]."""
+        """Accumulate sum w^2 ||f - f_q||^2 and sum w^2 ||f||^2 over rows x [n, H], CPU weights [n]."""
         experts = self.layers[index]
         gate_up, down = (w.detach().to(torch.float32) for w in hf.canonical_weights(experts, expert))
-        exact = hf.expert_forward(experts, expert, x, gate_up, down)  # [n, H]
-        w_sq = weights.square()
-        self.output_sq[index, expert] += (w_sq * exact.double().square().sum(-1)).sum()
+        exact = hf.expert_forward(experts, expert, x, gate_up, down)  # [n, H] fp32
+        w_sq = weights.to(torch.float64).square()
+        self.output_sq[index, expert] += (w_sq * _row_norms_sq(exact)).sum()
         for f, fmt in enumerate(self.formats):
             q_gate_up, q_down = (dequantize(quantize(w, fmt)) for w in (gate_up, down))
             approx = hf.expert_forward(experts, expert, x, q_gate_up, q_down)
-            self.error_sq[index, f, expert] += (w_sq * (exact - approx).double().square().sum(-1)).sum()
+            self.error_sq[index, f, expert] += (w_sq * _row_norms_sq(exact - approx)).sum()
 
     @torch.no_grad()
     def sensitivity(self) -> list[list[dict[str, float]]]:
@@ -134,6 +135,11 @@ class _Recorder:
             [{fmt: float(ratio[layer, f, e]) for f, fmt in enumerate(self.formats)} for e in range(self.num_experts)]
             for layer in range(len(self.layers))
         ]
+
+
+def _row_norms_sq(rows: torch.Tensor) -> torch.Tensor:
+    """||row||^2 of rows [n, H] as float64 on the CPU."""
+    return rows.square().sum(-1).cpu().to(torch.float64)
 
 
 def _loss(model: nn.Module, batch: torch.Tensor) -> float:
@@ -159,6 +165,7 @@ def calibrate(
     if cap_factor <= 0:
         raise SpecError(f"cap_factor: must be > 0, got {cap_factor}")
     layers = hf.moe_layers(model)
+    device = next(model.parameters()).device
     recorder = _Recorder([module for _, _, module in layers], formats, cap_factor, seed)
     removal = torch.zeros(len(layers), recorder.num_experts, dtype=torch.float64)
     handles = []
@@ -169,6 +176,7 @@ def calibrate(
     try:
         with torch.no_grad():
             for batch in batches:
+                batch = batch.to(device)
                 recorder.recording, recorder.previous_onehot = True, None
                 base_loss = _loss(model, batch)
                 recorder.recording = False
