@@ -1,0 +1,245 @@
+"""run_worker: the one entry every launcher calls (torchrun, Ray actors, local spawn).
+
+One rank: join the process group from the standard env, build this rank's share of every plan
+layer from seeded random expert weights (identical on all ranks), then run `steps` steps of
+`tokens` tokens per rank through all layers with routing drawn from a load file's distribution.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from rnq_ep.layer import EPMoE, LayerStats
+from rnq_ep.routing import POLICIES
+from rnq_ep.specs import LoadStats, ModelSpec, Plan, SpecError, load_model, load_plan, load_stats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One step over all plan layers, as seen by one rank."""
+
+    step: int
+    seconds: float  # wall time, barrier to barrier (the same on every rank up to timer noise)
+    layers: list[LayerStats]
+    output: torch.Tensor | None = None  # this rank's last hidden states [T, H] (keep_outputs=True)
+
+    @property
+    def balancedness(self) -> float:
+        """Mean over layers of max/mean tokens per GPU."""
+        return float(np.mean([s.balancedness for s in self.layers]))
+
+    @property
+    def expert_cpu_seconds(self) -> float:
+        """This rank's CPU time inside its local experts, summed over layers."""
+        return sum(s.expert_cpu_seconds for s in self.layers)
+
+    @property
+    def tokens_per_gpu(self) -> np.ndarray:
+        """Rows each GPU computed, summed over layers: [R]."""
+        return np.sum([s.tokens_per_gpu for s in self.layers], axis=0)
+
+    @property
+    def bytes_sent(self) -> int:
+        """This rank's dispatch bytes over all layers, with dedupe."""
+        return sum(s.bytes_sent for s in self.layers)
+
+    @property
+    def bytes_sent_no_dedupe(self) -> int:
+        """This rank's dispatch bytes over all layers without dedupe."""
+        return sum(s.bytes_sent_no_dedupe for s in self.layers)
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed from a tuple of non-negative ints (same tuple, same seed, on every host)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def random_layer_weights(model: ModelSpec, layer: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded bf16 weights of one layer, fan-in scaled: w_gate_up [E, 2I, H], w_down [E, H, I], router [E, H]."""
+    gen = torch.Generator().manual_seed(derive_seed(seed, layer))
+    e, h, i = model.num_experts, model.hidden_size, model.moe_intermediate_size
+    w_gate_up = (torch.randn(e, 2 * i, h, generator=gen) * h**-0.5).to(torch.bfloat16)
+    w_down = (torch.randn(e, h, i, generator=gen) * i**-0.5).to(torch.bfloat16)
+    router = (torch.randn(e, h, generator=gen) * h**-0.5).to(torch.bfloat16)
+    return w_gate_up, w_down, router
+
+
+def draw_routing(counts: np.ndarray, tokens: int, top_k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token, top_k distinct experts drawn with probability ~ counts [E] (Gumbel-top-k): ids, weights [T, k]."""
+    log_counts = torch.log(torch.as_tensor(counts, dtype=torch.float64))  # [E], -inf never drawn (if avoidable)
+    uniform = torch.rand(tokens, len(counts), generator=gen, dtype=torch.float64).clamp_min(1e-300)
+    gumbel = -torch.log(-torch.log(uniform))  # [T, E]
+    ids = torch.topk(log_counts + gumbel, top_k, dim=-1).indices  # [T, k]
+    weights = torch.softmax(torch.randn(tokens, top_k, generator=gen), dim=-1)  # [T, k] fp32
+    return ids, weights
+
+
+def layer_counts(plan: Plan, stats: LoadStats | None) -> list[np.ndarray]:
+    """Per plan layer, the expert counts [E] to draw routing from (uniform without a load file)."""
+    num_experts = plan.model.num_experts
+    if stats is None:
+        return [np.ones(num_experts) for _ in plan.layers]
+    if stats.num_experts != num_experts:
+        raise SpecError(f"loads: num_experts={stats.num_experts} but the plan's model has {num_experts}")
+    rows = {layer_id: row for layer_id, row in zip(stats.layers, stats.counts)}
+    if all(layer.layer in rows for layer in plan.layers):
+        return [np.asarray(rows[layer.layer], np.float64) for layer in plan.layers]
+    if len(stats.counts) == len(plan.layers):
+        return [np.asarray(row, np.float64) for row in stats.counts]
+    raise SpecError(
+        f"loads: has layers {stats.layers}, the plan has layers {[layer.layer for layer in plan.layers]}; "
+        "expected the same layer ids or the same number of layers"
+    )
+
+
+def _resolve_model(plan: Plan, model: str | ModelSpec | None) -> ModelSpec:
+    """The model to build: the plan's own, or a same-shaped (experts, top_k) model of other sizes."""
+    if model is None:
+        return plan.model
+    spec = load_model(model) if isinstance(model, str) else model
+    if (spec.num_experts, spec.top_k) != (plan.model.num_experts, plan.model.top_k):
+        raise SpecError(
+            f"model {spec.name!r} has {spec.num_experts} experts, top-{spec.top_k}; the plan is for "
+            f"{plan.model.name!r} with {plan.model.num_experts} experts, top-{plan.model.top_k}"
+        )
+    return spec
+
+
+def _device() -> torch.device:
+    """This rank's GPU (LOCAL_RANK among the visible ones; Ray shows each actor only its own) or the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
+
+
+def _join_group(rank: int, world_size: int, device: torch.device, timeout_s: float) -> tuple[dist.ProcessGroup | None, bool]:
+    """(group, created): the existing default group, a new one from the env, or None alone without env."""
+    if dist.is_initialized():
+        if dist.get_world_size() != world_size:
+            raise SpecError(f"an existing process group has world size {dist.get_world_size()}, expected {world_size}")
+        return dist.group.WORLD, False
+    if world_size == 1 and "MASTER_ADDR" not in os.environ:
+        return None, False
+    dist.init_process_group(
+        backend="nccl" if device.type == "cuda" else "gloo",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    return dist.group.WORLD, True
+
+
+def build_layers(
+    plan: Plan,
+    model: ModelSpec,
+    rank: int,
+    group: dist.ProcessGroup | None,
+    seed: int,
+    policy: str = "least-loaded",
+    backend: str = "auto",
+    device: torch.device | str = "cpu",
+) -> list[EPMoE]:
+    """This rank's EPMoE for every plan layer; each layer's full weight tensors are dropped once sliced."""
+    layers = []
+    for index, layer_plan in enumerate(plan.layers):
+        w_gate_up, w_down, router = (w.to(device) for w in random_layer_weights(model, index, seed))
+        layers.append(
+            EPMoE(model, layer_plan, plan.cluster.num_gpus, rank, group, w_gate_up, w_down, router, None, policy, backend)
+        )
+    return layers
+
+
+def run_worker(
+    rank: int,
+    world_size: int,
+    plan_path: str,
+    model: str | ModelSpec | None = None,
+    tokens: int = 256,
+    steps: int = 5,
+    loads: str | None = None,
+    seed: int = 0,
+    policy: str = "least-loaded",
+    backend: str = "auto",
+    dtype: torch.dtype | None = None,
+    keep_outputs: bool = False,
+    timeout_s: float = 300.0,
+) -> list[StepStats]:
+    """Run `steps` steps of `tokens` tokens per rank through every plan layer; this rank's per-step stats."""
+    plan = load_plan(plan_path)
+    if plan.cluster.num_gpus != world_size:
+        raise SpecError(
+            f"{plan_path}: the plan has {plan.cluster.num_gpus} GPUs but the world size is {world_size}; "
+            f"launch with --nproc-per-node={plan.cluster.num_gpus} or plan for {world_size} GPUs"
+        )
+    if tokens < 1 or steps < 1:
+        raise SpecError(f"tokens and steps must be >= 1, got tokens={tokens}, steps={steps}")
+    if policy not in POLICIES:
+        raise SpecError(f"unknown routing policy {policy!r}, expected one of {POLICIES}")
+    spec = _resolve_model(plan, model)
+    counts = layer_counts(plan, None if loads is None else load_stats(loads))
+    device = _device()
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    group, created = _join_group(rank, world_size, device, timeout_s)
+    try:
+        layers = build_layers(plan, spec, rank, group, seed, policy, backend, device)
+        stats = []
+        for step in range(steps):
+            hidden, routing = make_batch(spec, counts, tokens, seed, rank, step)
+            stats.append(_run_step(step, layers, hidden.to(device, dtype), routing, group, keep_outputs))
+            if rank == 0:
+                log.info(
+                    "step %d: %.4f s, balancedness %.3f, tokens per GPU %s",
+                    step, stats[-1].seconds, stats[-1].balancedness, stats[-1].tokens_per_gpu.tolist(),
+                )
+        return stats
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def make_batch(
+    model: ModelSpec, counts: list[np.ndarray], tokens: int, seed: int, rank: int, step: int
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """This rank's tokens [T, H] fp32 and, per layer, routing (ids, weights) [T, k]; seeded by (seed, rank, step)."""
+    gen = torch.Generator().manual_seed(derive_seed(seed, rank, step))
+    hidden = torch.randn(tokens, model.hidden_size, generator=gen)  # [T, H]
+    return hidden, [draw_routing(c, tokens, model.top_k, gen) for c in counts]
+
+
+def _run_step(
+    step: int,
+    layers: list[EPMoE],
+    hidden: torch.Tensor,
+    routing: list[tuple[torch.Tensor, torch.Tensor]],
+    group: dist.ProcessGroup | None,
+    keep_outputs: bool,
+) -> StepStats:
+    """One residual pass of hidden [T, H] through every layer with the given routing, timed barrier to barrier."""
+    device = hidden.device
+    _barrier(group, device)
+    start = time.perf_counter()
+    for layer, (ids, weights) in zip(layers, routing):
+        hidden = hidden + layer.forward_routed(hidden, ids.to(device), weights.to(device))
+    _barrier(group, device)
+    seconds = time.perf_counter() - start
+    return StepStats(step, seconds, [layer.last_stats for layer in layers], hidden.cpu() if keep_outputs else None)
+
+
+def _barrier(group: dist.ProcessGroup | None, device: torch.device) -> None:
+    """Line ranks up (and drain the GPU queue) so step times cover the slowest rank."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if group is not None:
+        dist.barrier(group)

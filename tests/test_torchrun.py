@@ -1,0 +1,140 @@
+"""run_worker (the entry torchrun and Ray call), its batch generation, and a real torchrun launch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import pytest
+import torch
+
+from gloo import run_ranks
+from rnq_ep.runtime.worker import draw_routing, layer_counts, run_worker
+from rnq_ep.specs import (
+    LayerPlan,
+    LoadStats,
+    Plan,
+    PlanOptions,
+    Slot,
+    SpecError,
+    encode_json,
+    load_cluster,
+    load_model,
+)
+
+MODEL = load_model("tiny")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_plan(path: Path, num_gpus: int, layer_ids: tuple[int, ...] = (0, 1)) -> str:
+    """A tiny plan: experts round-robin over GPUs, expert 0 replicated on every GPU, experts 6-7 int8."""
+    cluster = msgspec.structs.replace(load_cluster("cpu4"), gpus_per_node=num_gpus)
+    slots = [(e % num_gpus, e, "int8" if e >= 6 else "bf16") for e in range(1, MODEL.num_experts)]
+    slots += [(g, 0, "bf16") for g in range(num_gpus)]
+    layers = [
+        LayerPlan(layer=layer, slots=[Slot(gpu=g, expert=e, fmt=f, share=1.0 / num_gpus if e == 0 else 1.0)
+                                      for g, e, f in sorted(slots)])
+        for layer in layer_ids
+    ]
+    plan = Plan(model=MODEL, cluster=cluster, options=PlanOptions(), layers=layers)
+    path.write_bytes(encode_json(plan))
+    return str(path)
+
+
+def skewed_loads(path: Path) -> str:
+    """Loads for decoder layers 0 and 1 where expert 0 takes most tokens."""
+    counts = [[900, 50, 40, 30, 20, 10, 5, 1], [10, 10, 10, 10, 10, 10, 10, 930]]
+    path.write_bytes(encode_json(LoadStats(counts=counts, num_experts=8, top_k=2, layer_ids=[0, 1])))
+    return str(path)
+
+
+def test_draw_routing_gives_distinct_experts_per_token():
+    ids, weights = draw_routing(np.arange(1.0, 9.0), 500, 3, torch.Generator().manual_seed(0))
+    assert ids.shape == weights.shape == (500, 3)
+    assert (ids.sort(dim=1).values.diff(dim=1) > 0).all()
+    torch.testing.assert_close(weights.sum(dim=1), torch.ones(500))
+
+
+def test_draw_routing_follows_the_counts():
+    counts = np.array([8.0, 4.0, 2.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    ids, _ = draw_routing(counts, 20000, 1, torch.Generator().manual_seed(0))
+    frequency = np.bincount(ids.flatten().numpy(), minlength=8) / 20000
+    np.testing.assert_allclose(frequency, counts / counts.sum(), atol=0.01)
+
+
+def test_draw_routing_is_reproducible_from_the_seed():
+    first = draw_routing(np.ones(8), 64, 2, torch.Generator().manual_seed(5))
+    second = draw_routing(np.ones(8), 64, 2, torch.Generator().manual_seed(5))
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_load_rows_are_matched_to_plan_layers_by_layer_id(tmp_path):
+    plan = msgspec.json.decode(Path(write_plan(tmp_path / "p.json", 1, layer_ids=(1, 0))).read_bytes(), type=Plan)
+    loads = LoadStats(counts=[[1] * 8, [2] * 8], num_experts=8, top_k=2, layer_ids=[0, 1])
+    assert [row[0] for row in layer_counts(plan, loads)] == [2.0, 1.0]
+
+
+def test_load_file_with_other_layers_is_rejected(tmp_path):
+    plan = msgspec.json.decode(Path(write_plan(tmp_path / "p.json", 1)).read_bytes(), type=Plan)
+    loads = LoadStats(counts=[[1] * 8] * 3, num_experts=8, top_k=2, layer_ids=[4, 5, 6])
+    with pytest.raises(SpecError, match="loads: has layers \\[4, 5, 6\\], the plan has layers \\[0, 1\\]"):
+        layer_counts(plan, loads)
+
+
+def test_plan_for_another_world_size_names_both(tmp_path):
+    plan = write_plan(tmp_path / "plan.json", 2)
+    with pytest.raises(SpecError, match="the plan has 2 GPUs but the world size is 1"):
+        run_worker(0, 1, plan, steps=1, tokens=4)
+
+
+def test_a_model_with_another_expert_count_is_rejected(tmp_path):
+    plan = write_plan(tmp_path / "plan.json", 1)
+    with pytest.raises(SpecError, match="model 'olmoe-1b-7b' has 64 experts, top-8; the plan is for 'tiny'"):
+        run_worker(0, 1, plan, "olmoe-1b-7b", steps=1, tokens=4)
+
+
+def test_single_process_run_is_reproducible(tmp_path):
+    plan, loads = write_plan(tmp_path / "plan.json", 1), skewed_loads(tmp_path / "loads.json")
+    first = run_worker(0, 1, plan, tokens=16, steps=2, loads=loads, backend="torch", keep_outputs=True)
+    second = run_worker(0, 1, plan, tokens=16, steps=2, loads=loads, backend="torch", keep_outputs=True)
+    assert [s.step for s in first] == [0, 1]
+    assert all(torch.equal(a.output, b.output) for a, b in zip(first, second))
+    assert first[0].tokens_per_gpu.tolist() == [2 * 16 * MODEL.top_k]
+
+
+def _runs_by_policy(rank: int, world: int, plan: str, loads: str) -> dict[str, list]:
+    """This rank's per-step stats (outputs kept) under least-loaded and hash routing, one process group."""
+    return {
+        policy: run_worker(rank, world, plan, tokens=16, steps=2, loads=loads, policy=policy, backend="torch",
+                           keep_outputs=True)
+        for policy in ("least-loaded", "hash")
+    }
+
+
+@pytest.mark.slow
+def test_routing_policy_changes_balance_not_outputs(tmp_path):
+    plan, loads = write_plan(tmp_path / "plan.json", 2), skewed_loads(tmp_path / "loads.json")
+    per_rank = run_ranks(_runs_by_policy, 2, plan, loads)
+    for by_policy in per_rank:
+        for a, b in zip(by_policy["least-loaded"], by_policy["hash"]):
+            torch.testing.assert_close(a.output, b.output, rtol=1e-5, atol=1e-5)
+    balance = {policy: np.mean([s.balancedness for s in steps]) for policy, steps in per_rank[0].items()}
+    assert balance["least-loaded"] < balance["hash"]
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_processes_prints_the_step_table(tmp_path):
+    plan, loads = write_plan(tmp_path / "plan.json", 2), skewed_loads(tmp_path / "loads.json")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         "-m", "rnq_ep.runtime.torchrun", "--plan", plan, "--loads", loads, "--tokens", "16", "--steps", "2"],
+        capture_output=True, text=True, timeout=180, cwd=REPO, env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 ranks, policy least-loaded" in done.stdout
+    assert "balancedness" in done.stdout and "tokens per GPU" in done.stdout
