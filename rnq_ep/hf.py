@@ -11,8 +11,10 @@ it always returns [N, K] (output channels, input features) matrices.
 from __future__ import annotations
 
 import re
-from pathlib import Path
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -230,3 +232,41 @@ def _check_plan_fits(model: nn.Module, spec: ModelSpec, plan: Plan, world_size: 
     missing = sorted({layer_id for layer_id, _, _ in moe_layers(model)} - {lp.layer for lp in plan.layers})
     if missing:
         raise SpecError(f"plan: no layer plan for MoE layers {missing} of the model")
+
+
+@dataclass(frozen=True)
+class GenerationReport:
+    """Greedy generation on a converted model: tokens, speed and per-layer balance of this rank."""
+
+    tokens: torch.Tensor  # [B, S + N] prompt followed by the generated ids
+    seconds: float
+    tokens_per_s: float  # generated tokens (B x N) per second of the whole call, prefill included
+    balancedness: list[float]  # [L] max/mean GPU load per MoE layer, averaged over forward steps
+
+
+def generate_greedy(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> GenerationReport:
+    """Exactly `new_tokens` greedy steps from prompt [B, S] (every rank runs the same steps, EOS or not)."""
+    converted = [module for module in model.modules() if isinstance(module, EPExperts)]
+    if not converted:
+        raise SpecError("generate_greedy: the model has no EP layers, call convert() first")
+    steps: list[list[float]] = [[] for _ in converted]
+    handles = [
+        module.register_forward_hook(lambda m, args, out, seen=seen: seen.append(m.ep_layer.last_stats.balancedness))
+        for module, seen in zip(converted, steps)
+    ]
+    started = time.perf_counter()
+    try:
+        with torch.no_grad():
+            tokens = model.generate(
+                prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+    seconds = time.perf_counter() - started
+    return GenerationReport(
+        tokens=tokens,
+        seconds=seconds,
+        tokens_per_s=prompt.shape[0] * new_tokens / seconds,
+        balancedness=[sum(seen) / len(seen) for seen in steps],
+    )
