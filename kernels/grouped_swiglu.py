@@ -6,8 +6,9 @@ intermediate; (2) the down GEMM with the optional per-row weight in the epilogue
 Tiles are (row block, column block); a row block belongs to one group through the block map of
 `align.py`. Weights are dequantised in registers: int8 values go to the MMA as exact bf16 and
 the per-channel scale multiplies the accumulator; int4 bytes are unpacked into low/high
-nibbles (even/odd k) and multiplied by the even/odd columns of the x tile (two MMAs), and each
-k tile, which lies inside one group of 128, is scaled after its MMAs. Accumulation is fp32.
+nibbles (even/odd k), turned into bf16 by bit tricks, and multiplied by the even/odd columns of
+the x tile (two MMAs); each k tile, which lies inside one group of 128, is scaled after its
+MMAs. Accumulation is fp32.
 
 Without CUDA the kernels run in Triton's CPU interpreter (the package __init__ sets
 TRITON_INTERPRET). The interpreter computes bf16 dots wrongly (triton-lang/triton#11584), so
@@ -71,13 +72,16 @@ def _project(
         if UPCAST:
             a = a.to(tl.float32)
         if FMT == 2:
-            # the byte of k pairs (2p, 2p + 1): multiply even/odd columns of A by low/high nibbles
+            # the byte of k pairs (2p, 2p + 1): multiply even/odd columns of A by low/high nibbles n.
+            # bf16 bits 0x4300 | n are exactly 128 + n (no int->float convert, which would bound
+            # the loop), so A (n - ZERO) = A (128 + n) - (128 + ZERO) * rowsum(A), per k tile
             a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
             pairs = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             packed = tl.load(w_cols + pairs[:, None], mask=col_mask[None, :] & (2 * pairs[:, None] < K), other=0)
-            low = ((packed & 0xF).to(tl.int32) - ZERO).to(a.dtype)  # [BK/2, BN], exact in bf16
-            high = ((packed >> 4).to(tl.int32) - ZERO).to(a.dtype)
-            part = tl.dot(a_odd, high, tl.dot(a_even, low))
+            low = ((packed & 0xF).to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True).to(a.dtype)  # [BK/2, BN]
+            high = ((packed >> 4).to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True).to(a.dtype)
+            biased = tl.dot(a_odd, high, tl.dot(a_even, low))  # [BM, BN]
+            part = biased - (128 + ZERO) * tl.sum(a.to(tl.float32), axis=1)[:, None]
             scale = tl.load(s_ptr + cols * stride_sn + k0 // GROUP, mask=col_mask, other=0.0)  # one group per k tile
             acc += part * scale.to(tl.float32)[None, :]
         else:
