@@ -4,7 +4,7 @@ The optimum enumerates every choice of a non-empty GPU set per expert within the
 for a fixed placement the best fractional split has max GPU load = max over GPU subsets S of
 (tokens of experts whose copies all lie in S) / |S| (Hall's condition). The greedy planner
 cannot make two-step moves (evict a cold copy to make room for a replica), so it is not always
-optimal: on these instances it is optimal on >= 90 % and within BOUND of the optimum always.
+optimal: on these instances it is optimal on >= 90 % and within BOUND of the optimum always. With the HiGHS refine it is optimal.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import itertools
 import math
 
 import numpy as np
+import pytest
 
 from rnq_ep.memory import expert_bytes
 from rnq_ep.planner import plan_rnq
@@ -34,13 +35,13 @@ def optimum_max_load(weight: np.ndarray, slots_per_gpu: int) -> float:
     return float(worst.min())
 
 
-def planned_max_load(weight: np.ndarray, slots_per_gpu: int) -> float:
+def planned_max_load(weight: np.ndarray, slots_per_gpu: int, refine: bool = False) -> float:
     model = ModelSpec(name="tiny", num_layers=1, num_experts=weight.size, top_k=1, hidden_size=64, moe_intermediate_size=64)
     cluster = ClusterSpec(
         name="c3", nodes=1, gpus_per_node=NUM_GPUS, hbm_bytes_per_s=1e12, peak_flops=1e15,
         intra_node_bytes_per_s=1e11, inter_node_bytes_per_s=1e11,
     )
-    options = PlanOptions(formats=("bf16",), memory_budget=slots_per_gpu * expert_bytes(model, "bf16"))
+    options = PlanOptions(formats=("bf16",), memory_budget=slots_per_gpu * expert_bytes(model, "bf16"), refine=refine)
     plan = plan_rnq(model, cluster, LoadStats(counts=[weight.tolist()], num_experts=weight.size, top_k=1), options)
     load = np.zeros(NUM_GPUS)
     for slot in plan.layers[0].slots:
@@ -71,3 +72,8 @@ def test_placement_is_optimal_on_most_tiny_instances_and_within_bound_on_all():
 def test_one_hot_expert_is_spread_over_every_gpu_with_room():
     weight = np.array([300, 0, 0])
     assert planned_max_load(weight, 2) == optimum_max_load(weight, 2) == 100
+
+
+def test_refine_reaches_the_exhaustive_optimum_on_tiny_instances():
+    for weight, slots in tiny_instances(25):
+        assert planned_max_load(weight, slots, refine=True) == pytest.approx(optimum_max_load(weight, slots), rel=1e-6)

@@ -113,3 +113,22 @@ def test_feasible_whenever_one_copy_of_each_expert_fits_in_bf16(problem):
     model, cluster, loads, options = problem
     options = PlanOptions(formats=options.formats, quality_budget=options.quality_budget, max_copies=options.max_copies)
     check_invariants(plan_rnq(model, cluster, loads, options), loads)
+
+
+@settings(max_examples=15, deadline=None)
+@given(planning_problems())
+def test_refined_plan_satisfies_invariants(problem):
+    model, cluster, loads, options = problem
+    refined = PlanOptions(
+        formats=options.formats,
+        quality_budget=options.quality_budget,
+        max_copies=options.max_copies,
+        memory_budget=options.memory_budget,
+        refine=True,
+        refine_time_limit=0.2,
+    )
+    try:
+        plan = plan_rnq(model, cluster, loads, refined)
+    except InfeasiblePlan:
+        return
+    check_invariants(plan, loads)

@@ -17,7 +17,7 @@ import numpy as np
 from rnq_ep.planner.quantize import cheapest_conversions
 
 TRIED_SINKS = 4  # least-loaded GPUs tried per copy before the next copy of the source GPU
-MAX_STEPS_PER_COPY = 20  # bound on spread_load's steps (the pairwise halving converges geometrically)
+MAX_STEPS_PER_COPY = 5  # bound on spread_load's steps (the pairwise halving converges geometrically)
 HALVING_TOL = 1e-3  # pairwise halving stops at gaps below this fraction of the mean load
 
 
@@ -64,7 +64,7 @@ def spread_load(state: LayerCopies, limits: Limits) -> None:
     """
     target = state.load.sum() / state.load.size
     tol = max(target * 1e-9, 1e-12)
-    stuck = np.zeros(state.load.size, dtype=bool)
+    stuck = _hopeless(state, limits, target, tol)
     for _ in range(MAX_STEPS_PER_COPY * len(state.gpu)):
         excess = np.where(stuck, -np.inf, state.load - target)
         source = int(np.argmax(excess))
@@ -73,6 +73,18 @@ def spread_load(state: LayerCopies, limits: Limits) -> None:
         if not _shift_from(state, limits, source, target, tol):
             if not _pour_to_existing(state, limits, source, state.slots_on(source), -np.inf, target * HALVING_TOL):
                 stuck[source] = True
+
+
+def _hopeless(state: LayerCopies, limits: Limits, target: float, tol: float) -> np.ndarray:
+    """GPUs [G] that no step can relieve: no GPU below the target has a free slot, and none of
+    their experts has a copy on a less loaded GPU. Vectorised, so full clusters skip the loop."""
+    if ((state.load < target - tol) & (state.held < limits.max_held)).any():
+        return np.zeros(state.load.size, dtype=bool)
+    gpu, expert = np.array(state.gpu), np.array(state.expert)
+    lightest_copy = np.full(state.copies.size, np.inf)
+    np.minimum.at(lightest_copy, expert, state.load[gpu])
+    can_pour = lightest_copy[expert] < state.load[gpu] - tol
+    return np.bincount(gpu[can_pour], minlength=state.load.size) == 0
 
 
 def _shift_from(state: LayerCopies, limits: Limits, source: int, target: float, tol: float) -> bool:

@@ -12,6 +12,7 @@ import numpy as np
 from rnq_ep.memory import gpu_budget
 from rnq_ep.planner.layout import InfeasiblePlan, format_bytes, layer_plan
 from rnq_ep.planner.place import copy_counts, pack_by_rounds
+from rnq_ep.planner.refine import refine_layer
 from rnq_ep.planner.quantize import cheapest_conversions_by_gpu, sensitivity_costs
 from rnq_ep.planner.replicate import LayerCopies, Limits, spread_load
 from rnq_ep.planner.transport import Copies, transport_spread
@@ -32,8 +33,6 @@ def plan_rnq(model: ModelSpec, cluster: ClusterSpec, loads: LoadStats, options: 
         raise SpecError(f"loads: num_experts={loads.num_experts} but model {model.name!r} has {model.num_experts}")
     if options.affinity_weight > 0:
         log.warning("affinity_weight=%s is not used yet: the planner ignores co-activation", options.affinity_weight)
-    if options.refine:
-        log.warning("refine=True is not implemented yet: the greedy plan is returned as is")
     started = time.perf_counter()
     budget = gpu_budget(model, cluster, options)
     fmt_bytes = format_bytes(model)
@@ -54,8 +53,11 @@ def plan_rnq(model: ModelSpec, cluster: ClusterSpec, loads: LoadStats, options: 
             prefer_node=prefer_node,
         )
         state = balanced_copies(weight, num_gpus, limits, layer)
-        gpu, expert, fmt, share = copies_arrays(state, weight)
-        layers.append(layer_plan(layer, gpu, expert, fmt, share))
+        copies = (np.array(state.gpu), np.array(state.expert), np.array(state.fmt), np.array(state.tokens))
+        if options.refine:
+            copies = refine_layer(copies, weight, limits, num_gpus, options.refine_time_limit)
+        gpu, expert, fmt, tokens = copies
+        layers.append(layer_plan(layer, gpu, expert, fmt, shares(expert, tokens, weight.size)))
     summary = {"planner_seconds": time.perf_counter() - started}
     return Plan(model=model, cluster=cluster, options=options, layers=layers, summary=summary)
 
@@ -143,12 +145,8 @@ def layer_state(copies: Copies, limits: Limits, num_gpus: int, num_experts: int)
     )
 
 
-def copies_arrays(state: LayerCopies, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(gpu, expert, fmt, share) [S] of the planned copies; an expert without tokens splits evenly."""
-    gpu = np.array(state.gpu, dtype=np.int64)
-    expert = np.array(state.expert, dtype=np.int64)
-    tokens = np.array(state.tokens)
-    total = np.bincount(expert, weights=tokens, minlength=weight.size)
-    count = np.bincount(expert, minlength=weight.size)
-    share = np.where(total[expert] > 0, tokens / np.maximum(total[expert], 1e-300), 1.0 / count[expert])
-    return gpu, expert, np.array(state.fmt, dtype=np.int64), share
+def shares(expert: np.ndarray, tokens: np.ndarray, num_experts: int) -> np.ndarray:
+    """Each copy's fraction of its expert's planned tokens [S]; an expert without tokens splits evenly."""
+    total = np.bincount(expert, weights=tokens, minlength=num_experts)
+    count = np.bincount(expert, minlength=num_experts)
+    return np.where(total[expert] > 0, tokens / np.maximum(total[expert], 1e-300), 1.0 / count[expert])
