@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -135,3 +136,25 @@ def test_cheapest_conversions_by_gpu_matches_one_gpu_at_a_time():
         alone = cheapest_conversions(np.zeros(mine.sum(), dtype=np.int64), tokens[mine], cost[mine], fmt_bytes, int(need[g]))
         expected = np.zeros(mine.sum(), dtype=np.int64) if alone is None else alone[0]
         assert together[mine].tolist() == expected.tolist(), f"GPU {g}"
+
+
+def test_affinity_renames_gpus_to_keep_the_most_co_activated_tokens_in_place():
+    model = ModelSpec(name="m", num_layers=2, num_experts=8, top_k=1, hidden_size=64, moe_intermediate_size=64)
+    cluster = load_cluster("cpu4")
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        follows = rng.permutation(8)  # tokens of expert e in layer 0 go on to expert follows[e] in layer 1
+        coactivation = [[[100 if b == follows[a] else 0 for b in range(8)] for a in range(8)]]
+        loads = LoadStats(counts=rng.integers(50, 100, (2, 8)).tolist(), num_experts=8, top_k=1, coactivation=coactivation)
+
+        def staying(plan, rename=range(4)) -> float:
+            first, second = ({(s.gpu, s.expert): s.share for s in layer.slots} for layer in plan.layers)
+            second = {(rename[g], e): share for (g, e), share in second.items()}
+            return sum(share * second.get((g, int(follows[e])), 0.0) for (g, e), share in first.items())
+
+        plain = plan_rnq(model, cluster, loads, PlanOptions(formats=("bf16",)))
+        aligned = plan_rnq(model, cluster, loads, PlanOptions(formats=("bf16",), affinity_weight=1.0))
+        best = max(staying(plain, rename) for rename in itertools.permutations(range(4)))
+        assert staying(aligned) == pytest.approx(best)
+        for before, after in zip(planned_gpu_loads(plain, loads), planned_gpu_loads(aligned, loads)):
+            assert sorted(before) == pytest.approx(sorted(after))

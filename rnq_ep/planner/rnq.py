@@ -10,6 +10,7 @@ from dataclasses import replace
 import numpy as np
 
 from rnq_ep.memory import gpu_budget
+from rnq_ep.planner.affinity import align_to_previous, share_matrix
 from rnq_ep.planner.layout import InfeasiblePlan, format_bytes, layer_plan
 from rnq_ep.planner.place import copy_counts, pack_by_rounds
 from rnq_ep.planner.refine import refine_layer
@@ -31,8 +32,9 @@ def plan_rnq(model: ModelSpec, cluster: ClusterSpec, loads: LoadStats, options: 
     """Replicate-and-Quantize plan: one LayerPlan per row of loads.counts, in the load file's order."""
     if loads.num_experts != model.num_experts:
         raise SpecError(f"loads: num_experts={loads.num_experts} but model {model.name!r} has {model.num_experts}")
-    if options.affinity_weight > 0:
-        log.warning("affinity_weight=%s is not used yet: the planner ignores co-activation", options.affinity_weight)
+    align = options.affinity_weight > 0 and loads.coactivation is not None
+    if options.affinity_weight > 0 and not align:
+        log.warning("affinity_weight=%s but the loads have no coactivation stats: ignored", options.affinity_weight)
     started = time.perf_counter()
     budget = gpu_budget(model, cluster, options)
     fmt_bytes = format_bytes(model)
@@ -57,7 +59,13 @@ def plan_rnq(model: ModelSpec, cluster: ClusterSpec, loads: LoadStats, options: 
         if options.refine:
             copies = refine_layer(copies, weight, limits, num_gpus, options.refine_time_limit)
         gpu, expert, fmt, tokens = copies
-        layers.append(layer_plan(layer, gpu, expert, fmt, shares(expert, tokens, weight.size)))
+        share = shares(expert, tokens, weight.size)
+        if align:
+            current = share_matrix(gpu, expert, share, num_gpus, weight.size)
+            if index:
+                gpu = align_to_previous(previous, current, np.asarray(loads.coactivation[index - 1], np.float64))[gpu]
+            previous = share_matrix(gpu, expert, share, num_gpus, weight.size)
+        layers.append(layer_plan(layer, gpu, expert, fmt, share))
     summary = {"planner_seconds": time.perf_counter() - started}
     return Plan(model=model, cluster=cluster, options=options, layers=layers, summary=summary)
 
