@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from rnq_ep.layer import EPMoE
 from rnq_ep.specs import ModelSpec, Plan, SpecError
 
 TINY_PREFIX = "tiny-"
@@ -170,7 +172,7 @@ def model_spec(model: nn.Module, name: str) -> ModelSpec:
 class EPExperts(nn.Module):
     """Drop-in for a transformers experts module that runs the routed experts through an EPMoE."""
 
-    def __init__(self, ep_layer: nn.Module):
+    def __init__(self, ep_layer: EPMoE):
         super().__init__()
         self.ep_layer = ep_layer
 
@@ -196,10 +198,6 @@ def convert(
     model: nn.Module, plan: Plan, rank: int, world_size: int, group: Any = None, policy: str = "least-loaded"
 ) -> nn.Module:
     """Replace every MoE layer's experts with this rank's EPMoE copies (in place); router and shared experts stay."""
-    import torch.distributed as dist
-
-    from rnq_ep.layer import EPMoE
-
     spec = model_spec(model, plan.model.name)
     _check_plan_fits(model, spec, plan, world_size)
     if group is None and world_size > 1:

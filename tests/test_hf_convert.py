@@ -1,0 +1,126 @@
+"""Conversion of tiny transformers models to rnq-ep EP models: logits parity, quantized agreement, bad plans."""
+
+from __future__ import annotations
+
+import copy
+
+import msgspec
+import pytest
+import torch
+
+from tiny_hf import one_torch_thread, tiny  # noqa: F401  (fixtures; the import skips without transformers)
+from rnq_ep import hf
+from rnq_ep.specs import ClusterSpec, LayerPlan, Plan, PlanOptions, Slot, SpecError
+from rnq_ep.textdata import builtin_text, token_batches, tokenize
+
+CONVERTIBLE = [family for family in sorted(hf.FAMILIES) if family != "gpt-oss"]
+ONE_CPU = ClusterSpec(
+    name="one-cpu", nodes=1, gpus_per_node=1, hbm_bytes_per_s=1e10, peak_flops=5e10,
+    intra_node_bytes_per_s=5e9, inter_node_bytes_per_s=5e9, device="cpu",
+)
+
+
+def one_gpu_plan(model: torch.nn.Module, fmt: str) -> Plan:
+    """Every expert once on GPU 0 in `fmt`."""
+    spec = hf.model_spec(model, "tiny")
+    layers = [
+        LayerPlan(layer=layer_id, slots=[Slot(gpu=0, expert=e, fmt=fmt, share=1.0) for e in range(spec.num_experts)])
+        for layer_id, _, _ in hf.moe_layers(model)
+    ]
+    formats = tuple(dict.fromkeys(("bf16", fmt)))
+    return Plan(model=spec, cluster=ONE_CPU, options=PlanOptions(formats=formats), layers=layers)
+
+
+def builtin_batch(rows: int = 4, seq_len: int = 64, offset: int = 0) -> torch.Tensor:
+    """[rows, seq_len] byte-level ids of the builtin text from row `offset` on."""
+    ids = tokenize(builtin_text()[: 64 * 1024], vocab_size=512)
+    return token_batches(ids, batch=offset + rows, seq_len=seq_len, max_tokens=(offset + rows) * seq_len)[0][offset:]
+
+
+def logits(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=batch, use_cache=False).logits
+
+
+@pytest.mark.parametrize("family", CONVERTIBLE)
+def test_converted_model_with_a_bf16_plan_gives_the_original_logits(tiny, family):
+    model, batch = tiny(family), builtin_batch()
+    converted = hf.convert(copy.deepcopy(model), one_gpu_plan(model, "bf16"), rank=0, world_size=1)
+    swapped = [module for module in converted.modules() if isinstance(module, hf.EPExperts)]
+    assert len(swapped) == len(hf.moe_layers(model)) and not any(map(hf.is_experts_module, converted.modules()))
+    torch.testing.assert_close(logits(converted, batch), logits(model, batch), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", CONVERTIBLE)
+def test_all_int8_conversion_keeps_99_percent_top1_agreement(tiny, family):
+    model, batch = tiny(family), builtin_batch()
+    converted = hf.convert(copy.deepcopy(model), one_gpu_plan(model, "int8"), rank=0, world_size=1)
+    agreement = (logits(converted, batch).argmax(-1) == logits(model, batch).argmax(-1)).float().mean()
+    assert agreement >= 0.99
+
+
+def test_gpt_oss_conversion_is_refused_with_the_reason(tiny):
+    model = tiny("gpt-oss")
+    with pytest.raises(SpecError, match="gpt_oss: its experts are not plain SwiGLU"):
+        hf.convert(copy.deepcopy(model), one_gpu_plan(model, "bf16"), rank=0, world_size=1)
+
+
+def test_plan_for_another_shape_is_rejected(tiny):
+    plan = one_gpu_plan(tiny("olmoe"), "bf16")
+    with pytest.raises(SpecError, match="plan: model num_experts=16 but the transformers model has 8"):
+        hf.convert(copy.deepcopy(tiny("mixtral")), plan, rank=0, world_size=1)
+
+
+def test_plan_missing_a_moe_layer_is_rejected(tiny):
+    model = tiny("mixtral")
+    plan = one_gpu_plan(model, "bf16")
+    partial = Plan(model=plan.model, cluster=plan.cluster, options=plan.options, layers=plan.layers[:2])
+    with pytest.raises(SpecError, match=r"no layer plan for MoE layers \[2\]"):
+        hf.convert(copy.deepcopy(model), partial, rank=0, world_size=1)
+
+
+def convert_on_rank(rank: int, world_size: int, plans: list[Plan]) -> list[tuple[float, int, int]]:
+    """Per plan: (max |logit diff|, top-1 matches, tokens) of rank's own rows, converted vs original."""
+    torch.set_num_threads(1)
+    model, batch = hf.tiny_model("mixtral"), builtin_batch(rows=2, offset=2 * rank)
+    reference = logits(model, batch)
+    results = []
+    for plan in plans:
+        got = logits(hf.convert(copy.deepcopy(model), plan, rank, world_size), batch)
+        matches = int((got.argmax(-1) == reference.argmax(-1)).sum())
+        results.append((float((got - reference).abs().max()), matches, reference.shape[0] * reference.shape[1]))
+    return results
+
+
+@pytest.mark.slow
+def test_two_rank_conversion_of_calibrated_plans_matches_the_original():
+    from gloo import run_ranks
+
+    from rnq_ep.calibration import calibrate
+    from rnq_ep.planner import plan_plain_ep, plan_rnq
+
+    model = hf.tiny_model("mixtral")
+    stats = calibrate(model, token_batches(tokenize(builtin_text(), 512), 4, 128, 1024), formats=("int8",))
+    spec, cluster = hf.model_spec(model, "tiny-mixtral"), msgspec.structs.replace(ONE_CPU, gpus_per_node=2)
+    rnq = plan_rnq(spec, cluster, stats, PlanOptions(formats=("bf16", "int8")))
+    assert any(slot.fmt == "int8" for layer in rnq.layers for slot in layer.slots)
+    (plain_a, rnq_a), (plain_b, rnq_b) = run_ranks(convert_on_rank, 2, [plan_plain_ep(spec, cluster, stats), rnq])
+    assert max(plain_a[0], plain_b[0]) <= 1e-5
+    assert (rnq_a[1] + rnq_b[1]) / (rnq_a[2] + rnq_b[2]) >= 0.99
+
+
+def test_greedy_generation_on_a_bf16_conversion_equals_the_original(tiny):
+    model, prompt = tiny("qwen3-moe"), builtin_batch(rows=2, seq_len=16)
+    converted = hf.convert(copy.deepcopy(model), one_gpu_plan(model, "bf16"), rank=0, world_size=1)
+    report = hf.generate_greedy(converted, prompt, new_tokens=6)
+    with torch.no_grad():
+        expected = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert torch.equal(report.tokens, expected)
+    assert len(report.balancedness) == len(hf.moe_layers(model))
+    assert all(value == 1.0 for value in report.balancedness)  # one GPU is always balanced
+    assert report.tokens_per_s > 0
+
+
+def test_generation_needs_a_converted_model(tiny):
+    with pytest.raises(SpecError, match="call convert"):
+        hf.generate_greedy(tiny("mixtral"), builtin_batch(rows=1, seq_len=8), new_tokens=1)
