@@ -129,51 +129,68 @@ def parse_sweep(text: str) -> list[float]:
 
 def simulate_main(args: argparse.Namespace) -> int:
     """`rnq-ep simulate`: run every policy at every GPU count (+ the sweep), print, write markdown/plot."""
-    from rnq_ep.cli import check_folder, console, cpu_name, print_table  # the CLI imports this module
+    from rnq_ep.cli import check_folder, console, print_table  # the CLI imports this module
 
     for path, flag in ((args.markdown, "--markdown"), (args.plot, "--plot")):
         check_folder(path, flag)
-    if min(args.windows, args.tokens_per_gpu, args.layers + 1, args.sweep_gpus) < 1 or args.windows < 2:
-        raise SpecError("--windows must be >= 2, --tokens-per-gpu and --sweep-gpus >= 1, --layers >= 0")
+    for flag, value, least in (("--windows", args.windows, 2), ("--tokens-per-gpu", args.tokens_per_gpu, 1),
+                               ("--layers", args.layers, 0), ("--sweep-gpus", args.sweep_gpus, 1)):
+        if value < least:
+            raise SpecError(f"{flag}: must be >= {least}, got {value}")
     model = load_model(args.model)
     base = load_cluster(args.cluster or DEFAULT_CLUSTER)
-    gpu_counts = parse_ints(args.gpus, "--gpus") if args.gpus else [base.num_gpus] if args.cluster else parse_ints(DEFAULT_GPUS, "--gpus")
+    if args.cluster and not args.gpus:
+        clusters = [base]  # the named cluster as it is
+    else:
+        clusters = [scaled_cluster(base, g) for g in parse_ints(args.gpus or DEFAULT_GPUS, "--gpus")]
     exponents = parse_sweep(args.sweep)
     layers = args.layers or model.num_layers
     synthetic = parse_zipf(args.loads) if args.loads.startswith("zipf") else None
     real = None if synthetic else real_windows(model, Path(args.loads), args.eval_loads)
     show = console()
     runs_by_gpus = {}
-    for g in gpu_counts:
-        cluster = scaled_cluster(base, g) if args.gpus or not args.cluster else base
+    for cluster in clusters:
+        g = cluster.num_gpus
         windows = real or synthetic_windows(model, synthetic, layers, args.windows, g * args.tokens_per_gpu, args.seed)
         with show.status(f"{model.name}: {len(windows)} window(s) on {g} GPUs"):
             runs_by_gpus[g] = run_all(model, cluster, windows, args.tokens_per_gpu)
-    source = synthetic.label + f", {layers} layers, {args.windows} windows (plan on one, score on the next)" if synthetic else (
-        f"{Path(args.loads).name} " + (f"-> {args.eval_loads.name}" if args.eval_loads else "(in sample: planned and scored on the same file)"))
+    if synthetic:
+        source = f"{synthetic.label}, {layers} layers, {args.windows} windows (plan on one, score on the next)"
+    elif args.eval_loads:
+        source = f"planned on {Path(args.loads).name}, scored on {args.eval_loads.name}"
+    else:
+        source = f"{Path(args.loads).name} (in sample: planned and scored on the same file)"
     tables = [scale_table(runs_by_gpus, model, f"rnq-ep simulate: {model.name} on {base.name}-like nodes, {source}, "
                           f"{args.tokens_per_gpu} tokens/GPU/step")]
     sweep = {}
+    sweep_cluster = scaled_cluster(base, args.sweep_gpus)
+    drift = synthetic.drift if synthetic else DEFAULT_DRIFT
     for s in exponents:
-        zipf = ZipfLoads(s, synthetic.drift if synthetic else DEFAULT_DRIFT)
-        windows = synthetic_windows(model, zipf, layers, 2, args.sweep_gpus * args.tokens_per_gpu, args.seed)
+        windows = synthetic_windows(model, ZipfLoads(s, drift), layers, 2, args.sweep_gpus * args.tokens_per_gpu, args.seed)
         with show.status(f"sweep: Zipf s={s:g} on {args.sweep_gpus} GPUs"):
-            sweep[s] = (expert_skew(windows), run_all(model, scaled_cluster(base, args.sweep_gpus), windows, args.tokens_per_gpu))
+            sweep[s] = (expert_skew(windows), run_all(model, sweep_cluster, windows, args.tokens_per_gpu))
     if sweep:
-        tables.append(sweep_table(sweep, args.sweep_gpus, f"Skew sweep: {model.name}, Zipf windows, {layers} layers"))
+        tables.append(sweep_table(sweep, args.sweep_gpus, f"Skew sweep: {model.name}, Zipf windows with hot-set drift {drift:g}, {layers} layers"))
     for table in tables:
         print_table(table)
     if args.plot:
         plot_study(runs_by_gpus, sweep, args.plot, model.name)
     if args.markdown:
-        machine = f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}"
-        command = shlex.join(["rnq-ep", *getattr(args, "argv", ["simulate", *sys.argv[1:]])])
-        date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        text = to_markdown(tables, command, machine, date)
-        if args.plot:
-            text += f"\n![{model.name} simulation]({os.path.relpath(args.plot, args.markdown.resolve().parent)})\n"
-        write_atomic(args.markdown, text.encode())
+        write_markdown(args, tables, model.name)
     return 0
+
+
+def write_markdown(args: argparse.Namespace, tables: list[BenchTable], model_name: str) -> None:
+    """The tables as a markdown fragment with command, machine and date (and the plot, linked relative)."""
+    from rnq_ep.cli import cpu_name
+
+    machine = f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}"
+    command = shlex.join(["rnq-ep", *getattr(args, "argv", ["simulate", *sys.argv[1:]])])
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    text = to_markdown(tables, command, machine, date)
+    if args.plot:
+        text += f"\n![{model_name} simulation]({os.path.relpath(args.plot, args.markdown.resolve().parent)})\n"
+    write_atomic(args.markdown, text.encode())
 
 
 def real_windows(model: ModelSpec, loads: Path, eval_loads: Path | None) -> Windows:

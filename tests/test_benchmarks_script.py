@@ -1,0 +1,31 @@
+"""scripts/benchmarks.py: where R&Q loses is read from the simulate fragment of the same run."""
+
+import importlib.util
+from pathlib import Path
+
+from rnq_ep.bench.planner import to_markdown
+from rnq_ep.policies import PolicyRun
+from rnq_ep.simulate import scale_table
+from rnq_ep.specs import load_model
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmarks.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("benchmarks_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(gpus: int, policy: str, layer_s: float) -> PolicyRun:
+    return PolicyRun(policy, gpus, layer_s=layer_s, flop_s=0, hbm_s=0, comm_s=0, move_s=0)
+
+
+def test_rnq_losses_lists_gpu_counts_where_the_best_rnq_variant_is_slower():
+    runs = {
+        8: [run(8, "plain EP", 4e-3), run(8, "LLEP spill", 1e-3), run(8, "R&Q bf16+int8", 2e-3), run(8, "R&Q bf16+int8+int4", 3e-3)],
+        32: [run(32, "plain EP", 4e-3), run(32, "LLEP spill", 3e-3), run(32, "R&Q bf16+int8", 2e-3)],
+    }
+    text = to_markdown([scale_table(runs, load_model("tiny"), "t")], "rnq-ep simulate", "cpu", "today")
+    assert load_script().rnq_losses(text) == ["8 GPUs: R&Q bf16+int8 2.00x the time of LLEP spill"]
