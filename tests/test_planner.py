@@ -10,6 +10,8 @@ import pytest
 
 from rnq_ep.memory import expert_bytes, plain_ep_budget
 from rnq_ep.planner import InfeasiblePlan, plan_arrays, plan_plain_ep, plan_rnq
+from rnq_ep.planner.eplb import replicate_experts
+from rnq_ep.planner.place import copy_counts
 from rnq_ep.planner.quantize import cheapest_conversions, cheapest_conversions_by_gpu
 from rnq_ep.specs import ClusterSpec, LoadStats, ModelSpec, PlanOptions, SpecError, load_cluster, load_model, load_stats
 
@@ -158,3 +160,12 @@ def test_affinity_renames_gpus_to_keep_the_most_co_activated_tokens_in_place():
         assert staying(aligned) == pytest.approx(best)
         for before, after in zip(planned_gpu_loads(plain, loads), planned_gpu_loads(aligned, loads)):
             assert sorted(before) == pytest.approx(sorted(after))
+
+
+def test_copy_counts_match_eplb_replication():
+    rng = np.random.default_rng(2)
+    for _ in range(20):
+        weight = rng.integers(0, 6, 12).astype(np.float64) * rng.integers(1, 4)
+        extra = int(rng.integers(0, 30))
+        _, _, logcnt = replicate_experts(weight[None, :], 12 + extra)
+        assert copy_counts(weight, extra, max_copies=64).tolist() == logcnt[0].tolist()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import heapq
-
 import numpy as np
 
 
@@ -11,18 +9,17 @@ def copy_counts(weight: np.ndarray, extra: int, max_copies: int) -> np.ndarray:
     """Give `extra` more copies, one at a time, to the expert with the largest load per copy -> [E].
 
     EPLB's replication rule (ties: lowest expert index), with at most `max_copies` per expert.
+    Done at once: the j-th extra copy of e is worth w_e / j, and the rule takes the `extra`
+    largest of these values.
     """
     counts = np.ones(weight.size, dtype=np.int64)
-    heap = [(-float(w), e) for e, w in enumerate(weight) if max_copies > 1]
-    heapq.heapify(heap)
-    for _ in range(extra):
-        if not heap:
-            break
-        _, e = heapq.heappop(heap)
-        counts[e] += 1
-        if counts[e] < max_copies:
-            heapq.heappush(heap, (-float(weight[e]) / counts[e], e))
-    return counts
+    depth = min(extra, max_copies - 1)
+    if depth <= 0:
+        return counts
+    value = weight[:, None] / np.arange(1, depth + 1)  # [E, depth]
+    expert = np.broadcast_to(np.arange(weight.size)[:, None], value.shape)
+    order = np.lexsort((expert.ravel(), -value.ravel()))[:extra]
+    return counts + np.bincount(expert.ravel()[order], minlength=weight.size)
 
 
 def pack_by_rounds(expert: np.ndarray, load: np.ndarray, num_gpus: int) -> np.ndarray:
