@@ -23,6 +23,7 @@ from torch import nn
 
 from rnq_ep.layer import EPMoE
 from rnq_ep.specs import ModelSpec, Plan, SpecError
+from rnq_ep.textdata import builtin_text, token_batches, tokenize
 
 TINY_PREFIX = "tiny-"
 _COMMON = dict(
@@ -268,3 +269,16 @@ def generate_greedy(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> 
         tokens_per_s=prompt.shape[0] * new_tokens / seconds,
         balancedness=[sum(seen) / len(seen) for seen in steps],
     )
+
+
+def run_on_rank(
+    source: str, plan: Plan, rank: int, world_size: int, group: Any = None, batch: int = 1, prompt_len: int = 32,
+    new_tokens: int = 16, seed: int = 0, policy: str = "least-loaded", device: torch.device | None = None,
+) -> GenerationReport:
+    """`rnq-ep run --hf`: load `source`, convert for this rank, greedy-generate from its rows of the builtin text."""
+    model, tokenizer, _ = load_model(source, seed)
+    device = device or torch.device("cpu")
+    convert(model.to(device), plan, rank, world_size, group, policy)
+    ids = tokenize(builtin_text(), model.config.vocab_size, tokenizer)
+    rows = token_batches(ids, batch * world_size, prompt_len, batch * world_size * prompt_len)[0]  # [R*B, S]
+    return generate_greedy(model, rows[rank * batch : (rank + 1) * batch].to(device), new_tokens)

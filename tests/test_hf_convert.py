@@ -10,7 +10,7 @@ import torch
 
 from tiny_hf import one_torch_thread, tiny  # noqa: F401  (fixtures; the import skips without transformers)
 from rnq_ep import hf
-from rnq_ep.specs import ClusterSpec, LayerPlan, Plan, PlanOptions, Slot, SpecError
+from rnq_ep.specs import ClusterSpec, LayerPlan, LoadStats, Plan, PlanOptions, Slot, SpecError
 from rnq_ep.textdata import builtin_text, token_batches, tokenize
 
 CONVERTIBLE = [family for family in sorted(hf.FAMILIES) if family != "gpt-oss"]
@@ -124,3 +124,32 @@ def test_greedy_generation_on_a_bf16_conversion_equals_the_original(tiny):
 def test_generation_needs_a_converted_model(tiny):
     with pytest.raises(SpecError, match="call convert"):
         hf.generate_greedy(tiny("mixtral"), builtin_batch(rows=1, seq_len=8), new_tokens=1)
+
+
+def generate_on_rank(rank: int, world_size: int, plan: Plan) -> tuple[bool, list[float]]:
+    """(tokens equal the unconverted model's greedy tokens, balancedness per layer) of this rank."""
+    torch.set_num_threads(1)
+    report = hf.run_on_rank("tiny-mixtral", plan, rank, world_size, batch=2, prompt_len=16, new_tokens=4)
+    prompt = report.tokens[:, :16]
+    with torch.no_grad():
+        expected = hf.tiny_model("mixtral").generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    return torch.equal(report.tokens, expected), report.balancedness
+
+
+def test_run_on_one_rank_generates_the_original_tokens(tiny):
+    same, balancedness = generate_on_rank(0, 1, one_gpu_plan(tiny("mixtral"), "bf16"))
+    assert same and balancedness == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.slow
+def test_two_rank_greedy_generation_follows_the_original_model():
+    from gloo import run_ranks
+
+    from rnq_ep.planner import plan_plain_ep
+
+    model = hf.tiny_model("mixtral")
+    spec, cluster = hf.model_spec(model, "tiny-mixtral"), msgspec.structs.replace(ONE_CPU, gpus_per_node=2)
+    stats = LoadStats(counts=[[1] * 8] * 3, num_experts=8, top_k=2)
+    results = run_ranks(generate_on_rank, 2, plan_plain_ep(spec, cluster, stats))
+    assert all(same for same, _ in results)
+    assert all(len(balancedness) == 3 and min(balancedness) >= 1.0 for _, balancedness in results)
