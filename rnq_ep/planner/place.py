@@ -14,6 +14,10 @@ def copy_counts(weight: np.ndarray, extra: int, max_copies: int) -> np.ndarray:
     """
     counts = np.ones(weight.size, dtype=np.int64)
     depth = min(extra, max_copies - 1)
+    total = float(weight.sum())
+    if total > 0:
+        # every value taken is >= the final max load per copy >= total / (E + extra), so j <= w_max / that
+        depth = min(depth, int(weight.max() * (weight.size + extra) / total) + 1)
     if depth <= 0:
         return counts
     value = weight[:, None] / np.arange(1, depth + 1)  # [E, depth]
