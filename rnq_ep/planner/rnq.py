@@ -117,6 +117,12 @@ def initial_copies(weight: np.ndarray, num_gpus: int, limits: Limits, layer: int
     counts = copy_counts(weight, extra, limits.max_copies)
     expert = np.repeat(np.arange(num_experts), counts)
     tokens = weight[expert] / counts[expert]
+    needed = fewest_quantized_copies(expert.size, num_gpus, limits) if extra else 0
+    if needed and np.partition(tokens, needed - 1)[:needed].sum() > limits.token_budget:
+        raise InfeasiblePlan(
+            f"layer {layer}: {extra} replicas need at least {needed} quantized copies, more tokens than the "
+            f"quality budget allows ({limits.token_budget:.0f} tokens) on the GPUs holding the most copies"
+        )
     gpu = pack_by_rounds(expert, tokens, num_gpus)
     fmt = np.zeros(expert.size, dtype=np.int64)
     used = np.bincount(gpu, minlength=num_gpus) * int(limits.fmt_bytes[0])
@@ -132,6 +138,18 @@ def initial_copies(weight: np.ndarray, num_gpus: int, limits: Limits, layer: int
             f"quality budget allows ({limits.token_budget:.0f} tokens); missing room on {', '.join(short[:8])}"
         )
     return gpu, expert, fmt, tokens
+
+
+def fewest_quantized_copies(num_copies: int, num_gpus: int, limits: Limits) -> int:
+    """Lower bound on copies to quantize when `num_copies` are spread evenly, all in the smallest format."""
+    most = math.ceil(num_copies / num_gpus)
+    crowded = num_copies - (most - 1) * num_gpus  # GPUs holding `most` copies, the rest hold one fewer
+    smallest = int(limits.fmt_bytes[np.isfinite(limits.cost).all(axis=0)].min())
+    saved = int(limits.fmt_bytes[0]) - smallest
+    if saved == 0:
+        return 0
+    per_gpu = [max(0, math.ceil((m * int(limits.fmt_bytes[0]) - limits.budget) / saved)) for m in (most, most - 1)]
+    return crowded * per_gpu[0] + (num_gpus - crowded) * per_gpu[1]
 
 
 def layer_state(copies: Copies, limits: Limits, num_gpus: int, num_experts: int) -> LayerCopies:
