@@ -1,0 +1,97 @@
+"""`rnq-ep run --ray [ADDRESS]`: the Ray flags of `rnq-ep run`, a live progress line and the summary tables.
+
+    rnq-ep run --ray --plan plan.json --loads loads.json              # local cluster, CPU workers, gloo
+    rnq-ep run --ray 10.0.0.1:6379 --plan plan.json --max-restarts 1  # an existing cluster
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from rnq_ep.runtime.ray_cluster import ClusterError, RayJob, connect
+from rnq_ep.runtime.ray_driver import Event, JobResult, WorkerFailed, make_job, run_job
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    """Ray options of `rnq-ep run` (the rest are torchrun's: --plan, --model, --tokens, --steps, --loads, ...)."""
+    parser.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                        help="run on Ray: the cluster at ADDRESS (HOST:PORT or auto), or with no address a local one")
+    parser.add_argument("--max-restarts", type=int, default=0, metavar="N",
+                        help="rebuild the worker group and replay the job up to N times after a worker fails")
+    parser.add_argument("--timeout", type=float, default=300.0, metavar="S",
+                        help="collective timeout and the longest wait for any phase before the job is stopped")
+    parser.add_argument("--cpus-per-worker", type=float, metavar="C",
+                        help="CPUs reserved per CPU worker (default: the cluster's CPUs / workers, at most 1)")
+    parser.add_argument("--num-cpus", type=int, metavar="N", help="CPUs of the local cluster (default: all)")
+
+
+def wide_console() -> Console:
+    """A rich console on stdout; wide when it is not a terminal, so tables do not wrap in logs and pipes."""
+    out = Console(file=sys.stdout)
+    return out if out.is_terminal else Console(file=sys.stdout, width=160)
+
+
+def ray_main(args: argparse.Namespace) -> int:
+    """Run the plan on Ray and print the summary; 0 ok, 1 a worker failed, 2 bad input or cluster."""
+    out = wide_console()
+    try:
+        job = make_job(
+            args.plan, args.loads, args.model, tokens=args.tokens, steps=args.steps, seed=args.seed,
+            policy=args.policy, backend=args.backend, timeout_s=args.timeout,
+        )
+        connect(args.ray or None, args.num_cpus)
+        result = run_live(job, args.max_restarts, args.cpus_per_worker, out)
+    except ClusterError as err:
+        sys.stderr.write(f"rnq-ep run: error: {err}\n")
+        return 2
+    except WorkerFailed as err:
+        sys.stderr.write(f"rnq-ep run: worker failed: {err}\n")
+        return 1
+    out.print(steps_table(result, f"{Path(args.plan).name} on Ray: {len(result.workers)} workers, policy {args.policy}"))
+    out.print(workers_table(result))
+    return 0
+
+
+def run_live(job: RayJob, max_restarts: int, cpus_per_worker: float | None, out: Console, label: str = "ray job") -> JobResult:
+    """run_job with a spinner line that shows the current phase and elapsed time; events are printed as they come."""
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=out, transient=True) as bar:
+        task = bar.add_task(f"{label}: connecting", total=None)
+
+        def show(event: Event) -> None:
+            style = {"failed": "red", "restarting": "yellow", "done": "green"}.get(event.kind)
+            bar.console.print(f"{label} attempt {event.attempt}: {event.message}", style=style, markup=False)
+            bar.update(task, description=f"{label}: {event.kind}")
+
+        return run_job(job, max_restarts, cpus_per_worker, show)
+
+
+def steps_table(result: JobResult, title: str) -> Table:
+    """Per step: time (rank 0, barrier to barrier), balancedness, tokens per worker, bytes sent by all ranks."""
+    table = Table(title=title, title_justify="left")
+    for column in ("step", "seconds", "balancedness", "tokens per worker", "bytes sent (all ranks)"):
+        table.add_column(column, justify="right")
+    for step, first in enumerate(result.stats[0]):
+        sent = sum(rank_stats[step].bytes_sent for rank_stats in result.stats)
+        table.add_row(str(first.step), f"{first.seconds:.4f}", f"{first.balancedness:.3f}",
+                      " ".join(map(str, first.tokens_per_gpu.tolist())), f"{sent:,}")
+    return table
+
+
+def workers_table(result: JobResult) -> Table:
+    """Per worker over all steps: where it ran, rows computed, bytes sent, CPU seconds in its experts."""
+    caption = f"restarts: {result.restarts}; step time median {np.median([s.seconds for s in result.stats[0]]):.4f} s"
+    table = Table(title="workers", title_justify="left", caption=caption, caption_justify="left")
+    for column in ("rank", "node", "pid", "tokens computed", "bytes sent", "expert CPU s"):
+        table.add_column(column, justify="right")
+    for info, rank_stats in zip(result.workers, result.stats):
+        tokens = int(sum(s.tokens_per_gpu[info.rank] for s in rank_stats))
+        table.add_row(str(info.rank), info.node_ip, str(info.pid), f"{tokens:,}",
+                      f"{sum(s.bytes_sent for s in rank_stats):,}", f"{sum(s.expert_cpu_seconds for s in rank_stats):.3f}")
+    return table

@@ -1,0 +1,221 @@
+"""Where Ray workers run: connecting to a cluster, the placement group, the worker actor, the torchrun env.
+
+One actor per GPU (`num_gpus=1`, NCCL) or per CPU worker (fractional `num_cpus`, gloo), each in
+its own bundle of a PACK placement group; a plan over several nodes on a cluster of several nodes
+gets one bundle per plan node (a node's worth of workers) with STRICT_SPREAD, so the GPUs that
+the plan puts on one node share a Ray node. Every actor gets the torchrun env and calls the same
+`run_worker` as torchrun. `ray_driver` runs jobs on these pieces and recovers from failures.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+from dataclasses import dataclass
+
+import msgspec
+import ray
+import ray.exceptions
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rnq_ep.runtime.worker import StepStats, run_worker
+from rnq_ep.specs import ModelSpec, Plan, SpecError
+
+PLACE_TIMEOUT_S = 30.0  # a placement group not ready by then cannot be placed (we do not wait for autoscaling)
+CONNECT_TIMEOUT_S = 5.0
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster cannot be reached or cannot place the workers the plan needs."""
+
+
+@dataclass(frozen=True)
+class RayJob:
+    """What every worker runs: run_worker's arguments, plan and loads carried as bytes (no shared disk needed)."""
+
+    plan: bytes  # plan JSON
+    loads: bytes | None  # load JSON the routing follows; None: uniform
+    model: ModelSpec | None = None  # same experts/top_k as the plan's model, other sizes; None: the plan's
+    tokens: int = 256
+    steps: int = 5
+    seed: int = 0
+    policy: str = "least-loaded"
+    backend: str = "auto"
+    keep_outputs: bool = False
+    timeout_s: float = 300.0  # process group (collective) timeout and the bound on each phase
+
+    @property
+    def plan_spec(self) -> Plan:
+        """The decoded plan."""
+        return msgspec.json.decode(self.plan, type=Plan)
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """Where a worker runs."""
+
+    rank: int
+    actor_id: str
+    node_id: str
+    node_ip: str
+    pid: int
+
+    def describe(self) -> str:
+        """'rank R (actor A, pid P on node N at IP)'."""
+        return f"rank {self.rank} (actor {self.actor_id[:12]}, pid {self.pid} on node {self.node_id[:12]} at {self.node_ip})"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How the plan's workers map onto bundles: rank r uses bundle r // per_bundle."""
+
+    bundles: list[dict[str, float]]
+    strategy: str  # PACK or STRICT_SPREAD
+    cpus: float  # per worker (0 for GPU workers: Ray's default CPU is not reserved)
+    gpus: float  # per worker
+    per_bundle: int
+
+
+@ray.remote
+class EPWorker:
+    """One rank: sets the torchrun env and calls run_worker."""
+
+    def __init__(self, rank: int, cpus: float) -> None:
+        self.rank = rank
+        if cpus > 0:  # a fractional CPU worker: one thread, so 4 workers on 2 cores do not oversubscribe
+            import torch
+
+            torch.set_num_threads(max(1, int(cpus)))
+
+    def where(self) -> WorkerInfo:
+        """This actor's rank, ids, node and pid."""
+        context = ray.get_runtime_context()
+        return WorkerInfo(self.rank, context.get_actor_id(), context.get_node_id(), ray.util.get_node_ip_address(), os.getpid())
+
+    def gpu_ids(self) -> list[str]:
+        """GPU ids Ray assigned to this actor (empty on CPU workers)."""
+        return [str(g) for g in ray.get_gpu_ids()]
+
+    def free_port(self) -> int:
+        """A TCP port free on this node a moment ago (the rendezvous port, found on rank 0)."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("", 0))
+            return sock.getsockname()[1]
+
+    def run(self, job: RayJob, env: dict[str, str]) -> list[StepStats]:
+        """Set the torchrun env, write plan/loads to local files, run this rank's steps."""
+        os.environ.update(env)
+        with tempfile.TemporaryDirectory(prefix="rnq-ep-") as folder:
+            plan_path = os.path.join(folder, "plan.json")
+            with open(plan_path, "wb") as f:
+                f.write(job.plan)
+            loads_path = None
+            if job.loads is not None:
+                loads_path = os.path.join(folder, "loads.json")
+                with open(loads_path, "wb") as f:
+                    f.write(job.loads)
+            return run_worker(
+                self.rank, int(env["WORLD_SIZE"]), plan_path, job.model, job.tokens, job.steps, loads_path,
+                job.seed, job.policy, job.backend, keep_outputs=job.keep_outputs, timeout_s=job.timeout_s,
+            )
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the cluster at `address` ('auto', 'HOST:PORT'), or RAY_ADDRESS, or start a local one."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address is None:
+        # a private local cluster needs no token; opting out keeps its output clean
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        return
+    if address != "auto" and not address.startswith("ray://"):
+        _probe(address)
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    except (ConnectionError, ValueError, RuntimeError) as err:
+        raise ClusterError(f"cannot connect to the Ray cluster at {address!r}: {err}") from None
+
+
+def _probe(address: str) -> None:
+    """Fail fast on an address nothing listens on (ray.init would retry for a minute or more)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"Ray address {address!r}: expected HOST:PORT, 'auto' or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise ClusterError(
+            f"cannot reach a Ray cluster at {address}: {err}; start one with `ray start --head` "
+            "or leave out the address to run on a local cluster"
+        ) from None
+
+
+def placement_for(plan: Plan, resources: dict[str, float], alive_nodes: int, cpus_per_worker: float | None = None) -> Placement:
+    """Bundles for the plan's workers on a cluster with `resources` (totals) over `alive_nodes` nodes."""
+    cluster, world = plan.cluster, plan.cluster.num_gpus
+    if cpus_per_worker is not None and cpus_per_worker <= 0:
+        raise SpecError(f"--cpus-per-worker must be > 0, got {cpus_per_worker}")
+    if cluster.device == "gpu":
+        cpus, gpus, kind = 0.0, 1.0, "GPU"
+    else:
+        cpus, gpus, kind = cpus_per_worker or min(1.0, resources.get("CPU", 0.0) / world), 0.0, "CPU"
+    wanted, have = world * (gpus or cpus), resources.get(kind, 0.0)
+    if wanted == 0 or wanted > have + 1e-9:
+        hint = "" if kind == "GPU" else "; lower --cpus-per-worker"
+        raise ClusterError(
+            f"the plan {cluster.name!r} needs {world} {cluster.device.upper()} workers ({wanted:g} {kind}) "
+            f"but the Ray cluster has {have:g} {kind}{hint}"
+        )
+    spread = cluster.nodes > 1 and alive_nodes > 1
+    per_bundle = cluster.gpus_per_node if spread else 1
+    bundle = {key: value * per_bundle for key, value in (("CPU", cpus), ("GPU", gpus)) if value > 0}
+    return Placement([bundle] * (world // per_bundle), "STRICT_SPREAD" if spread else "PACK", cpus, gpus, per_bundle)
+
+
+def reserve(placement: Placement) -> PlacementGroup:
+    """Create the placement group and wait (bounded) until every bundle is placed."""
+    pg = placement_group(placement.bundles, strategy=placement.strategy)
+    try:
+        ray.get(pg.ready(), timeout=PLACE_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(pg)
+        raise ClusterError(
+            f"could not place {len(placement.bundles)} bundles of {placement.bundles[0]} ({placement.strategy}) "
+            f"within {PLACE_TIMEOUT_S:.0f} s; free resources: {ray.available_resources()}"
+        ) from None
+    return pg
+
+
+def start_actors(pg: PlacementGroup, placement: Placement, world: int) -> list:
+    """One EPWorker per rank, in its bundle."""
+    return [
+        EPWorker.options(
+            num_cpus=placement.cpus, num_gpus=placement.gpus,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, rank // placement.per_bundle),
+        ).remote(rank, placement.cpus)
+        for rank in range(world)
+    ]
+
+
+def torchrun_env(workers: list[WorkerInfo], port: int, gpu_ids: list[list[str]] | None) -> list[dict[str, str]]:
+    """Per rank: RANK, WORLD_SIZE, LOCAL_RANK (index on its node), MASTER_ADDR/PORT of rank 0's node."""
+    by_node: dict[str, list[int]] = {}
+    for info in workers:
+        by_node.setdefault(info.node_id, []).append(info.rank)
+    envs = []
+    for info in workers:
+        peers = by_node[info.node_id]
+        env = {
+            "RANK": str(info.rank), "WORLD_SIZE": str(len(workers)), "LOCAL_RANK": str(peers.index(info.rank)),
+            "LOCAL_WORLD_SIZE": str(len(peers)), "MASTER_ADDR": workers[0].node_ip, "MASTER_PORT": str(port),
+        }
+        if gpu_ids is not None:
+            # as Ray Train does: every rank on a node sees the node's GPUs and cuda:LOCAL_RANK is its own
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_ids[r][0] for r in peers)
+        envs.append(env)
+    return envs

@@ -1,0 +1,179 @@
+"""Ray runtime: outputs equal the unsharded model, a killed worker is named, restarts replay, bad clusters fail fast.
+
+One local Ray cluster (2 CPUs, workers at half a CPU) serves the module; every job starts and
+tears down its own worker group. Plans are bf16 with replicas of the hot expert, so sharded
+outputs equal the dense model in fp32 up to summation order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+import pytest
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+
+from rnq_ep.demo import unsharded_outputs
+from rnq_ep.runtime import ray_cluster
+from rnq_ep.runtime.ray_cli import add_ray_arguments, ray_main
+from rnq_ep.runtime.ray_cluster import ClusterError, WorkerInfo, connect, placement_for, torchrun_env
+from rnq_ep.runtime.ray_driver import WorkerFailed, make_job, run_job
+from rnq_ep.runtime.torchrun import add_run_arguments
+from rnq_ep.specs import LayerPlan, LoadStats, Plan, PlanOptions, Slot, encode_json, load_cluster, load_model, load_stats
+
+MODEL = load_model("tiny")
+REPO = Path(__file__).resolve().parent.parent
+TOKENS, STEPS = 16, 2
+
+
+def bf16_plan(num_gpus: int, nodes: int = 1, device: str = "cpu") -> Plan:
+    """Experts round-robin over the GPUs, expert 0 (the hot one) on every GPU; two layers."""
+    cluster = msgspec.structs.replace(load_cluster("cpu4"), nodes=nodes, gpus_per_node=num_gpus // nodes, device=device)
+    slots = sorted([(e % num_gpus, e, 1.0) for e in range(1, MODEL.num_experts)] + [(g, 0, 1 / num_gpus) for g in range(num_gpus)])
+    layer_slots = [Slot(gpu=g, expert=e, fmt="bf16", share=s) for g, e, s in slots]
+    return Plan(model=MODEL, cluster=cluster, options=PlanOptions(), layers=[LayerPlan(layer=i, slots=layer_slots) for i in (0, 1)])
+
+
+def write_job_files(folder: Path, num_gpus: int) -> tuple[str, str]:
+    """(plan path, loads path): a bf16 plan for num_gpus workers and loads where expert 0 dominates."""
+    plan, loads = folder / f"plan{num_gpus}.json", folder / "loads.json"
+    plan.write_bytes(encode_json(bf16_plan(num_gpus)))
+    counts = [[900, 50, 40, 30, 20, 10, 5, 1], [10, 10, 10, 10, 10, 10, 10, 930]]
+    loads.write_bytes(encode_json(LoadStats(counts=counts, num_experts=8, top_k=2, layer_ids=[0, 1])))
+    return str(plan), str(loads)
+
+
+def assert_matches_unsharded(stats, plan_path: str, loads_path: str) -> None:
+    world = len(stats)
+    reference = unsharded_outputs(bf16_plan(world), MODEL, load_stats(loads_path), world, TOKENS, STEPS, seed=0)
+    for rank in range(world):
+        for step in range(STEPS):
+            torch.testing.assert_close(stats[rank][step].output, reference[rank][step], rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    connect(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def job_of(tmp_path: Path, num_gpus: int):
+    plan, loads = write_job_files(tmp_path, num_gpus)
+    return make_job(plan, loads, tokens=TOKENS, steps=STEPS, backend="torch", keep_outputs=True, timeout_s=60), plan, loads
+
+
+def kill_rank_once(rank: int):
+    """An event sink that kills `rank`'s actor once the first attempt is running."""
+    def on_event(event):
+        if event.kind == "running" and event.attempt == 0:
+            ray.kill(event.actors[rank])
+    return on_event
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [2, 4])
+def test_workers_produce_the_unsharded_outputs(local_ray, tmp_path, workers):
+    job, plan, loads = job_of(tmp_path, workers)
+    result = run_job(job)
+    assert result.restarts == 0 and [w.rank for w in result.workers] == list(range(workers))
+    assert_matches_unsharded(result.stats, plan, loads)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_stops_the_job_naming_its_rank_and_node(local_ray, tmp_path):
+    job, _, _ = job_of(tmp_path, 2)
+    with pytest.raises(WorkerFailed, match=r"worker rank 1 \(actor \w+, pid \d+ on node \w+ at [\d.]+\) of 2 died while running: .*ray.kill"):
+        run_job(job, on_event=kill_rank_once(1))
+
+
+@pytest.mark.slow
+def test_a_restart_after_a_killed_worker_gives_the_same_outputs(local_ray, tmp_path):
+    job, plan, loads = job_of(tmp_path, 2)
+    events = []
+
+    def on_event(event):
+        events.append(event.kind)
+        kill_rank_once(0)(event)
+
+    result = run_job(job, max_restarts=1, on_event=on_event)
+    assert result.restarts == 1 and "failed" in events and events[-1] == "done"
+    assert_matches_unsharded(result.stats, plan, loads)
+
+
+@pytest.mark.slow
+def test_a_plan_that_needs_more_cpus_than_the_cluster_has_is_refused(local_ray, tmp_path):
+    job, _, _ = job_of(tmp_path, 4)
+    with pytest.raises(ClusterError, match=r"needs 4 CPU workers \(4 CPU\) but the Ray cluster has 2 CPU"):
+        run_job(job, cpus_per_worker=1.0)
+
+
+@pytest.mark.slow
+def test_workers_that_cannot_be_placed_now_fail_without_hanging(local_ray, tmp_path, monkeypatch):
+    monkeypatch.setattr(ray_cluster, "PLACE_TIMEOUT_S", 1.0)
+    held = placement_group([{"CPU": 1.5}])
+    ray.get(held.ready(), timeout=30)
+    try:
+        job, _, _ = job_of(tmp_path, 2)
+        with pytest.raises(ClusterError, match=r"could not place 2 bundles of \{'CPU': 0.5\} \(PACK\) within 1 s"):
+            run_job(job, cpus_per_worker=0.5)
+    finally:
+        remove_placement_group(held)
+
+
+@pytest.mark.slow
+def test_ray_main_prints_the_step_and_worker_tables(local_ray, tmp_path, capsys):
+    plan, loads = write_job_files(tmp_path, 2)
+    parser = argparse.ArgumentParser()
+    add_run_arguments(parser)
+    add_ray_arguments(parser)
+    args = parser.parse_args(["--ray", "--plan", plan, "--loads", loads, "--tokens", "8", "--steps", "2", "--backend", "torch"])
+    assert ray_main(args) == 0
+    out = capsys.readouterr().out
+    assert "on Ray: 2 workers, policy least-loaded" in out and "tokens computed" in out and "restarts: 0" in out
+
+
+@pytest.mark.slow
+def test_an_unreachable_address_fails_fast_with_a_clear_error(tmp_path):
+    plan, _ = write_job_files(tmp_path, 2)
+    done = subprocess.run(
+        [sys.executable, "launch/ray_job.py", "--ray", "127.0.0.1:1", "--plan", plan],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )
+    assert done.returncode == 2
+    assert "cannot reach a Ray cluster at 127.0.0.1:1" in done.stderr
+
+
+def test_a_multi_node_plan_on_several_nodes_gets_one_bundle_per_node():
+    placement = placement_for(bf16_plan(8, nodes=2, device="gpu"), {"GPU": 16.0, "CPU": 64.0}, alive_nodes=2)
+    assert placement.strategy == "STRICT_SPREAD" and placement.bundles == [{"GPU": 4.0}] * 2
+    assert placement.per_bundle == 4
+
+
+def test_a_multi_node_plan_on_one_node_packs_one_bundle_per_worker():
+    placement = placement_for(bf16_plan(8, nodes=2, device="gpu"), {"GPU": 8.0}, alive_nodes=1)
+    assert placement.strategy == "PACK" and placement.bundles == [{"GPU": 1.0}] * 8
+
+
+def test_a_gpu_plan_on_a_cluster_without_gpus_is_refused():
+    with pytest.raises(ClusterError, match=r"needs 4 GPU workers \(4 GPU\) but the Ray cluster has 0 GPU"):
+        placement_for(bf16_plan(4, device="gpu"), {"CPU": 2.0}, alive_nodes=1)
+
+
+def test_cpu_workers_split_the_cpus_at_most_one_each():
+    assert placement_for(bf16_plan(4), {"CPU": 2.0}, alive_nodes=1).cpus == 0.5
+    assert placement_for(bf16_plan(2), {"CPU": 16.0}, alive_nodes=1).cpus == 1.0
+
+
+def test_torchrun_env_numbers_ranks_per_node_and_points_at_rank_0():
+    workers = [WorkerInfo(r, f"a{r}", "n0" if r < 2 else "n1", "10.0.0.1" if r < 2 else "10.0.0.2", r) for r in range(4)]
+    envs = torchrun_env(workers, 1234, [["3"], ["5"], ["0"], ["1"]])
+    assert [e["LOCAL_RANK"] for e in envs] == ["0", "1", "0", "1"]
+    assert {e["MASTER_ADDR"] for e in envs} == {"10.0.0.1"} and {e["MASTER_PORT"] for e in envs} == {"1234"}
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["3,5", "3,5", "0,1", "0,1"]
+    assert [e["WORLD_SIZE"] for e in envs] == ["4"] * 4
