@@ -132,3 +132,13 @@ def test_refined_plan_satisfies_invariants(problem):
     except InfeasiblePlan:
         return
     check_invariants(plan, loads)
+
+
+@settings(max_examples=40, deadline=None)
+@given(planning_problems())
+def test_feasible_whenever_one_copy_of_each_expert_fits_in_the_smallest_format(problem):
+    model, cluster, loads, options = problem
+    smallest = min(expert_bytes(model, fmt) for fmt in options.formats)
+    budget = math.ceil(model.num_experts / cluster.num_gpus) * smallest
+    roomy = PlanOptions(formats=options.formats, quality_budget=1.0, max_copies=options.max_copies, memory_budget=budget)
+    check_invariants(plan_rnq(model, cluster, loads, roomy), loads)
