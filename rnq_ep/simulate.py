@@ -208,14 +208,17 @@ def plot_study(runs_by_gpus: dict[int, list[PolicyRun]], sweep: dict, path: Path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 3 if sweep else 2, figsize=(18 if sweep else 12, 4.5))
     gpus = list(runs_by_gpus)
     for i, name in enumerate(r.policy for r in runs_by_gpus[gpus[0]]):
         times = [next(r.layer_s for r in runs_by_gpus[g] if r.policy == name) * 1e6 for g in gpus]
         axes[0].plot(gpus, times, marker="o", linestyle="-" if i < 6 else "--", label=name)
-    axes[0].set(xscale="log", xlabel="GPUs", ylabel="MoE us per layer (cost model)", title=f"{model_name}: step time vs GPUs")
+    axes[0].set(xscale="log", yscale="log", xlabel="GPUs", ylabel="MoE us per layer (cost model)",
+                title=f"{model_name}: step time vs GPUs")
     axes[0].set_xticks(gpus, [str(g) for g in gpus])
+    axes[0].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[0].legend(fontsize=7)
     g = min(gpus, key=lambda n: abs(n - 32))
     runs = {r.policy: r for r in runs_by_gpus[g] if not r.error}
