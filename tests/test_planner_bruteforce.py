@@ -4,7 +4,8 @@ The optimum enumerates every choice of a non-empty GPU set per expert within the
 for a fixed placement the best fractional split has max GPU load = max over GPU subsets S of
 (tokens of experts whose copies all lie in S) / |S| (Hall's condition). The greedy planner
 cannot make two-step moves (evict a cold copy to make room for a replica), so it is not always
-optimal: on these instances it is optimal on >= 90 % and within BOUND of the optimum always. With the HiGHS refine it is optimal.
+optimal: on 300 random instances it was optimal on 287 and never worse than 1.13x the optimum;
+the test asserts >= 90 % optimal and BOUND on 60 of them. With the HiGHS refine it is optimal.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from rnq_ep.planner import plan_rnq
 from rnq_ep.specs import ClusterSpec, LoadStats, ModelSpec, PlanOptions
 
 NUM_GPUS = 3
-BOUND = 4 / 3
+BOUND = 1.15  # worst seen over 300 random instances: 1.13
 
 
 def optimum_max_load(weight: np.ndarray, slots_per_gpu: int) -> float:

@@ -18,7 +18,7 @@ from rnq_ep.planner.quantize import cheapest_conversions
 
 TRIED_SINKS = 4  # least-loaded GPUs tried per copy before the next copy of the source GPU
 MAX_STEPS_PER_COPY = 5  # bound on spread_load's steps (the pairwise halving converges geometrically)
-HALVING_TOL = 1e-3  # pairwise halving stops at gaps below this fraction of the mean load
+HALVING_TOL = 1e-2  # pairwise halving stops at gaps below this fraction of the mean load
 
 
 @dataclass
