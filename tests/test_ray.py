@@ -8,6 +8,7 @@ outputs equal the dense model in fp32 up to summation order.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import msgspec
 import pytest
 import ray
 import torch
+from gloo import run_ranks
 from ray.util.placement_group import placement_group, remove_placement_group
 
 from rnq_ep.demo import unsharded_outputs
@@ -24,7 +26,8 @@ from rnq_ep.runtime.ray_cli import add_ray_arguments, ray_main
 from rnq_ep.runtime.ray_cluster import ClusterError, WorkerInfo, connect, placement_for, torchrun_env
 from rnq_ep.runtime.ray_driver import WorkerFailed, make_job, run_job
 from rnq_ep.runtime.torchrun import add_run_arguments
-from rnq_ep.specs import LayerPlan, LoadStats, Plan, PlanOptions, Slot, encode_json, load_cluster, load_model, load_stats
+from rnq_ep.runtime.worker import run_worker
+from rnq_ep.specs import LayerPlan, LoadStats, Plan, PlanOptions, Slot, SpecError, encode_json, load_cluster, load_model, load_stats
 
 MODEL = load_model("tiny")
 REPO = Path(__file__).resolve().parent.parent
@@ -177,3 +180,51 @@ def test_torchrun_env_numbers_ranks_per_node_and_points_at_rank_0():
     assert {e["MASTER_ADDR"] for e in envs} == {"10.0.0.1"} and {e["MASTER_PORT"] for e in envs} == {"1234"}
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["3,5", "3,5", "0,1", "0,1"]
     assert [e["WORLD_SIZE"] for e in envs] == ["4"] * 4
+
+
+def _gloo_outputs(rank: int, world: int, plan: str, loads: str) -> list[torch.Tensor]:
+    """One gloo rank of the same job, as torchrun runs it (thread counts differ: fp32 summation order may too)."""
+    stats = run_worker(rank, world, plan, tokens=TOKENS, steps=STEPS, loads=loads, backend="torch", keep_outputs=True)
+    return [s.output for s in stats]
+
+
+@pytest.mark.slow
+def test_ray_workers_produce_the_torchrun_gloo_outputs(local_ray, tmp_path):
+    job, plan, loads = job_of(tmp_path, 2)
+    on_ray = run_job(job).stats
+    on_gloo = run_ranks(_gloo_outputs, 2, plan, loads)
+    for rank in range(2):
+        for step in range(STEPS):
+            torch.testing.assert_close(on_ray[rank][step].output, on_gloo[rank][step], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_bad_input_on_a_worker_is_reported_and_not_retried(local_ray, tmp_path):
+    plan, loads = write_job_files(tmp_path, 2)
+    other = msgspec.structs.replace(MODEL, name="other", num_experts=16)
+    job = make_job(plan, loads, tokens=TOKENS, steps=STEPS, backend="torch", timeout_s=60)
+    events = []
+    with pytest.raises(SpecError, match=r"rank 0: model 'other' has 16 experts"):
+        run_job(dataclasses.replace(job, model=other), max_restarts=1, on_event=lambda event: events.append(event.kind))
+    assert "restarting" not in events
+
+
+@pytest.mark.slow
+def test_an_hf_model_generates_the_original_greedy_tokens_on_ray_workers(local_ray, tmp_path):
+    pytest.importorskip("transformers")
+    from rnq_ep import hf
+    from rnq_ep.planner import plan_plain_ep
+
+    model = hf.tiny_model("mixtral")
+    spec = hf.model_spec(model, "tiny-mixtral")
+    layers = [layer_id for layer_id, _, _ in hf.moe_layers(model)]
+    stats = LoadStats(counts=[[1] * spec.num_experts] * len(layers), num_experts=spec.num_experts, top_k=spec.top_k, layer_ids=layers)
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_bytes(encode_json(plan_plain_ep(spec, bf16_plan(2).cluster, stats)))
+    job = make_job(str(plan_path), hf="tiny-mixtral", tokens=12, steps=3, timeout_s=120)
+    reports = run_job(job).stats
+    for report in reports:
+        prompt = report.tokens[:, :12]
+        with torch.no_grad():
+            expected = model.generate(prompt, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        assert torch.equal(report.tokens, expected)

@@ -21,6 +21,9 @@ from rnq_ep.runtime.ray_driver import Event, JobResult, WorkerFailed, make_job, 
 
 def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     """Ray options of `rnq-ep run` (the rest are torchrun's: --plan, --model, --tokens, --steps, --loads, ...)."""
+    parser.add_argument("--hf", metavar="PATH|tiny-<family>",
+                        help="with --ray: convert this transformers model for the plan and generate --steps tokens "
+                        "after a --tokens-long builtin-text prompt per worker")
     parser.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                         help="run on Ray: the cluster at ADDRESS (HOST:PORT or auto), or with no address a local one")
     parser.add_argument("--max-restarts", type=int, default=0, metavar="N",
@@ -43,7 +46,7 @@ def ray_main(args: argparse.Namespace) -> int:
     out = wide_console()
     try:
         job = make_job(
-            args.plan, args.loads, args.model, tokens=args.tokens, steps=args.steps, seed=args.seed,
+            args.plan, args.loads, args.model, hf=args.hf, tokens=args.tokens, steps=args.steps, seed=args.seed,
             policy=args.policy, backend=args.backend, timeout_s=args.timeout,
         )
         connect(args.ray or None, args.num_cpus)
@@ -54,7 +57,11 @@ def ray_main(args: argparse.Namespace) -> int:
     except WorkerFailed as err:
         sys.stderr.write(f"rnq-ep run: worker failed: {err}\n")
         return 1
-    out.print(steps_table(result, f"{Path(args.plan).name} on Ray: {len(result.workers)} workers, policy {args.policy}"))
+    title = f"{Path(args.plan).name} on Ray: {len(result.workers)} workers, policy {args.policy}"
+    if args.hf:
+        out.print(generation_table(result, f"{title}, {args.hf}"))
+        return 0
+    out.print(steps_table(result, title))
     out.print(workers_table(result))
     return 0
 
@@ -94,4 +101,16 @@ def workers_table(result: JobResult) -> Table:
         tokens = int(sum(s.tokens_per_gpu[info.rank] for s in rank_stats))
         table.add_row(str(info.rank), info.node_ip, str(info.pid), f"{tokens:,}",
                       f"{sum(s.bytes_sent for s in rank_stats):,}", f"{sum(s.expert_cpu_seconds for s in rank_stats):.3f}")
+    return table
+
+
+def generation_table(result: JobResult, title: str) -> Table:
+    """Per worker of an hf job: where it ran, its greedy tokens, time, speed and mean balancedness over layers."""
+    table = Table(title=title, title_justify="left", caption=f"restarts: {result.restarts}", caption_justify="left")
+    for column in ("rank", "node", "last token ids", "seconds", "tokens/s", "balancedness"):
+        table.add_column(column, justify="right")
+    for info, report in zip(result.workers, result.stats):
+        generated = report.tokens[0, -min(8, report.tokens.shape[1]):].tolist()
+        table.add_row(str(info.rank), info.node_ip, " ".join(map(str, generated)), f"{report.seconds:.3f}",
+                      f"{report.tokens_per_s:.1f}", f"{np.mean(report.balancedness):.3f}")
     return table

@@ -14,13 +14,17 @@ import os
 import socket
 import tempfile
 from dataclasses import dataclass
+from datetime import timedelta
 
 import msgspec
 import ray
 import ray.exceptions
+import torch
+import torch.distributed as dist
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rnq_ep.hf import GenerationReport, run_on_rank
 from rnq_ep.runtime.worker import StepStats, run_worker
 from rnq_ep.specs import ModelSpec, Plan, SpecError
 
@@ -34,13 +38,18 @@ class ClusterError(RuntimeError):
 
 @dataclass(frozen=True)
 class RayJob:
-    """What every worker runs: run_worker's arguments, plan and loads carried as bytes (no shared disk needed)."""
+    """What every worker runs: run_worker's arguments, plan and loads carried as bytes (no shared disk needed).
+
+    With `hf` (a transformers model path or `tiny-<family>`), each rank instead converts that model
+    for the plan and greedily generates `steps` tokens after a `tokens`-long builtin-text prompt.
+    """
 
     plan: bytes  # plan JSON
     loads: bytes | None  # load JSON the routing follows; None: uniform
     model: ModelSpec | None = None  # same experts/top_k as the plan's model, other sizes; None: the plan's
-    tokens: int = 256
-    steps: int = 5
+    hf: str | None = None
+    tokens: int = 256  # per rank per step; with hf: the prompt length
+    steps: int = 5  # with hf: new tokens generated
     seed: int = 0
     policy: str = "least-loaded"
     backend: str = "auto"
@@ -86,8 +95,6 @@ class EPWorker:
     def __init__(self, rank: int, cpus: float) -> None:
         self.rank = rank
         if cpus > 0:  # a fractional CPU worker: one thread, so 4 workers on 2 cores do not oversubscribe
-            import torch
-
             torch.set_num_threads(max(1, int(cpus)))
 
     def where(self) -> WorkerInfo:
@@ -105,9 +112,11 @@ class EPWorker:
             sock.bind(("", 0))
             return sock.getsockname()[1]
 
-    def run(self, job: RayJob, env: dict[str, str]) -> list[StepStats]:
-        """Set the torchrun env, write plan/loads to local files, run this rank's steps."""
+    def run(self, job: RayJob, env: dict[str, str]) -> list[StepStats] | GenerationReport:
+        """Set the torchrun env, write plan/loads to local files, run this rank's steps (or generation with hf)."""
         os.environ.update(env)
+        if job.hf is not None:
+            return _generate(self.rank, int(env["WORLD_SIZE"]), job)
         with tempfile.TemporaryDirectory(prefix="rnq-ep-") as folder:
             plan_path = os.path.join(folder, "plan.json")
             with open(plan_path, "wb") as f:
@@ -121,6 +130,20 @@ class EPWorker:
                 self.rank, int(env["WORLD_SIZE"]), plan_path, job.model, job.tokens, job.steps, loads_path,
                 job.seed, job.policy, job.backend, keep_outputs=job.keep_outputs, timeout_s=job.timeout_s,
             )
+
+
+def _generate(rank: int, world_size: int, job: RayJob) -> GenerationReport:
+    """Join the process group from the env and run hf.run_on_rank: this rank's greedy generation."""
+    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=job.timeout_s))
+    try:
+        return run_on_rank(
+            job.hf, job.plan_spec, rank, world_size, dist.group.WORLD, batch=1, prompt_len=job.tokens,
+            new_tokens=job.steps, seed=job.seed, policy=job.policy, device=device,
+        )
+    finally:
+        dist.destroy_process_group()
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:

@@ -28,7 +28,6 @@ from rnq_ep.runtime.ray_cluster import (
     start_actors,
     torchrun_env,
 )
-from rnq_ep.runtime.worker import StepStats
 from rnq_ep.specs import SpecError, load_model, load_plan
 
 FAILURE_GRACE_S = 3.0
@@ -40,9 +39,9 @@ class WorkerFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class JobResult:
-    """The attempt that finished: stats[rank][step], where each rank ran, and the restarts it took."""
+    """The attempt that finished: each rank's result, where each rank ran, and the restarts it took."""
 
-    stats: list[list[StepStats]]
+    stats: list  # per rank: list[StepStats] (one per step), or a GenerationReport for an hf job
     workers: list[WorkerInfo]
     restarts: int
 
@@ -60,8 +59,10 @@ class Event:
 EventSink = Callable[[Event], None]
 
 
-def make_job(plan_path: str, loads_path: str | None = None, model: str | None = None, **options) -> RayJob:
+def make_job(plan_path: str, loads_path: str | None = None, model: str | None = None, hf: str | None = None, **options) -> RayJob:
     """RayJob from files on the driver, checked here so a bad plan fails before any actor starts."""
+    if model and hf:
+        raise SpecError(f"--model {model} and --hf {hf}: give one (--hf runs a transformers model, --model the bare layers)")
     load_plan(plan_path)
     with open(plan_path, "rb") as f:
         plan = f.read()
@@ -71,7 +72,7 @@ def make_job(plan_path: str, loads_path: str | None = None, model: str | None = 
             raise SpecError(f"--loads {loads_path}: no such file")
         with open(loads_path, "rb") as f:
             loads = f.read()
-    return RayJob(plan=plan, loads=loads, model=load_model(model) if model else None, **options)
+    return RayJob(plan=plan, loads=loads, model=load_model(model) if model else None, hf=hf, **options)
 
 
 def run_job(
@@ -94,7 +95,7 @@ def run_job(
         emit(Event("restarting", attempt, f"restart {attempt}/{max_restarts}: rebuilding the worker group from the plan"))
 
 
-def _attempt(job: RayJob, attempt: int, cpus_per_worker: float | None, emit: EventSink) -> tuple[list[list[StepStats]], list[WorkerInfo]]:
+def _attempt(job: RayJob, attempt: int, cpus_per_worker: float | None, emit: EventSink) -> tuple[list, list[WorkerInfo]]:
     """One try: place, start, rendezvous, run; the group is always torn down."""
     plan = job.plan_spec
     world = plan.cluster.num_gpus
@@ -110,7 +111,9 @@ def _attempt(job: RayJob, attempt: int, cpus_per_worker: float | None, emit: Eve
         gpu_ids = _gather([a.gpu_ids.remote() for a in actors], job.timeout_s, workers, "starting") if placement.gpus else None
         emit(Event("started", attempt, _placement_text(workers), actors))
         refs = [actor.run.remote(job, env) for actor, env in zip(actors, torchrun_env(workers, port, gpu_ids))]
-        emit(Event("running", attempt, f"{world} workers running {job.steps} steps of {job.tokens} tokens per worker", actors))
+        work = (f"generating {job.steps} tokens after a {job.tokens}-token prompt with {job.hf}" if job.hf
+                else f"running {job.steps} steps of {job.tokens} tokens per worker")
+        emit(Event("running", attempt, f"{world} workers {work}", actors))
         stats = _gather(refs, job.timeout_s, workers, "running")
         emit(Event("done", attempt, "all workers finished", actors))
         return stats, workers
