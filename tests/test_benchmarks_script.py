@@ -38,3 +38,10 @@ def test_summary_rows_give_the_fastest_policy_and_rnq_speedups_over_the_same_run
     assert load_script().summary_rows("m", text) == [
         "| m | 8 | LLEP spill | R&Q bf16+int8 | 2.00x | 1.50x | 1.25x | 0.50x |"
     ]
+
+
+def test_summary_says_when_the_fastest_policy_is_tied():
+    names = ("plain EP", "EPLB +12.5 % mem, hash", "EPLB +12.5 % mem, least-loaded", "LLEP spill", "R&Q bf16+int8")
+    runs = {8: [run(8, name, t) for name, t in zip(names, (4e-3, 2e-3, 2e-3, 3e-3, 2e-3))]}
+    text = to_markdown([scale_table(runs, load_model("tiny"), "rnq-ep simulate: t")], "rnq-ep simulate", "cpu", "today")
+    assert "| EPLB +12.5 % mem, hash (tied with 2 more) |" in load_script().summary_rows("m", text)[0]
