@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gloo import run_ranks
-from rnq_ep.runtime.worker import draw_routing, layer_counts, run_worker
+from rnq_ep.runtime.worker import draw_routing, inclusion_probabilities, layer_counts, run_worker
 from rnq_ep.specs import (
     LayerPlan,
     LoadStats,
@@ -64,6 +64,23 @@ def test_draw_routing_follows_the_counts():
     ids, _ = draw_routing(counts, 20000, 1, torch.Generator().manual_seed(0))
     frequency = np.bincount(ids.flatten().numpy(), minlength=8) / 20000
     np.testing.assert_allclose(frequency, counts / counts.sum(), atol=0.01)
+
+
+def test_heavy_experts_are_drawn_as_often_as_the_load_file_says():
+    counts = np.array([60.0, 20.0, 10.0, 4.0, 3.0, 2.0, 1.0, 0.0])  # expert 0 in 90 % of top-3 picks
+    ids, _ = draw_routing(counts, 20000, 3, torch.Generator().manual_seed(1))
+    frequency = np.bincount(ids.flatten().numpy(), minlength=8) / 20000
+    np.testing.assert_allclose(frequency, inclusion_probabilities(counts, 3), atol=0.015)
+
+
+def test_inclusion_probabilities_cap_at_one_and_sum_to_top_k():
+    prob = inclusion_probabilities(np.array([100.0, 1.0, 1.0, 0.0]), 2)
+    np.testing.assert_allclose(prob, [1.0, 0.5, 0.5, 0.0])
+
+
+def test_fewer_loaded_experts_than_top_k_still_gives_distinct_experts():
+    ids, _ = draw_routing(np.array([5.0, 0.0, 0.0, 0.0]), 100, 3, torch.Generator().manual_seed(2))
+    assert (ids.sort(dim=1).values.diff(dim=1) > 0).all() and (ids == 0).any(dim=1).all()
 
 
 def test_draw_routing_is_reproducible_from_the_seed():

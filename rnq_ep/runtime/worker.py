@@ -74,12 +74,38 @@ def random_layer_weights(model: ModelSpec, layer: int, seed: int) -> tuple[torch
     return w_gate_up, w_down, router
 
 
+def inclusion_probabilities(counts: np.ndarray, top_k: int) -> np.ndarray:
+    """Probability [E] that a token picks each expert: top_k * counts / sum, capped at 1 (sums to top_k)."""
+    counts = np.asarray(counts, np.float64)
+    if len(counts) < top_k:
+        raise SpecError(f"cannot draw top-{top_k} distinct experts out of {len(counts)}")
+    prob = np.zeros_like(counts)
+    capped = np.zeros(len(counts), dtype=bool)
+    for _ in range(len(counts)):  # each pass caps at least one more expert, or stops
+        free_mass = counts * ~capped
+        if free_mass.sum() == 0:  # fewer experts with tokens than top_k: spread the rest evenly
+            free_mass = (~capped).astype(np.float64)
+        prob = np.where(capped, 1.0, (top_k - capped.sum()) * free_mass / free_mass.sum())
+        if (prob <= 1.0).all():
+            break
+        capped |= prob > 1.0
+    return prob
+
+
 def draw_routing(counts: np.ndarray, tokens: int, top_k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per token, top_k distinct experts drawn with probability ~ counts [E] (Gumbel-top-k): ids, weights [T, k]."""
-    log_counts = torch.log(torch.as_tensor(counts, dtype=torch.float64))  # [E], -inf never drawn (if avoidable)
-    uniform = torch.rand(tokens, len(counts), generator=gen, dtype=torch.float64).clamp_min(1e-300)
-    gumbel = -torch.log(-torch.log(uniform))  # [T, E]
-    ids = torch.topk(log_counts + gumbel, top_k, dim=-1).indices  # [T, k]
+    """Per token, top_k distinct experts, expert e with probability inclusion_probabilities(counts)[e]: ids, weights [T, k].
+
+    Systematic sampling over a random expert order per token: the cumulative probabilities tile
+    (0, k]; the points u, u+1, ..., u+k-1 land in k different experts (each probability <= 1), so
+    every expert's expected count matches the load file exactly, heavy ones included.
+    """
+    prob = torch.as_tensor(inclusion_probabilities(counts, top_k))  # [E] float64
+    order = torch.argsort(torch.rand(tokens, len(prob), generator=gen), dim=1)  # [T, E] random permutation
+    cumulative = prob[order].cumsum(dim=1)  # [T, E], ends at k
+    cumulative[:, -1] = top_k  # exact end, so rounding cannot drop the last point
+    points = (1.0 - torch.rand(tokens, 1, generator=gen, dtype=torch.float64)) + torch.arange(top_k)  # [T, k] in (0, k]
+    picked = torch.searchsorted(cumulative, points).clamp(max=len(prob) - 1)  # [T, k] positions in the order
+    ids = order.gather(1, picked)  # [T, k]
     weights = torch.softmax(torch.randn(tokens, top_k, generator=gen), dim=-1)  # [T, k] fp32
     return ids, weights
 
@@ -197,7 +223,7 @@ def run_worker(
         stats = []
         for step in range(steps):
             hidden, routing = make_batch(spec, counts, tokens, seed, rank, step)
-            stats.append(_run_step(step, layers, hidden.to(device, dtype), routing, group, keep_outputs))
+            stats.append(run_step(step, layers, hidden.to(device, dtype), routing, group, keep_outputs))
             if rank == 0:
                 log.info(
                     "step %d: %.4f s, balancedness %.3f, tokens per GPU %s",
@@ -218,7 +244,7 @@ def make_batch(
     return hidden, [draw_routing(c, tokens, model.top_k, gen) for c in counts]
 
 
-def _run_step(
+def run_step(
     step: int,
     layers: list[EPMoE],
     hidden: torch.Tensor,

@@ -1,0 +1,236 @@
+"""`rnq-ep bench layer`: the EP layer on CPU gloo ranks with real skew: plain EP, EPLB-equivalent, R&Q.
+
+Every configuration plans the same model for the same workers from the same load file. One set of
+spawned gloo ranks builds all configurations from the same seeded weights and runs them on the
+same batches (routing drawn from the file's per-layer counts), interleaved step by step, so that
+load from other processes on the host falls on all of them alike. Ratios are against plain EP.
+
+Two step times are reported. `wall` is barrier to barrier; on a host with fewer cores than ranks
+it understates imbalance, because ranks that finish early hand their core to the slow one.
+`critical` sums over layers the largest per-rank CPU time in local experts (each rank's fastest
+timed step, as load from other processes only adds time): the expert compute of a step when
+every rank has a core (or GPU) of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import multiprocessing
+import os
+import platform
+import queue
+import socket
+import sys
+import tempfile
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import torch
+import torch.distributed as dist
+from rich.console import Console
+
+from rnq_ep.bench.planner import EPLB_EXTRA, PLAIN, SHIPPED_LOADS, BenchTable, to_markdown, with_budget
+from rnq_ep.layer import EPMoE
+from rnq_ep.memory import plain_ep_budget
+from rnq_ep.metrics import gpu_bytes, layer_tables
+from rnq_ep.planner import plan_eplb, plan_plain_ep, plan_rnq
+from rnq_ep.runtime.worker import StepStats, layer_counts, make_batch, random_layer_weights, run_step
+from rnq_ep.specs import ModelSpec, Plan, PlanOptions, encode_json, load_cluster, load_model, load_plan, load_stats
+
+DEFAULT_LOADS = SHIPPED_LOADS / "olmoe-1b-7b-0924_olmoe-repo_arxiv.json"  # the most skewed real file
+RANK_TIMEOUT_S = 1200.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """One row of the bench: a plan and the routing policy it runs with."""
+
+    name: str
+    plan: Plan
+    policy: str
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One configuration over the timed steps."""
+
+    wall_s: float  # median step time, barrier to barrier
+    critical_s: float  # sum over layers of the slowest rank's expert CPU time (its fastest step)
+    balancedness: float  # mean over layers of max/mean tokens per rank
+    mb_sent: float  # all ranks, with dedupe
+    mb_sent_no_dedupe: float
+
+
+def configs(model: ModelSpec, cluster_name: str, num_ranks: int, loads_path: Path) -> list[Config]:
+    """Plain EP, EPLB-equivalent with +12.5 % memory (even split over replicas), R&Q least-loaded and hash."""
+    cluster = msgspec.structs.replace(load_cluster(cluster_name), nodes=1, gpus_per_node=num_ranks)
+    loads = load_stats(loads_path)
+    options = PlanOptions()
+    cluster = with_budget(cluster, model, options)
+    rnq = plan_rnq(model, cluster, loads, options)
+    return [
+        Config(PLAIN, plan_plain_ep(model, cluster, loads), "least-loaded"),
+        Config(EPLB_EXTRA, plan_eplb(model, cluster, loads, extra_memory=0.125), "static"),
+        Config("R&Q, least-loaded routing", rnq, "least-loaded"),
+        Config("R&Q, hash routing", rnq, "hash"),
+    ]
+
+
+def summarise(per_rank: list[list[StepStats]]) -> Measured:
+    """Figures over the steps after the first (which warms allocators and caches): stats [rank][step]."""
+    steps = range(1, len(per_rank[0]))
+    num_layers = len(per_rank[0][0].layers)
+
+    def median(values) -> float:
+        return float(np.median(list(values)))
+
+    def fastest(rank: list[StepStats], layer: int) -> float:  # other processes' load only ever adds time
+        return min(rank[s].layers[layer].expert_cpu_seconds for s in steps)
+
+    return Measured(
+        wall_s=median(per_rank[0][s].seconds for s in steps),
+        critical_s=sum(max(fastest(rank, layer) for rank in per_rank) for layer in range(num_layers)),
+        balancedness=median(per_rank[0][s].balancedness for s in steps),
+        mb_sent=median(sum(rank[s].bytes_sent for rank in per_rank) for s in steps) / 1e6,
+        mb_sent_no_dedupe=median(sum(rank[s].bytes_sent_no_dedupe for rank in per_rank) for s in steps) / 1e6,
+    )
+
+
+def bench_rank(rank: int, num_ranks: int, plan_paths: list[str], policies: list[str], loads: str,
+               tokens: int, steps: int, seed: int) -> list[list[StepStats]]:
+    """One rank: every configuration's layers from the same weights, run on the same batches: stats [config][step]."""
+    dist.init_process_group("gloo", rank=rank, world_size=num_ranks)
+    try:
+        plans = [load_plan(path) for path in plan_paths]
+        model = plans[0].model
+        counts = layer_counts(plans[0], load_stats(loads))
+        layers: list[list[EPMoE]] = [[] for _ in plans]
+        for index in range(len(plans[0].layers)):
+            weights = random_layer_weights(model, index, seed)
+            for plan, policy, built in zip(plans, policies, layers):
+                built.append(EPMoE(model, plan.layers[index], num_ranks, rank, dist.group.WORLD, *weights,
+                                   policy=policy, backend="torch"))
+        stats: list[list[StepStats]] = [[] for _ in plans]
+        for step in range(steps + 1):
+            hidden, routing = make_batch(model, counts, tokens, seed, rank, step)
+            for built, out in zip(layers, stats):
+                out.append(run_step(step, built, hidden, routing, dist.group.WORLD, keep_outputs=False))
+        return stats
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_ranks(num_ranks: int, kwargs: dict) -> list:
+    """bench_rank on `num_ranks` local processes (gloo over loopback, one thread each): results by rank."""
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    procs = [ctx.Process(target=_rank_main, args=(rank, num_ranks, env, kwargs, results)) for rank in range(num_ranks)]
+    for proc in procs:
+        proc.start()
+    try:
+        out = {}
+        while len(out) < num_ranks:
+            try:
+                rank, ok, value = results.get(timeout=RANK_TIMEOUT_S)
+            except queue.Empty:
+                raise TimeoutError(f"bench ranks did not finish within {RANK_TIMEOUT_S:.0f} s") from None
+            if not ok:
+                raise RuntimeError(f"bench rank {rank} failed:\n{value}")
+            out[rank] = value
+        return [out[rank] for rank in range(num_ranks)]
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+            proc.join()
+
+
+def _rank_main(rank: int, num_ranks: int, env: dict, kwargs: dict, results) -> None:
+    """Child: rendezvous env, one compute thread, bench_rank, report (rank, ok, result or traceback)."""
+    os.environ.update(env)
+    torch.set_num_threads(1)
+    try:
+        results.put((rank, True, bench_rank(rank, num_ranks, **kwargs)))
+    except BaseException:
+        results.put((rank, False, traceback.format_exc()))
+
+
+def _free_port() -> int:
+    """A loopback TCP port that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def bench_table(rows: list[tuple[Config, Measured]], model: ModelSpec, num_ranks: int, args: argparse.Namespace) -> BenchTable:
+    """Markdown-ready table; speedups are plain EP's time over the row's."""
+    base = rows[0][1]
+    budget = plain_ep_budget(model, num_ranks)
+    header = ("configuration", "memory / plain EP", "wall step (s)", "wall speedup", "critical step (s)",
+              "critical speedup", "max/mean tokens per rank", "MB sent (dedupe / none)")
+    table_rows = []
+    for config, m in rows:
+        memory = max(int(gpu_bytes(model, table).max()) for table in layer_tables(config.plan)) / budget
+        table_rows.append((
+            config.name, f"{memory:.3f}", f"{m.wall_s:.3f}", f"{base.wall_s / m.wall_s:.2f}x",
+            f"{m.critical_s:.3f}", f"{base.critical_s / m.critical_s:.2f}x", f"{m.balancedness:.2f}",
+            f"{m.mb_sent:.1f} / {m.mb_sent_no_dedupe:.1f}",
+        ))
+    title = (f"EP layer, {num_ranks} CPU gloo ranks, {model.name} ({model.num_experts} experts, top-{model.top_k}, "
+             f"H {model.hidden_size}, I {model.moe_intermediate_size}), {args.tokens} tokens per rank, "
+             f"{len(rows[0][0].plan.layers)} layers, routing drawn from {Path(args.loads).name}")
+    return BenchTable(title, header, table_rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Options of `rnq-ep bench layer`."""
+    p = argparse.ArgumentParser(prog="rnq-ep bench layer", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--loads", type=Path, default=DEFAULT_LOADS, help="real load file (plans and routing)")
+    p.add_argument("--model", default="olmoe-1b-7b", help="model whose experts/top-k match the load file")
+    p.add_argument("--hidden", type=int, default=512, help="expert hidden size (scaled down for CPU)")
+    p.add_argument("--inter", type=int, default=1024, help="expert intermediate size (scaled down for CPU)")
+    p.add_argument("--ranks", type=int, default=4, help="gloo worker processes")
+    p.add_argument("--cluster", default="cpu4", help="cluster whose links the plans assume; resized to --ranks")
+    p.add_argument("--tokens", type=int, default=256, help="tokens per rank per step")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per configuration (plus one warm-up)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--markdown", type=Path, help="also write the table as a markdown fragment")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Plan every configuration, run each on spawned gloo ranks, print a markdown table; 0 on success."""
+    args = build_parser().parse_args(argv)
+    base = load_model(args.model)
+    model = msgspec.structs.replace(base, name=f"{base.name}@{args.hidden}x{args.inter}",
+                                    hidden_size=args.hidden, moe_intermediate_size=args.inter)
+    console = Console(highlight=False)
+    runs = configs(model, args.cluster, args.ranks, args.loads)
+    with tempfile.TemporaryDirectory(prefix="rnq-bench-layer-") as tmp:
+        paths = []
+        for index, config in enumerate(runs):
+            paths.append(str(Path(tmp) / f"plan{index}.json"))
+            Path(paths[-1]).write_bytes(encode_json(config.plan))
+        kwargs = dict(plan_paths=paths, policies=[c.policy for c in runs], loads=str(args.loads),
+                      tokens=args.tokens, steps=args.steps, seed=args.seed)
+        with console.status(f"running {len(runs)} configurations interleaved on {args.ranks} gloo ranks"):
+            per_rank = spawn_ranks(args.ranks, kwargs)  # [rank][config][step]
+    rows = [(config, summarise([rank[c] for rank in per_rank])) for c, config in enumerate(runs)]
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}"
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = "rnq-ep bench layer " + " ".join(argv if argv is not None else sys.argv[1:])
+    markdown = to_markdown([bench_table(rows, model, args.ranks, args)], command.strip(), machine, date)
+    console.print(markdown, markup=False, soft_wrap=True)
+    if args.markdown:
+        args.markdown.write_text(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
