@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from rnq_ep.balance import SlotTable
-from rnq_ep.dispatch import combine, dispatch
+from rnq_ep.dispatch import DispatchHandle, combine, dispatch
 from rnq_ep.experts import LocalExperts
 from rnq_ep.routing import POLICIES
 from rnq_ep.specs import LayerPlan, ModelSpec
@@ -66,7 +66,11 @@ class EPMoE(torch.nn.Module):
         policy: str = "least-loaded",
         backend: str = "auto",
     ) -> None:
-        """Build this rank's part of the layer from full expert weights w_gate_up [E, 2I, H], w_down [E, H, I]."""
+        """This rank's part of the layer from full expert weights w_gate_up [E, 2I, H], w_down [E, H, I].
+
+        `router_weight` is the gate matrix [E, H] (softmax, top-k, renormalised) or any callable
+        x [T, H] -> (topk_ids [T, k], topk_weights [T, k]), e.g. a converted model's own router.
+        """
         super().__init__()
         world = _world_size(group)
         if num_gpus != world:
@@ -131,7 +135,7 @@ class EPMoE(torch.nn.Module):
             )
 
 
-def _stats_of(handle, expert_cpu_seconds: float) -> LayerStats:
+def _stats_of(handle: DispatchHandle, expert_cpu_seconds: float) -> LayerStats:
     """LayerStats from a dispatch handle's counters."""
     per_gpu = np.asarray(handle.tokens_per_gpu, dtype=np.int64)
     mean = per_gpu.mean() if per_gpu.size else 0.0

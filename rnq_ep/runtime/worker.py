@@ -1,4 +1,4 @@
-"""run_worker: the one entry every launcher calls (torchrun, Ray actors, local spawn).
+"""run_worker: the one entry every launcher calls (torchrun, Ray actors).
 
 One rank: join the process group from the standard env, build this rank's share of every plan
 layer from seeded random expert weights (identical on all ranks), then run `steps` steps of
