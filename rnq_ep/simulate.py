@@ -31,7 +31,7 @@ DEFAULT_GPUS = "8,32,64,256,1024"
 DEFAULT_CLUSTER = "h100x32"  # node size and links that --gpus scales
 DEFAULT_LOADS = "zipf:0.6"
 DEFAULT_SWEEP = "0.2,0.4,0.6,0.8,1.0,1.2,1.4,1.6"
-DEFAULT_LAYERS = 4  # synthetic layers are drawn alike, so a few stand for all (planner time is per these)
+SWEEP_LAYERS = 4  # synthetic layers are drawn alike, so a few stand for all in the sweep
 SCALE_NOTE = (
     "MoE us/layer: cost model, the slowest GPU's max(FLOP, HBM) time + all-to-all, plus LLEP's weight moves (not "
     "overlapped), mean over layers and scored windows; parts are the slowest GPU's. time / best other < 1: fastest of "
@@ -96,10 +96,12 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"load file to plan on, or seeded Zipf windows with exponent S whose hot sets drift by D (default drift {DEFAULT_DRIFT})")
     p.add_argument("--eval-loads", type=Path, metavar="FILE", help="load file to score on (default: the --loads file, in sample)")
     p.add_argument("--windows", type=int, default=2, metavar="W", help="synthetic windows: plan on each, score on the next")
-    p.add_argument("--layers", type=int, default=DEFAULT_LAYERS, metavar="N", help="synthetic layers per window (0: the model's)")
+    p.add_argument("--layers", type=int, default=0, metavar="N",
+                   help="synthetic layers per window (0: the model's; load files use all of theirs)")
     p.add_argument("--tokens-per-gpu", type=int, default=DEFAULT_TOKENS_PER_GPU, metavar="N", help="tokens per GPU in one step")
     p.add_argument("--sweep", default=DEFAULT_SWEEP, metavar="S,S|none", help="Zipf exponents of the skew sweep")
     p.add_argument("--sweep-gpus", type=int, default=32, metavar="G", help="GPU count of the skew sweep")
+    p.add_argument("--sweep-layers", type=int, default=SWEEP_LAYERS, metavar="N", help="synthetic layers per window in the sweep")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic loads")
     p.add_argument("--plot", type=Path, metavar="PNG", help="PNG: time per layer vs GPUs, tokens per GPU, sweep")
     p.add_argument("--markdown", type=Path, metavar="PATH", help="also write the tables as a markdown fragment")
@@ -134,7 +136,8 @@ def simulate_main(args: argparse.Namespace) -> int:
     for path, flag in ((args.markdown, "--markdown"), (args.plot, "--plot")):
         check_folder(path, flag)
     for flag, value, least in (("--windows", args.windows, 2), ("--tokens-per-gpu", args.tokens_per_gpu, 1),
-                               ("--layers", args.layers, 0), ("--sweep-gpus", args.sweep_gpus, 1)):
+                               ("--layers", args.layers, 0), ("--sweep-gpus", args.sweep_gpus, 1),
+                               ("--sweep-layers", args.sweep_layers, 1)):
         if value < least:
             raise SpecError(f"{flag}: must be >= {least}, got {value}")
     model = load_model(args.model)
@@ -166,11 +169,12 @@ def simulate_main(args: argparse.Namespace) -> int:
     sweep_cluster = scaled_cluster(base, args.sweep_gpus)
     drift = synthetic.drift if synthetic else DEFAULT_DRIFT
     for s in exponents:
-        windows = synthetic_windows(model, ZipfLoads(s, drift), layers, 2, args.sweep_gpus * args.tokens_per_gpu, args.seed)
+        windows = synthetic_windows(model, ZipfLoads(s, drift), args.sweep_layers, 2, args.sweep_gpus * args.tokens_per_gpu,
+                                    args.seed)
         with show.status(f"sweep: Zipf s={s:g} on {args.sweep_gpus} GPUs"):
             sweep[s] = (expert_skew(windows), run_all(model, sweep_cluster, windows, args.tokens_per_gpu))
     if sweep:
-        tables.append(sweep_table(sweep, args.sweep_gpus, f"Skew sweep: {model.name}, Zipf windows with hot-set drift {drift:g}, {layers} layers"))
+        tables.append(sweep_table(sweep, args.sweep_gpus, f"Skew sweep: {model.name}, Zipf windows with hot-set drift {drift:g}, {args.sweep_layers} layers"))
     for table in tables:
         print_table(table)
     if args.plot:

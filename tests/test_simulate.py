@@ -7,7 +7,7 @@ from rnq_ep.simulate import main, ratios, scale_table, sweep_table
 from rnq_ep.specs import load_model
 
 SHIPPED = Path(__file__).resolve().parent.parent / "configs" / "loads"
-TINY = ["--model", "tiny", "--layers", "2", "--tokens-per-gpu", "2048"]
+TINY = ["--model", "tiny", "--layers", "2", "--sweep-layers", "2", "--tokens-per-gpu", "2048"]
 
 
 def run(policy: str, layer_s: float, error: str = "") -> PolicyRun:
