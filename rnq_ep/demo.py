@@ -38,12 +38,13 @@ class PolicyRun:
     """What one plan did on the cluster, over all steps and layers."""
 
     name: str
-    tokens_per_worker: np.ndarray  # [G] rows computed per step, summed over layers, mean over steps
+    layers: tuple[int, ...]  # decoder layer ids
+    tokens_per_worker: np.ndarray  # [L, G] rows each worker computed in each layer, mean over steps
     balancedness: float  # mean over steps and layers of max/mean rows per worker
     lis: float  # mean over steps and layers of the heaviest copy's rows / (rows / experts)
     quantized_fraction: float  # rows served by int8/int4 copies / all rows
     step_seconds: float  # median wall time of a timed step (rank 0, barrier to barrier)
-    critical_cpu_seconds: float  # median over timed steps of the busiest worker's expert CPU time
+    critical_cpu_seconds: float  # median over timed steps of the sum over layers of the busiest worker's expert CPU time
     max_output_diff: float  # max |output - unsharded output| over every rank and step
 
 
@@ -143,10 +144,13 @@ def summarize(name: str, plan: Plan, result: JobResult, reference: list[list[tor
     diffs = [(s.output - ref).abs().max().item() for rank, ref_steps in enumerate(reference)
              for s, ref in zip(result.stats[rank], ref_steps)]
     timed = range(1 if len(steps) > 1 else 0, len(steps))  # step 0 warms up allocators and caches
-    critical = [max(rank_stats[i].expert_cpu_seconds for rank_stats in result.stats) for i in timed]
+    # every layer waits for its busiest worker (one all-to-all each way), so the critical path sums per-layer maxima
+    critical = [sum(max(rank_stats[i].layers[j].expert_cpu_seconds for rank_stats in result.stats) for j in range(len(tables)))
+                for i in timed]
     return PolicyRun(
         name=name,
-        tokens_per_worker=np.mean([s.tokens_per_gpu for s in steps], axis=0),
+        layers=tuple(layer.layer for layer in plan.layers),
+        tokens_per_worker=np.mean([[layer.tokens_per_gpu for layer in s.layers] for s in steps], axis=0),
         balancedness=float(np.mean([s.balancedness for s in steps])),
         lis=float(np.mean([load_imbalance_score(copy_rows, plan.model.num_experts) for _, copy_rows in per_copy])),
         quantized_fraction=quantized / rows if rows else 0.0,
@@ -169,20 +173,23 @@ def comparison_table(runs: list[PolicyRun]) -> Table:
     base = runs[0]
     table = Table(title="plain EP vs R&Q on 4 CPU workers (same batches, same memory)", title_justify="left",
                   caption="ratios are baseline / R&Q (> 1: R&Q faster); times are medians over steps 1.. (step 0 warms up); "
-                  "on a shared or oversubscribed CPU the busiest worker's expert CPU time is the steadier measure",
+                  "critical path = sum over layers of the busiest worker's expert CPU time, what one worker per core "
+                  "would wait for; steadier than wall time on a shared or oversubscribed CPU",
                   caption_justify="left")
     table.add_column("metric")
     for run in runs:
         table.add_column(run.name, justify="right")
     rows = [
-        ("tokens per worker (per step)", lambda r: " ".join(f"{t:.0f}" for t in r.tokens_per_worker)),
+        (f"tokens per worker, layer {layer}", lambda r, j=j: " ".join(f"{t:.0f}" for t in r.tokens_per_worker[j]))
+        for j, layer in enumerate(base.layers)
+    ] + [
         ("balancedness (max/mean)", lambda r: f"{r.balancedness:.3f}"),
         ("LIS", lambda r: f"{r.lis:.2f}"),
         ("quantized-token fraction", lambda r: f"{r.quantized_fraction:.3f}"),
         ("step time, median s", lambda r: f"{r.step_seconds:.3f}"),
         ("step time ratio", lambda r: f"{base.step_seconds / r.step_seconds:.2f}x"),
-        ("busiest worker's expert CPU s", lambda r: f"{r.critical_cpu_seconds:.3f}"),
-        ("busiest worker ratio", lambda r: f"{base.critical_cpu_seconds / r.critical_cpu_seconds:.2f}x"),
+        ("critical path: busiest expert CPU s", lambda r: f"{r.critical_cpu_seconds:.3f}"),
+        ("critical path ratio", lambda r: f"{base.critical_cpu_seconds / r.critical_cpu_seconds:.2f}x"),
         ("max |output - unsharded|", lambda r: f"{r.max_output_diff:.2e}"),
     ]
     for label, cell in rows:
@@ -191,23 +198,26 @@ def comparison_table(runs: list[PolicyRun]) -> Table:
 
 
 def plot_tokens(runs: list[PolicyRun], path: Path) -> None:
-    """Bar chart of tokens per worker, one group of bars per worker, one bar per run."""
+    """Bar charts of tokens per worker, one panel per layer, one bar per run and worker."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    workers = np.arange(len(runs[0].tokens_per_worker))
+    layers = runs[0].layers
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 3.4), sharey=True, squeeze=False)
+    workers = np.arange(runs[0].tokens_per_worker.shape[1])
     width = 0.8 / len(runs)
-    for i, run in enumerate(runs):
-        ax.bar(workers + i * width, run.tokens_per_worker, width, label=f"{run.name} (max/mean {run.balancedness:.2f})")
-    mean = float(np.mean(runs[0].tokens_per_worker))
-    ax.axhline(mean, color="grey", linestyle="--", linewidth=1, label="perfect balance")
-    ax.set_xticks(workers + width * (len(runs) - 1) / 2, [f"worker {w}" for w in workers])
-    ax.set_ylabel("expert rows per step (all layers)")
-    ax.set_title(f"{MODEL} on {CLUSTER}: tokens per worker")
-    ax.legend(loc="lower right", fontsize=8)
+    for j, (ax, layer) in enumerate(zip(axes[0], layers)):
+        for i, run in enumerate(runs):
+            loads = run.tokens_per_worker[j]
+            ax.bar(workers + i * width, loads, width, label=f"{run.name} (max/mean {loads.max() / loads.mean():.2f})")
+        ax.axhline(float(np.mean(runs[0].tokens_per_worker[j])), color="grey", linestyle="--", linewidth=1)
+        ax.set_xticks(workers + width * (len(runs) - 1) / 2, [f"w{w}" for w in workers])
+        ax.set_title(f"layer {layer}")
+        ax.legend(loc="lower right", fontsize=7)
+    axes[0][0].set_ylabel("expert rows per step (dashed: even split)")
+    fig.suptitle(f"{MODEL} on {CLUSTER}: tokens per worker, plain EP vs R&Q")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
