@@ -15,6 +15,7 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import msgspec
 import ray
@@ -118,17 +119,14 @@ class EPWorker:
         if job.hf is not None:
             return _generate(self.rank, int(env["WORLD_SIZE"]), job)
         with tempfile.TemporaryDirectory(prefix="rnq-ep-") as folder:
-            plan_path = os.path.join(folder, "plan.json")
-            with open(plan_path, "wb") as f:
-                f.write(job.plan)
-            loads_path = None
+            plan_path, loads_path = Path(folder, "plan.json"), Path(folder, "loads.json")
+            plan_path.write_bytes(job.plan)
             if job.loads is not None:
-                loads_path = os.path.join(folder, "loads.json")
-                with open(loads_path, "wb") as f:
-                    f.write(job.loads)
+                loads_path.write_bytes(job.loads)
             return run_worker(
-                self.rank, int(env["WORLD_SIZE"]), plan_path, job.model, job.tokens, job.steps, loads_path,
-                job.seed, job.policy, job.backend, keep_outputs=job.keep_outputs, timeout_s=job.timeout_s,
+                self.rank, int(env["WORLD_SIZE"]), str(plan_path), model=job.model, tokens=job.tokens, steps=job.steps,
+                loads=None if job.loads is None else str(loads_path), seed=job.seed, policy=job.policy, backend=job.backend,
+                keep_outputs=job.keep_outputs, timeout_s=job.timeout_s,
             )
 
 
