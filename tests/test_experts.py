@@ -66,6 +66,17 @@ def test_mixed_formats_equal_the_reference_on_dequantised_weights(rank, rows_per
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_triton_backend_matches_the_torch_backend():
+    w_gate_up, w_down = _weights()
+    table = _table(MIXED)
+    x, offsets, row_weight = _rows([3, 0, 5, 1, 7])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    triton = LocalExperts(table, 0, w_gate_up.to(device), w_down.to(device), backend="triton")
+    out = triton(x.to(device).bfloat16(), offsets.to(device), row_weight.to(device))
+    expected = LocalExperts(table, 0, w_gate_up, w_down, backend="torch")(x.bfloat16().float(), offsets, row_weight)
+    torch.testing.assert_close(out.float().cpu(), expected, rtol=2e-2, atol=2e-2)
+
+
 def test_no_rows_gives_an_empty_output():
     x, offsets, row_weight = _rows([0, 0, 0, 0, 0])
     out = LocalExperts(_table(MIXED), 0, *_weights(), backend="torch")(x, offsets, row_weight)
