@@ -17,6 +17,7 @@ from rich.table import Table
 
 from rnq_ep.runtime.ray_cluster import ClusterError, RayJob, connect
 from rnq_ep.runtime.ray_driver import Event, JobResult, WorkerFailed, make_job, run_job
+from rnq_ep.specs import SpecError
 
 
 def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +52,7 @@ def ray_main(args: argparse.Namespace) -> int:
         )
         connect(args.ray or None, args.num_cpus)
         result = run_live(job, args.max_restarts, args.cpus_per_worker, out)
-    except ClusterError as err:
+    except (ClusterError, SpecError) as err:
         sys.stderr.write(f"rnq-ep run: error: {err}\n")
         return 2
     except WorkerFailed as err:
