@@ -64,14 +64,23 @@ def derive_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-def random_layer_weights(model: ModelSpec, layer: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Seeded bf16 weights of one layer, fan-in scaled: w_gate_up [E, 2I, H], w_down [E, H, I], router [E, H]."""
-    gen = torch.Generator().manual_seed(derive_seed(seed, layer))
+def random_layer_weights(
+    model: ModelSpec, layer: int, seed: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded bf16 weights of one layer on `device`, fan-in scaled: w_gate_up [E, 2I, H], w_down [E, H, I], router [E, H].
+
+    Identical on every rank of one device type; a GPU draws with its own generator, directly in
+    bf16 (a DeepSeek-V3 layer holds 11 G expert weights), so its weights differ from the CPU's.
+    """
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(derive_seed(seed, layer))
+    draw_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     e, h, i = model.num_experts, model.hidden_size, model.moe_intermediate_size
-    w_gate_up = (torch.randn(e, 2 * i, h, generator=gen) * h**-0.5).to(torch.bfloat16)
-    w_down = (torch.randn(e, h, i, generator=gen) * i**-0.5).to(torch.bfloat16)
-    router = (torch.randn(e, h, generator=gen) * h**-0.5).to(torch.bfloat16)
-    return w_gate_up, w_down, router
+
+    def draw(*shape: int, fan_in: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, device=device, dtype=draw_dtype) * fan_in**-0.5).to(torch.bfloat16)
+
+    return draw(e, 2 * i, h, fan_in=h), draw(e, h, i, fan_in=i), draw(e, h, fan_in=h)
 
 
 def inclusion_probabilities(counts: np.ndarray, top_k: int) -> np.ndarray:
@@ -180,7 +189,7 @@ def build_layers(
     """This rank's EPMoE for every plan layer; each layer's full weight tensors are dropped once sliced."""
     layers = []
     for index, layer_plan in enumerate(plan.layers):
-        w_gate_up, w_down, router = (w.to(device) for w in random_layer_weights(model, index, seed))
+        w_gate_up, w_down, router = random_layer_weights(model, index, seed, device)
         layers.append(
             EPMoE(model, layer_plan, plan.cluster.num_gpus, rank, group, w_gate_up, w_down, router, None, policy, backend)
         )
