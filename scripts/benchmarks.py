@@ -49,24 +49,27 @@ run; this paragraph is not):
   OLMoE at 64, Mixtral everywhere) a GPU holds one expert. An int8 copy is just over half a bf16
   one, so bf16+int8 R&Q cannot add a replica and ends up as the EPLB-equivalent (both spread the
   G/E slots per expert by load); only int4 copies (about a quarter) make room, and the 25 %
-  quality budget (tokens allowed on quantized copies) caps how many. R&Q's quantized-token
-  fraction sits at that cap in most rows, so the budget, not the planner, is what binds.
+  quality budget (tokens allowed on quantized copies) caps how many: in about two thirds of the
+  rows where R&Q quantizes anything, its routed quantized-token fraction is at or past 25 %, so
+  the budget, not the planner, is what binds.
 - **Drift makes any placement stale; LLEP re-balances every step.** R&Q and EPLB plan on the
   previous window. DeepSeek-V3 at 1024 GPUs: with no hot-set drift R&Q int4 is the fastest policy
-  (2.65x faster than LLEP); with drift 0.1 or 0.5 LLEP is (R&Q takes 1.9x and 4.5x its time),
+  (2.65x faster than LLEP); with drift 0.1 or 0.5 LLEP is (R&Q takes 2.1x and 4.6x its time),
   because a newly hot expert has few copies and least-loaded routing can only share its tokens
   among those. The real OLMoE pair (planned on arxiv, scored on github, the most skewed shipped
   loads) is such a shift: R&Q is 1.2x faster than plain EP at 8 and 32 GPUs and 1.5x at 64,
   short of the 1.4x target at the smaller counts, and LLEP is faster still at 32 and 64 GPUs.
-  Qwen3-235B loses to LLEP from 32 GPUs on: its experts are small (36 MiB, cheap to move), while
-  R&Q's max/mean stays at 1.6 with its quantized tokens at the 25 % cap.
+  Qwen3-235B loses to LLEP from 32 GPUs on (by 5 % at 32, 1.4-2.3x from 64) and DeepSeek-V3 from
+  64: LLEP's balance is near perfect (max/mean 1.03) and Qwen3's experts are cheap to move
+  (36 MiB), while R&Q's max/mean stays at 1.2 with its quantized tokens at the 25 % cap.
 - **Where the others are already balanced, quantized copies only cost.** Mixtral at 64 GPUs and
   more: 8 experts over 64+ one-expert GPUs lets the EPLB-equivalent split every expert by load
   (max/mean about 1.0-1.05), and R&Q's int4 copies add dequantisation FLOPs (+10 % in the cost
-  model) to a compute-bound 4096-token step, so the int4 variant is 2-6 % slower and the best R&Q
+  model) to a compute-bound 4096-token step, so the int4 variant is 2-7 % slower and the best R&Q
   is the bf16+int8 one, identical to the EPLB-equivalent. At 8 GPUs the EPLB-equivalent with
-  12.5-25 % more memory beats R&Q by 1-7 % on the synthetic loads (24 % on the OLMoE pair): its
-  extra bytes hold whole bf16 replicas, while R&Q at plain-EP memory pays for every replica by
+  12.5-25 % more memory beats R&Q by 1-2 % on the synthetic loads (24 % on the OLMoE pair), and
+  at 32 GPUs the one with 25 % more memory beats it by 9-12 % (DeepSeek-V3, gpt-oss): its extra
+  bytes hold whole bf16 replicas, while R&Q at plain-EP memory pays for every replica by
   quantizing other copies within the 25 % budget. At low skew (Zipf s <= 0.4, DeepSeek-V3
   and gpt-oss at 32 GPUs) the EPLB-equivalent with 25 % more memory wins: extra bytes buy more
   than quantized copies when there is little imbalance to remove.
