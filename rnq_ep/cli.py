@@ -1,295 +1,153 @@
-"""`rnq-ep` command line: argparse subcommands that call the pure core and print rich tables.
+"""`rnq-ep` command line: one subcommand per product, each parsed here and run by its own module.
 
-A subcommand is one `add_<name>(subparsers)` function that registers its flags and sets
+A subcommand is an `add_<name>(parser)` function that adds its flags and sets
 `run=<function(args) -> exit code>`; list it in SUBCOMMANDS (or BENCHES for `rnq-ep bench <name>`).
-Exit codes: 0 ok, 2 bad input or infeasible request (one line on stderr, no partial output file).
+Heavy modules (torch, ray, transformers) are imported only when their subcommand runs.
+Exit codes: 0 ok, 1 a run failed, 2 bad input or infeasible request (one line on stderr, no partial output).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-import shlex
+import importlib
 import sys
-from pathlib import Path
+from collections.abc import Callable
 
-import msgspec
-import numpy as np
-from rich.console import Console
-from rich.table import Table
+from rnq_ep.plan_command import PLAN_HELP, add_bench_planner, add_plan
+from rnq_ep.report import HELP
+from rnq_ep.specs import SpecError
 
-from rnq_ep.bench.planner import (
-    RNQ,
-    BenchTable,
-    PolicyResult,
-    balance_table,
-    compare_policies,
-    plan_summary,
-    policy_table,
-    real_pairs,
-    speed_table,
-    to_markdown,
-)
-from rnq_ep.costmodel import DEFAULT_TOKENS_PER_GPU
-from rnq_ep.memory import gpu_budget, plain_ep_budget
-from rnq_ep.planner import export_sglang
-from rnq_ep.specs import (
-    FORMATS,
-    ClusterSpec,
-    ModelSpec,
-    PlanOptions,
-    SpecError,
-    encode_json,
-    load_cluster,
-    load_model,
-    load_stats,
-    write_atomic,
-)
-
-Subparsers = argparse._SubParsersAction  # what add_parser is called on
+Subparsers = argparse._SubParsersAction  # what add_parser is called on (bench names)
 
 
-class HELP(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows '(default: X)' only where a flag has a real default (not None / off)."""
+def _lazy(module: str, function: str) -> Callable[[argparse.Namespace], int]:
+    """A `run` that imports `module` only when called, so `rnq-ep plan` never loads torch or ray."""
 
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), function)(args)
 
-
-def console() -> Console:
-    """A rich console on the current stdout; wide when it is not a terminal (pipes, tests)."""
-    out = Console(file=sys.stdout)
-    return out if out.is_terminal else Console(file=sys.stdout, width=200)
+    return run
 
 
-def print_table(table: BenchTable) -> None:
-    """Print a BenchTable with rich."""
-    view = Table(title=table.title, title_justify="left", caption=table.note or None, caption_justify="left")
-    for i, column in enumerate(table.header):
-        view.add_column(column, no_wrap=i == 0)
-    for row in table.rows:
-        view.add_row(*row)
-    console().print(view)
+RUN_HELP = "run a plan: under torchrun (one process per rank) or on Ray (--ray)"
 
 
-def parse_formats(text: str) -> tuple[str, ...]:
-    """'bf16,int8' -> ('bf16', 'int8'), each checked against FORMATS."""
-    formats = tuple(part.strip() for part in text.split(",") if part.strip())
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown:
-        raise SpecError(f"--formats: unknown format(s) {unknown}, expected a comma list of {list(FORMATS)}")
-    return formats
+def add_run(p: argparse.ArgumentParser) -> None:
+    """Flags of `rnq-ep run`: torchrun ranks by default, a Ray job with --ray."""
+    from rnq_ep.runtime.ray_cli import add_ray_arguments
+    from rnq_ep.runtime.torchrun import add_run_arguments
 
-
-def parse_budget(text: str | None, model: ModelSpec, cluster: ClusterSpec) -> int | None:
-    """--memory-budget: bytes (e.g. 1.5e9) or 'plain-ep'; None keeps the cluster's budget."""
-    if text is None:
-        return None
-    if text == "plain-ep":
-        return plain_ep_budget(model, cluster.num_gpus)
-    try:
-        value = float(text)
-    except ValueError:
-        raise SpecError(f"--memory-budget: expected bytes (e.g. 1.5e9) or 'plain-ep', got {text!r}") from None
-    if not (value > 0 and np.isfinite(value)):
-        raise SpecError(f"--memory-budget: must be a positive number of bytes, got {text!r}")
-    return int(value)
-
-
-def parse_export(text: str | None) -> Path | None:
-    """--export sglang:PATH -> PATH."""
-    if text is None:
-        return None
-    kind, _, path = text.partition(":")
-    if kind != "sglang" or not path:
-        raise SpecError(f"--export: expected sglang:PATH, got {text!r}")
-    return Path(path)
-
-
-def check_folder(path: Path | None, flag: str) -> None:
-    """Fail before any work when an output's folder does not exist."""
-    if path is not None and not path.resolve().parent.is_dir():
-        raise SpecError(f"{flag}: folder {path.resolve().parent} does not exist")
-
-
-def add_plan(subparsers: Subparsers) -> None:
-    """Register `rnq-ep plan`."""
-    p = subparsers.add_parser(
-        "plan", formatter_class=HELP, help="plan R&Q placement for a model, cluster and load file (dry run)",
-        description="Plan Replicate-and-Quantize expert placement and compare it with plain EP and "
-        "EPLB-equivalent baselines (same memory and +12.5 % memory). No GPU or weights needed.",
+    p.description = (
+        "Run an EP MoE model from a plan. Under `torchrun --nproc-per-node=N -m rnq_ep run ...` each "
+        "process is one rank (RANK/WORLD_SIZE from the env; NCCL on GPU, gloo on CPU). With --ray [ADDRESS] the "
+        "driver starts one Ray actor per GPU (or CPU worker) on the cluster at ADDRESS, or on a new local cluster."
     )
-    p.add_argument("--model", required=True, metavar="NAME|PATH", help="model name in configs/models or a TOML/JSON path")
-    p.add_argument("--cluster", required=True, metavar="NAME|PATH", help="cluster name in configs/clusters or a TOML/JSON path")
-    p.add_argument("--loads", required=True, type=Path, metavar="FILE", help="expert-load JSON (counts[layer][expert]) to plan on")
-    p.add_argument("--out", required=True, type=Path, metavar="PLAN.json", help="where to write the R&Q plan JSON")
-    p.add_argument("--eval-loads", type=Path, metavar="FILE", help="score every plan on this load file instead (the honest test)")
-    p.add_argument("--formats", default="bf16,int8", metavar="F,F", help="allowed weight formats, comma separated (bf16,int8,int4)")
-    p.add_argument("--quality-budget", type=float, metavar="F", default=PlanOptions().quality_budget,
-                   help="largest fraction of routed tokens that quantized copies may serve")
-    p.add_argument("--memory-budget", metavar="BYTES|plain-ep", help="expert bytes per GPU per layer, or plain-ep (default: the cluster's)")
-    p.add_argument("--max-copies", type=int, default=0, metavar="N", help="most copies of one expert (0: up to the GPU count)")
-    p.add_argument("--refine", action="store_true", help="exact HiGHS refine of each layer's placement")
-    p.add_argument("--refine-time-limit", type=float, metavar="S", default=PlanOptions().refine_time_limit,
-                   help="seconds per layer for --refine")
-    p.add_argument("--tokens-per-gpu", type=int, metavar="N", default=DEFAULT_TOKENS_PER_GPU,
-                   help="tokens per GPU in one step for the predicted time (loads are rescaled to it)")
-    p.add_argument("--export", metavar="sglang:PATH", help="also write the plan for a serving system: sglang:PATH")
-    p.add_argument("--plot", type=Path, metavar="PNG", help="PNG of tokens per GPU per policy for the most imbalanced layer")
-    p.set_defaults(run=run_plan)
+    add_run_arguments(p)
+    add_ray_arguments(p)
+    p.set_defaults(run=_run)
 
 
-def run_plan(args: argparse.Namespace) -> int:
-    """`rnq-ep plan`: compare policies, print the table, write the plan (+ export, plot)."""
-    model, cluster = load_model(args.model), load_cluster(args.cluster)
-    loads = load_stats(args.loads, model)
-    eval_loads = load_stats(args.eval_loads, model) if args.eval_loads else None
-    if eval_loads is not None and len(eval_loads.counts) != len(loads.counts):
-        raise SpecError(
-            f"{args.eval_loads}: has {len(eval_loads.counts)} layers but {args.loads} has {len(loads.counts)}; "
-            "layers are matched by position"
-        )
-    if args.tokens_per_gpu < 1:
-        raise SpecError(f"--tokens-per-gpu: must be >= 1, got {args.tokens_per_gpu}")
-    options = PlanOptions(
-        formats=parse_formats(args.formats),
-        quality_budget=args.quality_budget,
-        max_copies=args.max_copies,
-        memory_budget=parse_budget(args.memory_budget, model, cluster),
-        refine=args.refine,
-        refine_time_limit=args.refine_time_limit,
+def _run(args: argparse.Namespace) -> int:
+    """Dispatch `rnq-ep run` to Ray or to this torchrun rank."""
+    if args.ray is not None or args.hf is not None:
+        from rnq_ep.runtime.ray_cli import ray_main
+
+        return ray_main(args)
+    from rnq_ep.runtime.torchrun import run_main
+
+    return run_main(args)
+
+
+CALIBRATE_HELP = "record expert loads and quantization sensitivity of a HF MoE model"
+
+
+def add_calibrate(p: argparse.ArgumentParser) -> None:
+    """Flags of `rnq-ep calibrate`."""
+    from rnq_ep.calibration import add_calibrate_arguments
+
+    p.description = (
+        "Run a transformers MoE model over calibration text and write the LoadStats JSON that "
+        "`rnq-ep plan --loads` reads: routed counts, gate mass, co-activation, per-format sensitivity."
     )
-    export_path = parse_export(args.export)
-    for path, flag in ((args.out, "--out"), (export_path, "--export"), (args.plot, "--plot")):
-        check_folder(path, flag)
-    budget = gpu_budget(model, cluster, options)
-    results = compare_policies(model, cluster, loads, options, eval_loads, args.tokens_per_gpu)
-    rnq = next(r for r in results if r.name == RNQ)
-    scored_on = f"scored on OTHER loads {args.eval_loads.name}" if eval_loads else "scored on the same loads"
-    title = (f"rnq-ep plan: {model.name} on {cluster.name} ({cluster.num_gpus} GPUs), planned on "
-             f"{args.loads.name}, {scored_on}")
-    note = (f"balancedness = max/mean GPU load (1.00 = perfect), min/median/max over {len(loads.counts)} layers; "
-            f"MoE time = cost-model prediction summed over those layers at {args.tokens_per_gpu} tokens/GPU/step")
-    summary = {"planned_on": str(args.loads), "scored_on": str(args.eval_loads or args.loads),
-               **plan_summary(results, budget, args.tokens_per_gpu)}
-    plan = msgspec.structs.replace(rnq.plan, summary=summary)
-    exported = export_sglang(plan) if export_path else None
-    print_table(policy_table(results, budget, title, note))
-    write_atomic(args.out, encode_json(plan))
-    if exported is not None:
-        write_atomic(export_path, encode_json(exported))
-    if args.plot:
-        plot_gpu_loads(results, args.plot, title=f"{model.name} on {cluster.name}: tokens per GPU")
-    written = [str(p) for p in (args.out, export_path, args.plot) if p]
-    console().print("wrote " + ", ".join(written), markup=False, highlight=False)
-    return 0
+    add_calibrate_arguments(p)
+    p.set_defaults(run=_lazy("rnq_ep.calibration", "calibrate_main"))
 
 
-def plot_gpu_loads(results: list[PolicyResult], path: Path, title: str) -> None:
-    """Tokens per GPU (best split) per policy for the most imbalanced layer: bars, or steps past 32 GPUs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    scored = [r for r in results if r.score is not None]
-    worst = int(np.argmax(scored[0].score.balancedness_best))
-    num_gpus = scored[0].score.best_loads.shape[1]
-    gpus = np.arange(num_gpus)
-    width = 0.8 / len(scored)
-    fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 0.2 * num_gpus * len(scored))), 4))
-    for i, r in enumerate(scored):
-        loads = r.score.best_loads[worst]
-        label = f"{r.name} (max/mean {loads.max() / loads.mean():.2f})"
-        if num_gpus <= 32:
-            ax.bar(gpus + (i - (len(scored) - 1) / 2) * width, loads, width, label=label)
-        else:
-            ax.step(gpus, loads, where="mid", linewidth=0.8, label=label)
-    ax.axhline(scored[0].score.best_loads[worst].mean(), color="black", linewidth=0.8, linestyle="--", label="mean")
-    layer_id = scored[0].score.layers[worst]
-    ax.set(xlabel="GPU", ylabel="tokens (least-loaded routing)", title=f"{title}, layer {layer_id}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+SIMULATE_HELP = "cost-model scale study of every policy from 8 to 1024 GPUs"
 
 
-def add_bench(subparsers: Subparsers) -> None:
-    """Register `rnq-ep bench <name>` with every entry of BENCHES."""
-    p = subparsers.add_parser("bench", help="benchmarks that print ratios against a baseline run alongside")
+def add_simulate(p: argparse.ArgumentParser) -> None:
+    """Flags of `rnq-ep simulate`."""
+    from rnq_ep import simulate
+    from rnq_ep.simulate import add_simulate_arguments
+
+    p.description = (simulate.__doc__ or "").split("\n\n")[0]
+    add_simulate_arguments(p)
+    p.set_defaults(run=_lazy("rnq_ep.simulate", "simulate_main"))
+
+
+DEMO_HELP = "plain EP vs R&Q on a local Ray cluster of 4 CPU workers (no GPU)"
+
+
+def add_demo(p: argparse.ArgumentParser) -> None:
+    """Flags of `rnq-ep demo`."""
+    from rnq_ep.demo import add_demo_arguments
+
+    p.description = (
+        "Plan for the cpu4 cluster at plain-EP memory from real OLMoE loads, run plain EP and R&Q "
+        "on a local Ray cluster of 4 CPU workers on the same batches, print them side by side, save a PNG."
+    )
+    add_demo_arguments(p)
+    p.set_defaults(run=_lazy("rnq_ep.demo", "demo_main"))
+
+
+BENCH_HELP = "benchmarks that print ratios against a baseline run alongside"
+
+
+def add_bench(p: argparse.ArgumentParser) -> None:
+    """`rnq-ep bench <name>` with every entry of BENCHES."""
     benches = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     for add in BENCHES:
         add(benches)
 
 
-def add_bench_planner(benches: Subparsers) -> None:
-    """Register `rnq-ep bench planner`."""
-    p = benches.add_parser(
-        "planner", formatter_class=HELP, help="planner speed at DeepSeek-V3 scale and balance on real loads",
-        description="Times plan_rnq against the EPLB-equivalent on synthetic Zipf loads and compares balance "
-        "on the shipped real load files; every ratio is against a baseline measured in the same run.",
-    )
-    p.add_argument("--model", default="deepseek-v3", help="model for the speed table")
-    p.add_argument("--cluster", default="h100x32", help="cluster whose node size and links the speed table scales")
-    p.add_argument("--gpus", default="32,256,1024", help="GPU counts for the speed table, comma separated")
-    p.add_argument("--layers", type=int, default=0, help="layers for the speed table (0: the model's)")
-    p.add_argument("--balance-cluster", default="h100x8", help="cluster for the real-load balance table")
-    p.add_argument("--no-real", action="store_true", help="skip the real-load balance table")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic loads")
-    p.add_argument("--markdown", type=Path, metavar="PATH", help="also write the tables as a markdown fragment (BENCHMARKS.md)")
-    p.set_defaults(run=run_bench_planner)
+def _add_forwarded_bench(name: str, module: str, help_text: str) -> Callable[[Subparsers], None]:
+    """A bench whose module parses its own flags (`main(argv) -> int`); `--help` shows them."""
+
+    def add(benches: Subparsers) -> None:
+        p = benches.add_parser(name, help=help_text, add_help=False, prefix_chars="\0")
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(run=lambda args: importlib.import_module(module).main(args.rest))
+
+    return add
 
 
-def run_bench_planner(args: argparse.Namespace) -> int:
-    """`rnq-ep bench planner`: print (and optionally write) the speed and balance tables."""
-    check_folder(args.markdown, "--markdown")
-    model = load_model(args.model)
-    try:
-        gpu_counts = [int(g) for g in args.gpus.split(",")]
-    except ValueError:
-        raise SpecError(f"--gpus: expected comma separated integers, got {args.gpus!r}") from None
-    options = PlanOptions()
-    tables = [speed_table(model, load_cluster(args.cluster), gpu_counts, args.layers or model.num_layers,
-                          args.seed, options)]
-    print_table(tables[0])
-    if not args.no_real:
-        tables.append(balance_table(load_cluster(args.balance_cluster), options, real_pairs()))
-        print_table(tables[-1])
-    if args.markdown:
-        machine = f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}"
-        command = shlex.join(["rnq-ep", *args.argv])
-        date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        write_atomic(args.markdown, to_markdown(tables, command, machine, date).encode())
-    return 0
+# name -> (one-line help, function adding the flags); only the command being run gets its flags, so
+# `rnq-ep plan` never imports torch, ray or transformers
+SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "plan": (PLAN_HELP, add_plan),
+    "run": (RUN_HELP, add_run),
+    "calibrate": (CALIBRATE_HELP, add_calibrate),
+    "simulate": (SIMULATE_HELP, add_simulate),
+    "demo": (DEMO_HELP, add_demo),
+    "bench": (BENCH_HELP, add_bench),
+}
+BENCHES = [
+    add_bench_planner,
+    _add_forwarded_bench("kernels", "rnq_ep.bench.kernels", "Triton grouped SwiGLU kernels vs baselines (CUDA GPU)"),
+    _add_forwarded_bench("layer", "rnq_ep.bench.layer", "EP layer on CPU gloo ranks: plain EP vs EPLB vs R&Q"),
+]
 
 
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo where there is one, else the machine type."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.machine()
-
-
-SUBCOMMANDS = [add_plan, add_bench]
-BENCHES = [add_bench_planner]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The `rnq-ep` parser with every subcommand registered."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `rnq-ep` parser; every subcommand is listed, only `command` gets its flags."""
     parser = argparse.ArgumentParser(prog="rnq-ep", description="Expert-parallel MoE inference with "
                                      "Replicate-and-Quantize load balancing.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in SUBCOMMANDS:
-        add(subparsers)
+    for name, (help_text, add) in SUBCOMMANDS.items():
+        p = subparsers.add_parser(name, help=help_text, formatter_class=HELP, description=help_text)
+        if command == name:
+            add(p)
     return parser
 
 
@@ -297,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `rnq-ep` and `python -m rnq_ep`; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(argv[0] if argv and argv[0] in SUBCOMMANDS else None).parse_args(argv)
     except SystemExit as stop:  # --help and usage errors
         return stop.code if isinstance(stop.code, int) else 2
     args.argv = argv

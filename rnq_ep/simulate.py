@@ -131,7 +131,7 @@ def parse_sweep(text: str) -> list[float]:
 
 def simulate_main(args: argparse.Namespace) -> int:
     """`rnq-ep simulate`: run every policy at every GPU count (+ the sweep), print, write markdown/plot."""
-    from rnq_ep.cli import check_folder, console, print_table  # the CLI imports this module
+    from rnq_ep.report import check_folder, console, print_table
 
     for path, flag in ((args.markdown, "--markdown"), (args.plot, "--plot")):
         check_folder(path, flag)
@@ -186,7 +186,7 @@ def simulate_main(args: argparse.Namespace) -> int:
 
 def write_markdown(args: argparse.Namespace, tables: list[BenchTable], model_name: str) -> None:
     """The tables as a markdown fragment with command, machine and date (and the plot, linked relative)."""
-    from rnq_ep.cli import cpu_name
+    from rnq_ep.report import cpu_name
 
     machine = f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}"
     command = shlex.join(["rnq-ep", *getattr(args, "argv", ["simulate", *sys.argv[1:]])])

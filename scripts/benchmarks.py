@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from rnq_ep.cli import cpu_name
+from rnq_ep.report import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"

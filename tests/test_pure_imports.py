@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "rnq_ep"
-PURE = ["planner", "routing.py", "balance.py", "costmodel.py", "quant.py", "memory.py", "metrics.py", "specs.py"]
+PURE = [
+    "planner", "routing.py", "balance.py", "costmodel.py", "quant.py", "memory.py", "metrics.py", "specs.py",
+    "policies.py", "synthetic.py",
+]
 
 
 def imported_modules(path: Path) -> set[str]:

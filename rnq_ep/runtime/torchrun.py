@@ -24,10 +24,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `rnq-ep run` (torchrun mode)."""
     parser.add_argument("--plan", required=True, help="plan JSON from `rnq-ep plan`")
     parser.add_argument("--model", help="model name (configs/models) or TOML path; default: the plan's model")
-    parser.add_argument("--tokens", type=int, default=256, help="tokens per rank per step (default 256)")
-    parser.add_argument("--steps", type=int, default=5, help="steps to run (default 5)")
+    parser.add_argument("--tokens", type=int, default=256, help="tokens per rank per step")
+    parser.add_argument("--steps", type=int, default=5, help="steps to run")
     parser.add_argument("--loads", help="load JSON whose per-layer counts the routing follows; default uniform")
-    parser.add_argument("--seed", type=int, default=0, help="seed of weights and batches (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights and batches")
     parser.add_argument("--policy", choices=POLICIES, default="least-loaded", help="copy choice per token")
     parser.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto", help="expert kernels")
 
