@@ -28,6 +28,8 @@ class FormatGroup:
     copies: torch.Tensor  # [G] int64 local copy indices
     w_gate_up: QuantWeight | torch.Tensor  # [G, 2I, H]; fp32 dequantised for the torch backend
     w_down: QuantWeight | torch.Tensor  # [G, H, I]
+    stored_gate_up: QuantWeight  # [G, 2I, H] the bytes a copy is made of (migration sends these)
+    stored_down: QuantWeight  # [G, H, I]
 
 
 class LocalExperts:
@@ -56,18 +58,56 @@ class LocalExperts:
                 f"w_gate_up {tuple(w_gate_up.shape)} does not match w_down {tuple(w_down.shape)}: "
                 f"expected [E, 2I, H] = [{num_experts}, {2 * inter}, {hidden}]"
             )
-        if backend == "auto":
-            backend = "triton" if w_gate_up.is_cuda else "torch"
-        self.backend = backend
+        self._place(table, rank, backend, hidden, w_gate_up.is_cuda)
+        self.groups = [
+            self._load_group(FORMATS[code], np.flatnonzero(table.fmt[self.slots] == code), w_gate_up, w_down)
+            for code in sorted(set(table.fmt[self.slots].tolist()))
+        ]
+
+    @classmethod
+    def from_copies(
+        cls,
+        table: SlotTable,
+        rank: int,
+        copies: list[tuple[QuantWeight, QuantWeight]],
+        hidden_size: int,
+        backend: str = "auto",
+    ) -> LocalExperts:
+        """This rank's experts from per-copy stored weights (gate_up [2I, H], down [H, I]), one per local slot in table order."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown expert backend {backend!r}, expected one of {BACKENDS}")
+        experts = cls.__new__(cls)
+        local_count = int(np.count_nonzero(table.gpu == rank))
+        if len(copies) != local_count:
+            raise ValueError(f"rank {rank} holds {local_count} copies in the table, got weights for {len(copies)}")
+        experts._place(table, rank, backend, hidden_size, bool(copies) and copies[0][0].data.is_cuda)
+        experts.groups = []
+        for code in sorted(set(table.fmt[experts.slots].tolist())):
+            members = np.flatnonzero(table.fmt[experts.slots] == code)
+            for j in members:
+                if copies[j][0].fmt != FORMATS[code] or copies[j][1].fmt != FORMATS[code]:
+                    raise ValueError(f"local copy {j} is stored as {copies[j][0].fmt}, the table says {FORMATS[code]}")
+            gate_up = _stack([copies[j][0] for j in members])
+            down = _stack([copies[j][1] for j in members])
+            experts.groups.append(experts._group(FORMATS[code], members, gate_up, down))
+        return experts
+
+    def _place(self, table: SlotTable, rank: int, backend: str, hidden: int, on_gpu: bool) -> None:
+        """Bookkeeping shared by both constructors: backend, this rank's slots and their experts."""
+        self.backend = ("triton" if on_gpu else "torch") if backend == "auto" else backend
         self.rank = rank
         self.hidden_size = hidden
-        local = np.flatnonzero(table.gpu == rank)  # slot ids of this rank, in table order
-        self.slots = local
-        self.experts = table.expert[local]  # [C] logical expert of each local copy
-        self.groups = [
-            self._load_group(FORMATS[code], np.flatnonzero(table.fmt[local] == code), w_gate_up, w_down)
-            for code in sorted(set(table.fmt[local].tolist()))
-        ]
+        self.slots = np.flatnonzero(table.gpu == rank)  # slot ids of this rank, in table order
+        self.experts = table.expert[self.slots]  # [C] logical expert of each local copy
+
+    def copy_weights(self, copy: int) -> tuple[QuantWeight, QuantWeight]:
+        """Stored (gate_up [2I, H], down [H, I]) of local copy `copy`: views, no new memory."""
+        for group in self.groups:
+            hit = torch.nonzero(group.copies == copy)
+            if len(hit):
+                j = int(hit[0, 0])
+                return _take(group.stored_gate_up, j), _take(group.stored_down, j)
+        raise IndexError(f"local copy {copy} out of range: this rank holds {self.num_copies} copies")
 
     @property
     def num_copies(self) -> int:
@@ -79,9 +119,14 @@ class LocalExperts:
         experts = torch.as_tensor(self.experts[copies], device=w_gate_up.device)
         gate_up = quantize(w_gate_up[experts], fmt)  # [G, 2I, H]
         down = quantize(w_down[experts], fmt)  # [G, H, I]
+        return self._group(fmt, copies, gate_up, down)
+
+    def _group(self, fmt: str, copies: np.ndarray, gate_up: QuantWeight, down: QuantWeight) -> FormatGroup:
+        """A format group from stacked stored weights; the torch backend also keeps them dequantised."""
+        compute_gate_up, compute_down = gate_up, down
         if self.backend == "torch":
-            gate_up, down = dequantize(gate_up), dequantize(down)
-        return FormatGroup(fmt, torch.as_tensor(copies, dtype=torch.int64), gate_up, down)
+            compute_gate_up, compute_down = dequantize(gate_up), dequantize(down)
+        return FormatGroup(fmt, torch.as_tensor(copies, dtype=torch.int64), compute_gate_up, compute_down, gate_up, down)
 
     def forward(self, recv: torch.Tensor, local_offsets: torch.Tensor, row_weight: torch.Tensor | None) -> torch.Tensor:
         """[N, H] rows sorted by local copy (local_offsets [C+1]) -> row_weight-scaled SwiGLU outputs [N, H]."""
@@ -120,3 +165,15 @@ class LocalExperts:
         from rnq_ep.kernels import grouped_swiglu
 
         return grouped_swiglu(x, group.w_gate_up, group.w_down, offsets.to(torch.int32), row_weight).to(x.dtype)
+
+
+def _take(q: QuantWeight, j: int) -> QuantWeight:
+    """Copy j of a stacked weight [G, N, K] as a view [N, K]."""
+    return QuantWeight(q.fmt, q.data[j], None if q.scale is None else q.scale[j], q.shape[1:])
+
+
+def _stack(weights: list[QuantWeight]) -> QuantWeight:
+    """Stack same-format weights [N, K] into [G, N, K] (new memory)."""
+    first = weights[0]
+    scale = None if first.scale is None else torch.stack([w.scale for w in weights])
+    return QuantWeight(first.fmt, torch.stack([w.data for w in weights]), scale, (len(weights), *first.shape))

@@ -103,6 +103,16 @@ class EPMoE(torch.nn.Module):
         self.experts = LocalExperts(self.table, rank, w_gate_up, w_down, backend)
         self.shared_experts = shared_experts
         self.last_stats: LayerStats | None = None
+        self.routed_counts: torch.Tensor | None = None  # [E] int64 on x's device; a load recorder sets it
+
+    def switch_plan(self, table: SlotTable, experts: LocalExperts) -> None:
+        """Serve from `table` and `experts` from the next forward on; the caller frees the old copies."""
+        if table.num_gpus != self.table.num_gpus or table.num_experts != self.table.num_experts:
+            raise ValueError(
+                f"layer {self.layer}: new table has {table.num_gpus} GPUs, {table.num_experts} experts; "
+                f"expected {self.table.num_gpus}, {self.table.num_experts}"
+            )
+        self.table, self.experts = table, experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H]: route with the layer's router, then forward_routed."""
@@ -118,6 +128,8 @@ class EPMoE(torch.nn.Module):
         """
         recv, handle = dispatch(x, topk_ids, topk_weights, self.table, self.rank, self.group, self.policy)
         self._check_hidden(x)
+        if self.routed_counts is not None:  # device-side accumulate: no host sync per step
+            self.routed_counts += torch.bincount(topk_ids.reshape(-1), minlength=self.model.num_experts)
         cpu_start = time.thread_time()
         y = self.experts(recv, handle.local_offsets, handle.recv_weights)  # [N, H], router-weighted
         expert_cpu_seconds = time.thread_time() - cpu_start

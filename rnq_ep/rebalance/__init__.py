@@ -1,0 +1,1 @@
+"""Online rebalancing: record live loads, re-plan off the serving path, migrate copies without a stall."""

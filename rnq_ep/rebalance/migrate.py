@@ -1,0 +1,182 @@
+"""Move one layer to a new slot table on all ranks: exchange only the changed copies, switch when all are staged.
+
+Per layer, every rank makes the same two collectives, whatever fails locally:
+  all_to_all_single(uint8 payload)   split sizes from transfer_matrix(copy_moves(old, new)), shared
+  all_reduce(ready flag, MIN)        the layer switches only if every rank staged it
+A rank whose packing or staging raises sends zeros of the agreed size and votes 0, so no rank
+switches alone and none is left blocked in a collective. The old copies keep serving until the
+switch (they are only read while staging). Staging bound per rank: the new layer's local copies
+(restacked) plus the bytes it receives, on top of the old layer's copies; the old ones are freed
+at the switch, so at most one layer is ever held twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from rnq_ep.balance import SlotTable
+from rnq_ep.experts import LocalExperts
+from rnq_ep.layer import EPMoE
+from rnq_ep.memory import INT4_GROUP
+from rnq_ep.quant import QuantWeight, quantize
+from rnq_ep.rebalance.moves import CopyMove, copy_moves, transfer_matrix
+
+log = logging.getLogger(__name__)
+
+ExpertLoader = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # expert -> full (gate_up [2I, H], down [H, I])
+FaultHook = Callable[[str], None]  # called with "pack" and "stage"; tests raise from it
+
+
+@dataclass(frozen=True)
+class LayerMove:
+    """What moving one layer did on this rank."""
+
+    layer: int
+    switched: bool  # every rank staged it and the layer now serves the new table
+    bytes_sent: int  # this rank's payload to other ranks
+    bytes_received: int
+    copies_moved: int  # peer + host copies in the whole layer (all ranks)
+
+
+def migrate_layer(
+    layer: EPMoE,
+    new_table: SlotTable,
+    load_expert: ExpertLoader | None = None,
+    fault: FaultHook | None = None,
+) -> LayerMove:
+    """Stage `layer`'s changed copies from peers and switch to `new_table` if all ranks staged it."""
+    group, rank = layer.group, layer.rank
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    moves = copy_moves(layer.table, new_table, layer.model)
+    matrix = transfer_matrix(moves, layer.model, world)  # [src, dst] bytes, the same on every rank
+    send_sizes, recv_sizes = matrix[rank].copy(), matrix[:, rank].copy()
+    send_sizes[rank] = recv_sizes[rank] = 0
+    ready = True
+    try:
+        if fault is not None:
+            fault("pack")
+        payload = _pack([m for m in moves if m.kind == "peer" and m.src == rank], layer)
+    except Exception:
+        log.exception("layer %d: packing copies for migration failed on rank %d; old plan stays", layer.layer, rank)
+        ready, payload = False, torch.zeros(int(send_sizes.sum()), dtype=torch.uint8)
+    received = _exchange(payload, send_sizes, recv_sizes, group, world)
+    experts = None
+    try:
+        if fault is not None:
+            fault("stage")
+        copies = _stage(moves, layer, received, recv_sizes, load_expert)
+        experts = LocalExperts.from_copies(new_table, rank, copies, layer.model.hidden_size, layer.experts.backend)
+    except Exception:
+        log.exception("layer %d: staging the new copies failed on rank %d; old plan stays", layer.layer, rank)
+        ready = False
+    switched = _all_ready(ready, group, world, received.device)
+    if switched:
+        layer.switch_plan(new_table, experts)
+    moved = sum(m.kind in ("peer", "host") for m in moves)
+    return LayerMove(layer.layer, switched, int(send_sizes.sum()), int(recv_sizes.sum()), moved)
+
+
+def _pack(sends: list[CopyMove], layer: EPMoE) -> torch.Tensor:
+    """This rank's outgoing copies as one uint8 buffer, by destination then move order."""
+    local_of_slot = {int(slot): j for j, slot in enumerate(layer.experts.slots)}
+    parts = []
+    for move in sorted(sends, key=lambda m: m.dst):  # stable: move order within a destination
+        gate_up, down = layer.experts.copy_weights(local_of_slot[move.src_slot])
+        for weight in (gate_up, down):
+            parts.extend(_bytes_of(_convert(weight, move.fmt)))
+    device = layer.experts.groups[0].stored_gate_up.data.device if layer.experts.groups else torch.device("cpu")
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8, device=device)
+
+
+def _stage(
+    moves: list[CopyMove],
+    layer: EPMoE,
+    received: torch.Tensor,
+    recv_sizes: np.ndarray,
+    load_expert: ExpertLoader | None,
+) -> list[tuple[QuantWeight, QuantWeight]]:
+    """Stored weights of this rank's new copies in new-table order, from kept, local, received or reloaded copies."""
+    rank, model = layer.rank, layer.model
+    h, i = model.hidden_size, model.moe_intermediate_size
+    local_of_slot = {int(slot): j for j, slot in enumerate(layer.experts.slots)}
+    offsets = np.concatenate([[0], np.cumsum(recv_sizes)])  # start of each source's block
+    copies = []
+    for move in (m for m in moves if m.dst == rank):
+        if move.kind in ("keep", "local"):
+            gate_up, down = layer.experts.copy_weights(local_of_slot[move.src_slot])
+            copies.append((_convert(gate_up, move.fmt), _convert(down, move.fmt)))
+        elif move.kind == "peer":
+            start = int(offsets[move.src])
+            gate_up, start = _unpack(received, start, move.fmt, 2 * i, h)
+            down, start = _unpack(received, start, move.fmt, h, i)
+            offsets[move.src] = start
+            copies.append((gate_up, down))
+        else:
+            if load_expert is None:
+                raise RuntimeError(
+                    f"layer {layer.layer}: expert {move.expert} in {move.fmt} has no exact source on any rank "
+                    "(only lower-precision copies) and no checkpoint loader was given"
+                )
+            full_gate_up, full_down = load_expert(move.expert)
+            copies.append((quantize(full_gate_up, move.fmt), quantize(full_down, move.fmt)))
+    return copies
+
+
+def _convert(weight: QuantWeight, fmt: str) -> QuantWeight:
+    """The copy in `fmt`: itself, or quantized from bf16 (exact, as the full weight is bf16)."""
+    if weight.fmt == fmt:
+        return weight
+    if weight.fmt != "bf16":
+        raise ValueError(f"cannot make an exact {fmt} copy from a {weight.fmt} copy")
+    return quantize(weight.data, fmt)
+
+
+def _layout(fmt: str, n: int, k: int) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+    """(dtype, shape) of the data and scale tensors of a weight [n, k] stored in `fmt`."""
+    if fmt == "bf16":
+        return [(torch.bfloat16, (n, k))]
+    if fmt == "int8":
+        return [(torch.int8, (n, k)), (torch.float32, (n,))]
+    return [(torch.uint8, (n, (k + 1) // 2)), (torch.float16, (n, math.ceil(k / INT4_GROUP)))]
+
+
+def _bytes_of(weight: QuantWeight) -> list[torch.Tensor]:
+    """Data then scale of a weight, each as flat uint8."""
+    tensors = [weight.data] if weight.scale is None else [weight.data, weight.scale]
+    return [t.contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+
+
+def _unpack(buffer: torch.Tensor, start: int, fmt: str, n: int, k: int) -> tuple[QuantWeight, int]:
+    """The weight [n, k] in `fmt` stored at buffer[start:], and the offset after it."""
+    tensors = []
+    for dtype, shape in _layout(fmt, n, k):
+        size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        tensors.append(buffer[start : start + size].clone().view(dtype).reshape(shape))  # clone: aligned storage
+        start += size
+    return QuantWeight(fmt, tensors[0], tensors[1] if len(tensors) > 1 else None, (n, k)), start
+
+
+def _exchange(
+    payload: torch.Tensor, send_sizes: np.ndarray, recv_sizes: np.ndarray, group: dist.ProcessGroup | None, world: int
+) -> torch.Tensor:
+    """One uneven all-to-all of uint8 bytes (nothing to do alone): [sum send] -> [sum recv]."""
+    received = torch.empty(int(recv_sizes.sum()), dtype=torch.uint8, device=payload.device)
+    if world > 1:
+        dist.all_to_all_single(received, payload, recv_sizes.tolist(), send_sizes.tolist(), group=group)
+    return received
+
+
+def _all_ready(ready: bool, group: dist.ProcessGroup | None, world: int, device: torch.device) -> bool:
+    """True on every rank iff every rank is ready (one all_reduce MIN)."""
+    if world == 1:
+        return ready
+    flag = torch.tensor([int(ready)], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
