@@ -8,7 +8,7 @@ computes a SwiGLU itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -30,10 +30,14 @@ class FormatGroup:
     w_down: QuantWeight | torch.Tensor  # [G, H, I]
     stored_gate_up: QuantWeight  # [G, 2I, H] the bytes a copy is made of (migration sends these)
     stored_down: QuantWeight  # [G, H, I]
+    gate_up_bias: torch.Tensor | None = None  # [G, 2I] fp32, never quantized (GPT-OSS)
+    down_bias: torch.Tensor | None = None  # [G, H] fp32
 
 
 class LocalExperts:
     """The expert copies that `table` places on `rank`, grouped by storage format."""
+
+    activation = "silu"  # the gating of every copy; copies from from_copies are plain SwiGLU without biases
 
     def __init__(
         self,
@@ -42,8 +46,15 @@ class LocalExperts:
         w_gate_up: torch.Tensor,
         w_down: torch.Tensor,
         backend: str = "auto",
+        activation: str = "silu",
+        gate_up_bias: torch.Tensor | None = None,
+        down_bias: torch.Tensor | None = None,
     ) -> None:
-        """Keep this rank's slots of w_gate_up [E, 2I, H] and w_down [E, H, I], quantized per slot."""
+        """Keep this rank's slots of w_gate_up [E, 2I, H] and w_down [E, H, I], quantized per slot.
+
+        `activation` "swiglu-oai" (GPT-OSS) or biases gate_up_bias [E, 2I] / down_bias [E, H] run
+        on the torch backend only: "auto" picks it, "triton" raises NotImplementedError.
+        """
         if backend not in BACKENDS:
             raise ValueError(f"unknown expert backend {backend!r}, expected one of {BACKENDS}")
         num_experts = table.num_experts
@@ -58,11 +69,27 @@ class LocalExperts:
                 f"w_gate_up {tuple(w_gate_up.shape)} does not match w_down {tuple(w_down.shape)}: "
                 f"expected [E, 2I, H] = [{num_experts}, {2 * inter}, {hidden}]"
             )
+        if activation != "silu" or gate_up_bias is not None or down_bias is not None:
+            backend = _torch_only(backend, activation)
+            self.activation = activation
         self._place(table, rank, backend, hidden, w_gate_up.is_cuda)
         self.groups = [
             self._load_group(FORMATS[code], np.flatnonzero(table.fmt[self.slots] == code), w_gate_up, w_down)
             for code in sorted(set(table.fmt[self.slots].tolist()))
         ]
+        if gate_up_bias is not None or down_bias is not None:
+            self.groups = [self._with_biases(group, gate_up_bias, down_bias) for group in self.groups]
+
+    def _with_biases(
+        self, group: FormatGroup, gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None
+    ) -> FormatGroup:
+        """`group` with its copies' rows of gate_up_bias [E, 2I] and down_bias [E, H], in fp32."""
+        experts = torch.as_tensor(self.experts[group.copies.numpy()])
+        return replace(
+            group,
+            gate_up_bias=None if gate_up_bias is None else gate_up_bias[experts.to(gate_up_bias.device)].float(),
+            down_bias=None if down_bias is None else down_bias[experts.to(down_bias.device)].float(),
+        )
 
     @classmethod
     def from_copies(
@@ -161,10 +188,25 @@ class LocalExperts:
         if self.backend == "torch":
             from rnq_ep.kernels.reference import grouped_swiglu_reference
 
-            return grouped_swiglu_reference(x, group.w_gate_up, group.w_down, offsets, row_weight).to(x.dtype)
+            return grouped_swiglu_reference(
+                x, group.w_gate_up, group.w_down, offsets, row_weight, self.activation, group.gate_up_bias, group.down_bias
+            ).to(x.dtype)
         from rnq_ep.kernels import grouped_swiglu
 
         return grouped_swiglu(x, group.w_gate_up, group.w_down, offsets.to(torch.int32), row_weight).to(x.dtype)
+
+
+def _torch_only(backend: str, activation: str) -> str:
+    """The backend for experts the Triton kernels do not compute (another activation, biases): torch."""
+    from rnq_ep.kernels.reference import check_activation  # imports triton: only for these experts
+
+    check_activation(activation)
+    if backend == "triton":
+        raise NotImplementedError(
+            f"the Triton expert kernels compute plain SwiGLU without biases; activation {activation!r} or expert "
+            "biases need backend='torch' (backend='auto' picks it)"
+        )
+    return "torch"
 
 
 def _take(q: QuantWeight, j: int) -> QuantWeight:

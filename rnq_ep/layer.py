@@ -65,11 +65,16 @@ class EPMoE(torch.nn.Module):
         shared_experts: torch.nn.Module | None = None,
         policy: str = "least-loaded",
         backend: str = "auto",
+        activation: str = "silu",
+        gate_up_bias: torch.Tensor | None = None,
+        down_bias: torch.Tensor | None = None,
     ) -> None:
         """This rank's part of the layer from full expert weights w_gate_up [E, 2I, H], w_down [E, H, I].
 
         `router_weight` is the gate matrix [E, H] (softmax, top-k, renormalised) or any callable
         x [T, H] -> (topk_ids [T, k], topk_weights [T, k]), e.g. a converted model's own router.
+        `activation` and the optional biases gate_up_bias [E, 2I], down_bias [E, H] go to LocalExperts
+        (GPT-OSS: "swiglu-oai" with biases, torch backend only).
         """
         super().__init__()
         world = _world_size(group)
@@ -83,8 +88,10 @@ class EPMoE(torch.nn.Module):
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r}, expected one of {POLICIES}")
         e, h, i = model.num_experts, model.hidden_size, model.moe_intermediate_size
-        for name, tensor, shape in (("w_gate_up", w_gate_up, (e, 2 * i, h)), ("w_down", w_down, (e, h, i))):
-            if tuple(tensor.shape) != shape:
+        weights = (("w_gate_up", w_gate_up, (e, 2 * i, h)), ("w_down", w_down, (e, h, i)),
+                   ("gate_up_bias", gate_up_bias, (e, 2 * i)), ("down_bias", down_bias, (e, h)))
+        for name, tensor, shape in weights:
+            if tensor is not None and tuple(tensor.shape) != shape:
                 raise ValueError(f"{name} has shape {tuple(tensor.shape)}, model {model.name!r} expects {list(shape)}")
         if isinstance(router_weight, torch.Tensor):
             if tuple(router_weight.shape) != (e, h):
@@ -100,7 +107,7 @@ class EPMoE(torch.nn.Module):
         self.group = group
         self.policy = policy
         self.table = SlotTable.from_layer(layer_plan, num_gpus, e)
-        self.experts = LocalExperts(self.table, rank, w_gate_up, w_down, backend)
+        self.experts = LocalExperts(self.table, rank, w_gate_up, w_down, backend, activation, gate_up_bias, down_bias)
         self.shared_experts = shared_experts
         self.last_stats: LayerStats | None = None
         self.routed_counts: torch.Tensor | None = None  # [E] int64 on x's device; a load recorder sets it
