@@ -1,0 +1,138 @@
+"""Re-plan from a window of live counts, with a migration-cost term (pure: no process groups).
+
+1. Plan afresh on the window (R&Q by default).
+2. Keep copies in place: GPUs of the new layer are relabelled (within a node, Hungarian assignment)
+   so as many of the old copies' bytes as possible stay where they are; GPU labels within a node
+   are interchangeable, so the relabelled plan has the same memory and balance.
+3. Move a layer only if it pays for itself: predicted step-time gain over `horizon_steps` steps
+   must exceed the link time of its moves (cost model), and the step must get at least MIN_GAIN
+   faster (hysteresis: a window's sampling noise alone should not churn copies); otherwise the
+   layer keeps its old plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from rnq_ep.balance import SlotTable, water_fill
+from rnq_ep.costmodel import predict_layer_time, scale_counts, weight_move_time
+from rnq_ep.memory import expert_bytes
+from rnq_ep.planner import plan_rnq
+from rnq_ep.rebalance.moves import copy_moves, moved_bytes
+from rnq_ep.specs import ClusterSpec, LayerPlan, LoadStats, ModelSpec, Plan, Slot
+
+MIN_GAIN = 0.03  # smallest relative step-time saving worth a move (a 4-step window of real loads is ~2 % noisy)
+Planner = Callable[[Plan, np.ndarray], Plan]  # (current plan, window counts [L, E]) -> candidate plan
+
+
+@dataclass(frozen=True)
+class LayerDecision:
+    """Whether one layer moves to its new plan, and why."""
+
+    layer: int
+    move: bool
+    gain_s: float  # predicted step-time saving over the horizon
+    cost_s: float  # predicted link time of the moves
+    bytes_moved: int  # copies sent or reloaded, in their target formats
+    bytes_if_bf16: int  # the same copies if all were bf16 (quantized copies are cheaper to move)
+    copies_moved: int
+
+
+@dataclass(frozen=True)
+class Replan:
+    """A candidate plan (unmoved layers keep their old slots) and the per-layer decisions."""
+
+    plan: Plan
+    decisions: list[LayerDecision]
+
+
+def plan_from_window(plan: Plan, counts: np.ndarray) -> Plan:
+    """R&Q plan of the same model, cluster and options for window counts [L, E]."""
+    stats = LoadStats(
+        counts=np.asarray(counts, np.int64).tolist(),
+        num_experts=plan.model.num_experts,
+        top_k=plan.model.top_k,
+        layer_ids=[layer.layer for layer in plan.layers],
+    )
+    return plan_rnq(plan.model, plan.cluster, stats, plan.options)
+
+
+def replan(
+    plan: Plan,
+    counts: np.ndarray,
+    horizon_steps: int,
+    tokens_per_gpu: int,
+    planner: Planner = plan_from_window,
+) -> Replan:
+    """Candidate plan for window counts [L, E], kept in place, each layer moved only if it pays for itself."""
+    counts = np.asarray(counts)
+    if counts.shape != (len(plan.layers), plan.model.num_experts):
+        raise ValueError(f"window counts have shape {counts.shape}, expected ({len(plan.layers)}, {plan.model.num_experts})")
+    fresh = planner(plan, counts)
+    model, cluster = plan.model, plan.cluster
+    layers, decisions = [], []
+    for old, new, row in zip(plan.layers, fresh.layers, counts):
+        new = keep_in_place(old, new, model, cluster)
+        decision = _decide(old, new, row, model, cluster, horizon_steps, tokens_per_gpu)
+        layers.append(new if decision.move else old)
+        decisions.append(decision)
+    return Replan(msgspec.structs.replace(plan, layers=layers, summary={}), decisions)
+
+
+def keep_in_place(old: LayerPlan, new: LayerPlan, model: ModelSpec, cluster: ClusterSpec) -> LayerPlan:
+    """`new` with its GPUs relabelled within each node to keep the most old-copy bytes in place."""
+    g = cluster.num_gpus
+    kept = np.zeros((g, g))  # [old gpu, new gpu] bytes that need not move
+    held = {(s.gpu, s.expert): s.fmt for s in old.slots}
+    for slot in new.slots:
+        for gpu in range(g):
+            fmt = held.get((gpu, slot.expert))
+            if fmt is not None and (fmt == slot.fmt or fmt == "bf16"):
+                kept[gpu, slot.gpu] += expert_bytes(model, slot.fmt)
+    node = np.array([cluster.node_of(gpu) for gpu in range(g)])
+    kept[node[:, None] != node[None, :]] = -1e18  # never relabel across nodes
+    old_gpu, new_gpu = linear_sum_assignment(kept, maximize=True)
+    label = np.empty(g, dtype=np.int64)
+    label[new_gpu] = old_gpu
+    slots = [Slot(gpu=int(label[s.gpu]), expert=s.expert, fmt=s.fmt, share=s.share) for s in new.slots]
+    return LayerPlan(layer=new.layer, slots=sorted(slots, key=lambda s: s.gpu))  # stable: local order kept
+
+
+def _decide(
+    old: LayerPlan,
+    new: LayerPlan,
+    counts: np.ndarray,
+    model: ModelSpec,
+    cluster: ClusterSpec,
+    horizon_steps: int,
+    tokens_per_gpu: int,
+) -> LayerDecision:
+    """Gain over the horizon vs link time of the moves (checkpoint reloads priced at the inter-node link)."""
+    g, e = cluster.num_gpus, model.num_experts
+    old_table, new_table = SlotTable.from_layer(old, g, e), SlotTable.from_layer(new, g, e)
+    scaled = scale_counts(np.asarray(counts, np.float64), model, g, tokens_per_gpu)
+    times = [predict_layer_time(model, cluster, t, water_fill(t, scaled)).total_s for t in (old_table, new_table)]
+    moves = copy_moves(old_table, new_table, model)
+    host = np.zeros(g)
+    for move in moves:
+        if move.kind == "host":
+            host[move.dst] += expert_bytes(model, move.fmt)
+    peer = [(m.src, m.dst, m.fmt) for m in moves if m.kind == "peer"]
+    cost = weight_move_time(model, cluster, peer) + float(host.max(initial=0.0)) / cluster.inter_node_bytes_per_s
+    bytes_moved, bytes_if_bf16 = moved_bytes(moves, model)
+    gain = (times[0] - times[1]) * horizon_steps
+    changed = any(m.kind != "keep" for m in moves) or len(old.slots) != len(new.slots)
+    return LayerDecision(
+        layer=old.layer,
+        move=changed and gain > cost and times[0] - times[1] > MIN_GAIN * times[0],
+        gain_s=gain,
+        cost_s=cost,
+        bytes_moved=bytes_moved,
+        bytes_if_bf16=bytes_if_bf16,
+        copies_moved=sum(m.kind in ("peer", "host") for m in moves),
+    )
