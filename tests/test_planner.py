@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rnq_ep.balance import SlotTable, water_fill
 from rnq_ep.memory import expert_bytes, plain_ep_budget
 from rnq_ep.planner import InfeasiblePlan, plan_arrays, plan_plain_ep, plan_rnq
 from rnq_ep.planner.eplb import replicate_experts
 from rnq_ep.planner.place import copy_counts
+from rnq_ep.planner.routed import drop_until_within, routed_quantized, table_of
 from rnq_ep.planner.quantize import cheapest_conversions, cheapest_conversions_by_gpu
 from rnq_ep.specs import ClusterSpec, LoadStats, ModelSpec, PlanOptions, SpecError, load_cluster, load_model, load_stats
 
@@ -169,3 +171,21 @@ def test_copy_counts_match_eplb_replication():
         extra = int(rng.integers(0, 30))
         _, _, logcnt = replicate_experts(weight[None, :], 12 + extra)
         assert copy_counts(weight, extra, max_copies=64).tolist() == logcnt[0].tolist()
+
+
+def test_least_loaded_routing_keeps_quality_budget_on_olmoe_planning_loads():
+    model, cluster, loads = olmoe()
+    plan = plan_rnq(model, cluster, loads, PlanOptions())
+    for layer, counts in zip(plan.layers, loads.counts):
+        table = SlotTable.from_layer(layer, cluster.num_gpus, model.num_experts)
+        quotas = water_fill(table, np.asarray(counts))
+        assert quotas[table.fmt > 0].sum() <= 0.25 * sum(counts)
+
+
+def test_dropping_quantized_copies_brings_routing_within_budget():
+    # expert 0 (hot) has a bf16 copy on GPU 0 and an int8 copy on the idle GPU 1, which least-loaded routing fills
+    copies = (np.array([0, 1, 0]), np.array([0, 0, 1]), np.array([0, 1, 0]), np.array([90.0, 10.0, 0.0]))
+    counts = np.array([100, 0])
+    assert routed_quantized(table_of(copies, 2, 2), counts, 10.0)[0] == 50
+    gpu, expert, fmt, tokens = drop_until_within(copies, counts, 10.0, 2)
+    assert (fmt == 0).all() and tokens.tolist() == [100.0, 0.0]

@@ -8,6 +8,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from rnq_ep.balance import SlotTable, water_fill
 from rnq_ep.memory import expert_bytes, gpu_budget, plain_ep_budget
 from rnq_ep.planner import InfeasiblePlan, plan_rnq
 from rnq_ep.specs import ClusterSpec, LoadStats, ModelSpec, Plan, PlanOptions
@@ -142,3 +143,25 @@ def test_feasible_whenever_one_copy_of_each_expert_fits_in_the_smallest_format(p
     budget = math.ceil(model.num_experts / cluster.num_gpus) * smallest
     roomy = PlanOptions(formats=options.formats, quality_budget=1.0, max_copies=options.max_copies, memory_budget=budget)
     check_invariants(plan_rnq(model, cluster, loads, roomy), loads)
+
+
+def routed_quantized_fraction(plan: Plan, loads: LoadStats) -> list[float]:
+    """Per layer, the share of the planning loads that least-loaded routing (water_fill) sends to quantized copies."""
+    fractions = []
+    for layer, counts in zip(plan.layers, loads.counts):
+        table = SlotTable.from_layer(layer, plan.cluster.num_gpus, plan.model.num_experts)
+        quotas = water_fill(table, np.asarray(counts))
+        fractions.append(float(quotas[table.fmt > 0].sum()) / max(sum(counts), 1))
+    return fractions
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(planning_problems())
+def test_least_loaded_routing_of_planning_loads_keeps_quality_budget(problem):
+    model, cluster, loads, options = problem
+    try:
+        plan = plan_rnq(model, cluster, loads, options)
+    except InfeasiblePlan:
+        return
+    for fraction in routed_quantized_fraction(plan, loads):
+        assert fraction <= options.quality_budget + 1e-9

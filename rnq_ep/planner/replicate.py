@@ -56,23 +56,28 @@ class Limits:
     prefer_node: bool  # keep an expert's copies on its node when that node has room
 
 
-def spread_load(state: LayerCopies, limits: Limits) -> None:
+def spread_load(state: LayerCopies, limits: Limits, give_up_at: float = np.inf) -> None:
     """Add or move copies until every GPU is at the mean load or no allowed step helps (in place).
 
     A GPU that cannot reach the mean through a new copy evens out its load with the GPUs of its
-    experts' other copies (pairwise halving of the gap), as least-loaded routing would.
+    experts' other copies (pairwise halving of the gap), as least-loaded routing would; once no step
+    can relieve it, it is stuck. Stuck GPUs never lose load, so the most loaded of them is a floor
+    for the final max load: we stop when no other GPU is above that floor (further steps cannot
+    lower the max) or when the floor reaches `give_up_at` (this state cannot beat a plan already found).
     """
     target = state.load.sum() / state.load.size
     tol = max(target * 1e-9, 1e-12)
     stuck = _hopeless(state, limits, target, tol)
+    floor = state.load[stuck].max() if stuck.any() else -np.inf
     for _ in range(MAX_STEPS_PER_COPY * len(state.gpu)):
         excess = np.where(stuck, -np.inf, state.load - target)
         source = int(np.argmax(excess))
-        if excess[source] <= tol:
+        if excess[source] <= tol or floor >= give_up_at or state.load[source] <= floor + tol:
             return
         if not _shift_from(state, limits, source, target, tol):
             if not _pour_to_existing(state, limits, source, state.slots_on(source), -np.inf, target * HALVING_TOL):
                 stuck[source] = True
+                floor = max(floor, state.load[stuck].max())
 
 
 def _hopeless(state: LayerCopies, limits: Limits, target: float, tol: float) -> np.ndarray:

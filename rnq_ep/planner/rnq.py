@@ -15,6 +15,7 @@ from rnq_ep.planner.layout import InfeasiblePlan, format_bytes, layer_plan
 from rnq_ep.planner.place import copy_counts, pack_by_rounds
 from rnq_ep.planner.refine import refine_layer
 from rnq_ep.planner.quantize import cheapest_conversions_by_gpu, sensitivity_costs
+from rnq_ep.planner.routed import drop_until_within, routed_quantized, table_of
 from rnq_ep.planner.replicate import LayerCopies, Limits, spread_load
 from rnq_ep.planner.transport import Copies, transport_spread
 from rnq_ep.specs import FORMATS, ClusterSpec, LoadStats, ModelSpec, Plan, PlanOptions, SpecError
@@ -25,7 +26,9 @@ log = logging.getLogger(__name__)
 # shifts in the loads; we start from the most of these that fit and let spread_load finish.
 EXTRA_REPLICAS_PER_GPU = (2.0, 1.0, 0.5, 0.25, 0.125)  # tried in this order, then none
 SPREAD_RESERVE = 0.2  # share of the quality budget the initial replicas leave to spread_load
-NODE_LOCAL_RATIO = 4.0  # prefer same-node copies when intra-node links are this many times faster
+NEAR_FLOOR = 0.02  # fewer replicas are not tried once the max load is within 2 % of a lower bound
+NODE_LOCAL_RATIO = 4.0
+REPLANS = 2  # re-plans of a layer whose routed quantized tokens exceed the quality budget  # prefer same-node copies when intra-node links are this many times faster
 
 
 def plan_rnq(model: ModelSpec, cluster: ClusterSpec, loads: LoadStats, options: PlanOptions) -> Plan:
@@ -54,11 +57,7 @@ def plan_rnq(model: ModelSpec, cluster: ClusterSpec, loads: LoadStats, options: 
             gpus_per_node=cluster.gpus_per_node,
             prefer_node=prefer_node,
         )
-        state = balanced_copies(weight, num_gpus, limits, layer)
-        copies = (np.array(state.gpu), np.array(state.expert), np.array(state.fmt), np.array(state.tokens))
-        if options.refine:
-            copies = refine_layer(copies, weight, limits, num_gpus, options.refine_time_limit)
-        gpu, expert, fmt, tokens = copies
+        gpu, expert, fmt, tokens = plan_layer(weight, num_gpus, limits, layer, options)
         share = shares(expert, tokens, weight.size)
         if align:
             current = share_matrix(gpu, expert, share, num_gpus, weight.size)
@@ -68,6 +67,29 @@ def plan_rnq(model: ModelSpec, cluster: ClusterSpec, loads: LoadStats, options: 
         layers.append(layer_plan(layer, gpu, expert, fmt, share))
     summary = {"planner_seconds": time.perf_counter() - started}
     return Plan(model=model, cluster=cluster, options=options, layers=layers, summary=summary)
+
+
+def plan_layer(weight: np.ndarray, num_gpus: int, limits: Limits, layer: int, options: PlanOptions) -> Copies:
+    """Copies (gpu, expert, fmt, tokens) [S] of one layer whose least-loaded routing of weight [E] keeps
+    the quality budget: a layer over it is re-planned with the budget scaled down by the overshoot
+    (REPLANS times), then quantized copies are dropped (`routed.py`)."""
+    counts = np.rint(weight).astype(np.int64)
+    planning, copies = limits, None
+    for _ in range(REPLANS + 1):
+        try:
+            state = balanced_copies(weight, num_gpus, planning, layer)
+        except InfeasiblePlan:
+            if copies is None:
+                raise
+            break
+        copies = (np.array(state.gpu), np.array(state.expert), np.array(state.fmt), np.array(state.tokens))
+        if options.refine:
+            copies = refine_layer(copies, weight, planning, num_gpus, options.refine_time_limit)
+        routed, _ = routed_quantized(table_of(copies, num_gpus, weight.size), counts, limits.token_budget)
+        if routed <= limits.token_budget:
+            return copies
+        planning = replace(planning, token_budget=planning.token_budget * limits.token_budget / routed)
+    return drop_until_within(copies, counts, limits.token_budget, num_gpus)
 
 
 def check_memory_fits(
@@ -90,7 +112,10 @@ def check_memory_fits(
 
 def balanced_copies(weight: np.ndarray, num_gpus: int, limits: Limits, layer: int) -> LayerCopies:
     """Initial replicas (most first, see EXTRA_REPLICAS_PER_GPU) spread to balance; the first that reaches
-    the mean load wins, else fewer replicas are tried while that lowers the max GPU load."""
+    the mean load wins, else fewer replicas are tried while that lowers the max GPU load and the best plan
+    so far is more than NEAR_FLOOR above `load_floor` (fewer replicas could gain little there, and the
+    replicas are what keeps least-loaded routing balanced when the loads shift)."""
+    floor = load_floor(weight, num_gpus, limits) * (1 + NEAR_FLOOR)
     leave_room = replace(limits, token_budget=limits.token_budget * (1.0 - SPREAD_RESERVE))
     best = None
     room = limits.max_held * num_gpus - weight.size  # replicas that fill every GPU in the smallest format
@@ -102,13 +127,23 @@ def balanced_copies(weight: np.ndarray, num_gpus: int, limits: Limits, layer: in
                 continue
             raise
         state = layer_state(transport_spread(copies, limits, num_gpus, weight.size), limits, num_gpus, weight.size)
-        spread_load(state, limits)
+        spread_load(state, limits, give_up_at=np.inf if best is None else best.load.max())
         if best is not None and state.load.max() >= best.load.max():
             break  # fewer replicas stopped helping
         best = state
-        if state.load.max() <= state.load.mean() * (1 + 1e-6):
+        if state.load.max() <= floor:
             break
     return best
+
+
+def load_floor(weight: np.ndarray, num_gpus: int, limits: Limits) -> float:
+    """Lower bound on any plan's max GPU load for loads [E]: the mean, and with room for one copy per
+    GPU, the smallest max load per copy over copy counts that fit (EPLB's rule reaches it)."""
+    floor = float(weight.sum()) / num_gpus
+    if limits.max_held == 1:
+        counts = copy_counts(weight, num_gpus - weight.size, limits.max_copies)
+        floor = max(floor, float((weight / counts).max()))
+    return floor
 
 
 def initial_copies(weight: np.ndarray, num_gpus: int, limits: Limits, layer: int, extra: int) -> Copies:
