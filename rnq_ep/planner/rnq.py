@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 EXTRA_REPLICAS_PER_GPU = (2.0, 1.0, 0.5, 0.25, 0.125)  # tried in this order, then none
 SPREAD_RESERVE = 0.2  # share of the quality budget the initial replicas leave to spread_load
 NEAR_FLOOR = 0.02  # fewer replicas are not tried once the max load is within 2 % of a lower bound
-NODE_LOCAL_RATIO = 4.0
-REPLANS = 2  # re-plans of a layer whose routed quantized tokens exceed the quality budget  # prefer same-node copies when intra-node links are this many times faster
+NODE_LOCAL_RATIO = 4.0  # prefer same-node copies when intra-node links are this many times faster
+REPLANS = 2  # re-plans of a layer whose routed quantized tokens exceed the quality budget
 
 
 def plan_rnq(model: ModelSpec, cluster: ClusterSpec, loads: LoadStats, options: PlanOptions) -> Plan:
