@@ -27,7 +27,7 @@ def gated(gate_up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
     if activation == "silu":
         return torch.nn.functional.silu(gate) * up
     gate, up = gate.clamp(max=SWIGLU_OAI_LIMIT), up.clamp(-SWIGLU_OAI_LIMIT, SWIGLU_OAI_LIMIT)
-    return (up + 1) * gate * torch.sigmoid(gate * SWIGLU_OAI_ALPHA)
+    return (up + 1) * (gate * torch.sigmoid(gate * SWIGLU_OAI_ALPHA))  # GPT-OSS's order of operations
 
 
 def grouped_swiglu_reference(

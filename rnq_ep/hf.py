@@ -5,7 +5,8 @@ transformers 5.x stores the routed experts of a layer as one module with fused 3
 ([E, H, 2I], [E, I, H]) with biases and interleaved gate/up columns. Every experts module is
 called as `experts(hidden_states[T, H], top_k_index[T, k], top_k_weights[T, k])`, which is the
 seam calibration hooks and conversion replace. `canonical_weights` hides the layout difference:
-it always returns [N, K] (output channels, input features) matrices.
+it always returns [N, K] (output channels, input features) matrices; `ep_weights` also puts the
+gate rows before the up rows, the layout rnq-ep's experts use.
 """
 
 from __future__ import annotations
@@ -63,6 +64,10 @@ def tiny_model(family: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():  # bf16-exact values, like a bf16 checkpoint loaded in fp32
+        for experts in model.modules():
+            if is_experts_module(experts) and getattr(experts, "has_bias", False):  # zero-initialised: draw them
+                experts.gate_up_proj_bias.normal_(std=0.1)
+                experts.down_proj_bias.normal_(std=0.1)
         for param in model.parameters():
             param.copy_(param.to(torch.bfloat16))
     return model
@@ -118,12 +123,45 @@ def moe_layers(model: nn.Module) -> list[tuple[int, str, nn.Module]]:
     return found
 
 
-def is_plain_swiglu(experts: nn.Module) -> bool:
-    """True when the experts compute (silu(x W_gate^T) * x W_up^T) W_down^T from [E, 2I, H] / [E, H, I] weights."""
+def expert_activation(experts: nn.Module) -> str | None:
+    """The rnq-ep activation the experts compute: "silu" (SwiGLU), "swiglu-oai" (GPT-OSS), None for anything else."""
     from transformers.integrations.moe import _default_apply_gate
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
-    plain_layout = not getattr(experts, "has_bias", False) and not getattr(experts, "is_transposed", False)
-    return plain_layout and type(experts)._apply_gate is _default_apply_gate
+    from rnq_ep.kernels.reference import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT
+
+    if getattr(experts, "has_post_expert_norm", False) or not getattr(experts, "has_gate", True):
+        return None
+    apply_gate = type(experts)._apply_gate
+    hidden_act = getattr(getattr(experts, "config", None), "hidden_act", "silu")
+    if apply_gate is _default_apply_gate and hidden_act in ("silu", "swish"):
+        return "silu"
+    oai_constants = (getattr(experts, "alpha", None), getattr(experts, "limit", None)) == (
+        SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT)
+    if apply_gate is GptOssExperts._apply_gate and oai_constants:
+        return "swiglu-oai"
+    return None
+
+
+def ep_weights(
+    experts: nn.Module,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(w_gate_up [E, 2I, H] gate rows then up rows, w_down [E, H, I], gate_up_bias [E, 2I] | None, down_bias [E, H] | None).
+
+    Views of the stored tensors for the plain layout; GPT-OSS's transposed, interleaved ones are
+    rearranged into new tensors.
+    """
+    gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
+    if getattr(experts, "is_transposed", False):
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+    has_bias = getattr(experts, "has_bias", False)
+    gate_up_bias = experts.gate_up_proj_bias.detach() if has_bias else None
+    down_bias = experts.down_proj_bias.detach() if has_bias else None
+    if not getattr(experts, "is_concatenated", True):  # [g0, u0, g1, u1, ...] -> [g0, g1, ..., u0, u1, ...]
+        gate_up = torch.cat([gate_up[:, 0::2], gate_up[:, 1::2]], dim=1)
+        if gate_up_bias is not None:
+            gate_up_bias = torch.cat([gate_up_bias[:, 0::2], gate_up_bias[:, 1::2]], dim=1)
+    return gate_up.contiguous(), down.contiguous(), gate_up_bias, down_bias
 
 
 def canonical_weights(experts: nn.Module, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +203,7 @@ def model_spec(model: nn.Module, name: str) -> ModelSpec:
         hidden_size=down.shape[0],
         moe_intermediate_size=gate_up.shape[0] // 2,
         num_shared_experts=int(shared),
-        activation=str(getattr(config, "hidden_act", "silu")),
+        activation=expert_activation(experts) or str(getattr(config, "hidden_act", "silu")),
         source=f"transformers {config.model_type}",
     )
 
@@ -196,7 +234,8 @@ def _router_of(block: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor,
 
 
 def convert(
-    model: nn.Module, plan: Plan, rank: int, world_size: int, group: Any = None, policy: str = "least-loaded"
+    model: nn.Module, plan: Plan, rank: int, world_size: int, group: Any = None, policy: str = "least-loaded",
+    backend: str = "auto",
 ) -> nn.Module:
     """Replace every MoE layer's experts with this rank's EPMoE copies (in place); router and shared experts stay."""
     spec = model_spec(model, plan.model.name)
@@ -207,9 +246,10 @@ def convert(
     for layer_id, name, experts in moe_layers(model):
         block_name, _, attribute = name.rpartition(".")
         block = model.get_submodule(block_name)
-        # plain SwiGLU experts are stored [E, 2I, H] / [E, H, I]: EPMoE slices its copies without a full copy
-        ep_layer = EPMoE(plan.model, by_layer[layer_id], world_size, rank, group, experts.gate_up_proj.detach(),
-                         experts.down_proj.detach(), _router_of(block), policy=policy)
+        w_gate_up, w_down, gate_up_bias, down_bias = ep_weights(experts)  # EPMoE slices and quantizes its copies
+        ep_layer = EPMoE(plan.model, by_layer[layer_id], world_size, rank, group, w_gate_up, w_down,
+                         _router_of(block), policy=policy, backend=backend, activation=spec.activation,
+                         gate_up_bias=gate_up_bias, down_bias=down_bias)
         setattr(block, attribute, EPExperts(ep_layer))
     return model
 
@@ -222,11 +262,10 @@ def _check_plan_fits(model: nn.Module, spec: ModelSpec, plan: Plan, world_size: 
             raise SpecError(f"plan: model {key}={planned} but the transformers model has {actual}")
     if plan.cluster.num_gpus != world_size:
         raise SpecError(f"plan: made for {plan.cluster.num_gpus} GPUs, but world size is {world_size}")
-    if not is_plain_swiglu(moe_layers(model)[0][2]) or spec.activation != "silu":
+    if expert_activation(moe_layers(model)[0][2]) is None:
         raise SpecError(
-            f"{model.config.model_type}: its experts are not plain SwiGLU (biases or custom gating); rnq-ep's expert "
-            "kernels compute (silu(x W_gate^T) * x W_up^T) W_down^T without biases, so this family can be "
-            "calibrated but not converted"
+            f"{model.config.model_type}: its experts compute neither SwiGLU nor GPT-OSS's clamped SwiGLU "
+            "(custom gating or a post-expert norm), so this family can be calibrated but not converted"
         )
     missing = sorted({layer_id for layer_id, _, _ in moe_layers(model)} - {lp.layer for lp in plan.layers})
     if missing:
@@ -274,11 +313,12 @@ def generate_greedy(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> 
 def run_on_rank(
     source: str, plan: Plan, rank: int, world_size: int, group: Any = None, batch: int = 1, prompt_len: int = 32,
     new_tokens: int = 16, seed: int = 0, policy: str = "least-loaded", device: torch.device | None = None,
+    backend: str = "auto",
 ) -> GenerationReport:
     """`rnq-ep run --hf`: load `source`, convert for this rank, greedy-generate from its rows of the builtin text."""
     model, tokenizer, _ = load_model(source, seed)
     device = device or torch.device("cpu")
-    convert(model.to(device), plan, rank, world_size, group, policy)
+    convert(model.to(device), plan, rank, world_size, group, policy, backend)
     ids = tokenize(builtin_text(), model.config.vocab_size, tokenizer)
     rows = token_batches(ids, batch * world_size, prompt_len, batch * world_size * prompt_len)[0]  # [R*B, S]
     return generate_greedy(model, rows[rank * batch : (rank + 1) * batch].to(device), new_tokens)

@@ -13,7 +13,7 @@ from rnq_ep import hf
 from rnq_ep.specs import ClusterSpec, LayerPlan, LoadStats, Plan, PlanOptions, Slot, SpecError
 from rnq_ep.textdata import builtin_text, token_batches, tokenize
 
-CONVERTIBLE = [family for family in sorted(hf.FAMILIES) if family != "gpt-oss"]
+CONVERTIBLE = sorted(hf.FAMILIES)
 ONE_CPU = ClusterSpec(
     name="one-cpu", nodes=1, gpus_per_node=1, hbm_bytes_per_s=1e10, peak_flops=5e10,
     intra_node_bytes_per_s=5e9, inter_node_bytes_per_s=5e9, device="cpu",
@@ -59,10 +59,12 @@ def test_all_int8_conversion_keeps_99_percent_top1_agreement(tiny, family):
     assert agreement >= 0.99
 
 
-def test_gpt_oss_conversion_is_refused_with_the_reason(tiny):
-    model = tiny("gpt-oss")
-    with pytest.raises(SpecError, match="gpt_oss: its experts are not plain SwiGLU"):
-        hf.convert(copy.deepcopy(model), one_gpu_plan(model, "bf16"), rank=0, world_size=1)
+def test_experts_with_another_gating_are_refused_with_the_reason(tiny):
+    model = copy.deepcopy(tiny("gpt-oss"))
+    for _, _, experts in hf.moe_layers(model):
+        experts.limit = 5.0  # not GPT-OSS's clamp: no rnq-ep activation computes it
+    with pytest.raises(SpecError, match="gpt_oss: its experts compute neither SwiGLU nor GPT-OSS's clamped SwiGLU"):
+        hf.convert(model, one_gpu_plan(model, "bf16"), rank=0, world_size=1)
 
 
 def test_plan_for_another_shape_is_rejected(tiny):

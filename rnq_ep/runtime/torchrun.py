@@ -1,6 +1,10 @@
 """`rnq-ep run` under torchrun: read the rank from the standard env, call run_worker, report on rank 0.
 
     torchrun --nproc-per-node=4 -m rnq_ep.runtime.torchrun --plan plan.json --loads loads.json
+    torchrun --nproc-per-node=2 -m rnq_ep.runtime.torchrun --plan plan.json --hf tiny-mixtral
+
+With --hf (a transformers model folder or tiny-<family>) each rank converts that model for the
+plan and greedily generates --steps tokens after a --tokens-long builtin-text prompt of its own.
 """
 
 from __future__ import annotations
@@ -10,12 +14,13 @@ import logging
 import os
 import sys
 
+import torch.distributed as dist
 from rich.console import Console
 from rich.table import Table
 
 from rnq_ep.routing import POLICIES
-from rnq_ep.runtime.worker import StepStats, run_worker
-from rnq_ep.specs import SpecError
+from rnq_ep.runtime.worker import StepStats, _device, _join_group, run_worker
+from rnq_ep.specs import SpecError, load_plan
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def run_main(args: argparse.Namespace) -> int:
     """Run this process's rank (RANK/WORLD_SIZE from the env, 0/1 without torchrun); 0 on success, 2 on bad input."""
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if getattr(args, "hf", None):
+        return run_hf_main(args, rank, world_size)
     try:
         stats = run_worker(
             rank, world_size, args.plan, args.model, args.tokens, args.steps,
@@ -46,6 +53,57 @@ def run_main(args: argparse.Namespace) -> int:
     if rank == 0:
         Console().print(steps_table(stats, title=f"rnq-ep run: {world_size} ranks, policy {args.policy}"))
     return 0
+
+
+def run_hf_main(args: argparse.Namespace, rank: int, world_size: int) -> int:
+    """--hf: convert the model on every rank, generate greedily, print rank 0's summary; 0 ok, 2 bad input."""
+    from rnq_ep.hf import run_on_rank  # transformers is only needed here
+
+    if args.model:
+        log.error("rank %d: --model %s and --hf %s: give one (--hf runs a transformers model)", rank, args.model, args.hf)
+        return 2
+    device = _device()
+    group, created = _join_group(rank, world_size, device, timeout_s=300.0)
+    try:
+        report = run_on_rank(
+            args.hf, load_plan(args.plan), rank, world_size, group, batch=1, prompt_len=args.tokens,
+            new_tokens=args.steps, seed=args.seed, policy=args.policy, device=device, backend=args.backend,
+        )
+        mine = (report.tokens[0, args.tokens:].tolist(), report.seconds, report.tokens_per_s)
+        per_rank = [mine] * world_size
+        if group is not None:
+            dist.all_gather_object(per_rank, mine, group=group)
+    except SpecError as err:
+        log.error("rank %d: %s", rank, err)
+        return 2
+    finally:
+        if created:
+            dist.destroy_process_group()
+    if rank == 0:
+        out = Console() if sys.stdout.isatty() else Console(width=160)  # no wrapping in logs and pipes
+        out.print(generation_table(per_rank, f"rnq-ep run --hf {args.hf}: {world_size} ranks, policy {args.policy}"))
+        out.print(balance_table(report.balancedness))
+    return 0
+
+
+def generation_table(per_rank: list[tuple[list[int], float, float]], title: str) -> Table:
+    """Per rank (generated ids of its prompt, seconds, tokens/s): its greedy generation."""
+    table = Table(title=title, title_justify="left")
+    for column in ("rank", "generated ids", "seconds", "tokens/s"):
+        table.add_column(column, justify="right")
+    for rank, (generated, seconds, tokens_per_s) in enumerate(per_rank):
+        table.add_row(str(rank), " ".join(map(str, generated)), f"{seconds:.3f}", f"{tokens_per_s:.1f}")
+    return table
+
+
+def balance_table(balancedness: list[float]) -> Table:
+    """Per MoE layer (model order): max/mean tokens per GPU averaged over the generation's forwards."""
+    table = Table(title="balancedness per MoE layer (1.0 = even)", title_justify="left")
+    for column in ("MoE layer", "balancedness"):
+        table.add_column(column, justify="right")
+    for layer, value in enumerate(balancedness):
+        table.add_row(str(layer), f"{value:.3f}")
+    return table
 
 
 def steps_table(stats: list[StepStats], title: str) -> Table:
@@ -65,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m rnq_ep.runtime.torchrun ...`: the run subcommand without the top-level CLI."""
     parser = argparse.ArgumentParser(prog="python -m rnq_ep.runtime.torchrun", description=__doc__.splitlines()[0])
     add_run_arguments(parser)
+    # `rnq-ep run` gets --hf from the Ray flags (ray_cli.add_ray_arguments); this entry has no Ray flags
+    parser.add_argument("--hf", metavar="PATH|tiny-<family>",
+                        help="convert this transformers model for the plan and generate --steps tokens greedily "
+                        "after a --tokens-long builtin-text prompt per rank")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return run_main(parser.parse_args(argv))
 
