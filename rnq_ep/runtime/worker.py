@@ -7,10 +7,12 @@ layer from seeded random expert weights (identical on all ranks), then run `step
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import numpy as np
@@ -18,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from rnq_ep.layer import EPMoE, LayerStats
+from rnq_ep.rebalance.rebalancer import RebalanceHealth, Rebalancer
 from rnq_ep.routing import POLICIES
 from rnq_ep.specs import LoadStats, ModelSpec, Plan, SpecError, load_model, load_plan, load_stats
 
@@ -32,6 +35,8 @@ class StepStats:
     seconds: float  # wall time, barrier to barrier (the same on every rank up to timer noise)
     layers: list[LayerStats]
     output: torch.Tensor | None = None  # this rank's last hidden states [T, H] (keep_outputs=True)
+    rebalance_seconds: float = 0.0  # spent after the step on recording, re-plan polling or migrating one layer
+    rebalance: RebalanceHealth | None = None  # counters after the step (rebalance_interval > 0)
 
     @property
     def balancedness(self) -> float:
@@ -210,8 +215,20 @@ def run_worker(
     dtype: torch.dtype | None = None,
     keep_outputs: bool = False,
     timeout_s: float = 300.0,
+    rebalance_interval: int = 0,
+    rebalance_window: int = 0,
+    rebalance_horizon: int = 0,
+    replan_timeout_s: float = 60.0,
+    loads_after: str | None = None,
+    drift_step: int = 0,
 ) -> list[StepStats]:
-    """Run `steps` steps of `tokens` tokens per rank through every plan layer; this rank's per-step stats."""
+    """Run `steps` steps of `tokens` tokens per rank through every plan layer; this rank's per-step stats.
+
+    rebalance_interval > 0 re-plans online every that many steps from the last rebalance_window
+    steps (0: the interval) and migrates changed copies one layer per step when the move pays for
+    itself over rebalance_horizon steps (0: the interval); loads_after switches
+    the routing distribution to another load file from step drift_step on (a drift scenario).
+    """
     plan = load_plan(plan_path)
     if plan.cluster.num_gpus != world_size:
         raise SpecError(
@@ -223,16 +240,33 @@ def run_worker(
     if policy not in POLICIES:
         raise SpecError(f"unknown routing policy {policy!r}, expected one of {POLICIES}")
     spec = _resolve_model(plan, model)
+    if min(rebalance_interval, rebalance_window, rebalance_horizon) < 0:
+        raise SpecError(
+            "rebalance_interval, rebalance_window and rebalance_horizon must be >= 0, got "
+            f"{rebalance_interval}, {rebalance_window}, {rebalance_horizon}"
+        )
     counts = layer_counts(plan, None if loads is None else load_stats(loads))
+    counts_after = counts if loads_after is None else layer_counts(plan, load_stats(loads_after))
     device = _device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     group, created = _join_group(rank, world_size, device, timeout_s)
     try:
         layers = build_layers(plan, spec, rank, group, seed, policy, backend, device)
+        rebalancer = None
+        if rebalance_interval:
+            loaders = [_checkpoint_loader(spec, index, seed, device) for index in range(len(layers))]
+            rebalancer = Rebalancer(
+                layers, plan, rebalance_interval, rebalance_window or rebalance_interval, tokens, replan_timeout_s,
+                rebalance_horizon or None, load_expert=loaders,
+            )
         stats = []
         for step in range(steps):
-            hidden, routing = make_batch(spec, counts, tokens, seed, rank, step)
+            step_counts = counts_after if step >= drift_step else counts
+            hidden, routing = make_batch(spec, step_counts, tokens, seed, rank, step)
             stats.append(run_step(step, layers, hidden.to(device, dtype), routing, group, keep_outputs))
+            if rebalancer is not None:
+                seconds = rebalancer.after_step(step)
+                stats[-1] = replace(stats[-1], rebalance_seconds=seconds, rebalance=copy.deepcopy(rebalancer.health))
             if rank == 0:
                 log.info(
                     "step %d: %.4f s, balancedness %.3f, tokens per GPU %s",
@@ -242,6 +276,18 @@ def run_worker(
     finally:
         if created:
             dist.destroy_process_group()
+
+
+def _checkpoint_loader(
+    model: ModelSpec, layer: int, seed: int, device: torch.device
+) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """Expert e's full (gate_up [2I, H], down [H, I]) of one layer, as a migration reloads it from the checkpoint."""
+
+    def load(expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w_gate_up, w_down, _ = random_layer_weights(model, layer, seed, device)
+        return w_gate_up[expert], w_down[expert]
+
+    return load
 
 
 def make_batch(
