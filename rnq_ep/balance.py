@@ -6,6 +6,7 @@ balancedness) and the planner (scoring a candidate placement). All pure numpy; d
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -106,56 +107,71 @@ def water_fill(table: SlotTable, counts: np.ndarray, base_load: np.ndarray | Non
     """Integer tokens per copy that fill the least-loaded GPUs first: [E] -> [S] int64.
 
     Single-copy experts are fixed; replicated experts are poured heaviest first onto their copies'
-    GPUs up to a common water level, then re-poured given everyone else's load until a sweep changes nothing (at most MAX_REFINE_PASSES).
-    At equal load bf16 copies win, then lower GPU index. Quotas of an expert sum to its count.
+    GPUs up to a common water level, then re-poured given everyone else's load until a sweep changes
+    nothing (at most MAX_REFINE_PASSES). At equal load bf16 copies win, then lower GPU index.
+    Quotas of an expert sum to its count. The sweeps run on Python lists: each pour touches a handful
+    of copies, where numpy's per-call overhead would dominate.
     """
     counts = _check_counts(table, counts)
+    copy_count = table.copy_count()
     quotas = np.zeros(table.num_slots, dtype=np.int64)
-    copies = table.copies_of()
-    multi = np.flatnonzero(table.copy_count() > 1)
-    single = np.flatnonzero(table.copy_count() == 1)
-    for e in single:
-        quotas[copies[e][0]] = counts[e]
-    load = gpu_loads(table, quotas)
+    single = copy_count[table.expert] == 1
+    quotas[single] = counts[table.expert[single]]
+    load_arr = gpu_loads(table, quotas)
     if base_load is not None:
-        load = load + np.asarray(base_load, np.float64)
+        load_arr = load_arr + np.asarray(base_load, np.float64)
+    multi = np.flatnonzero(copy_count > 1)
     if not len(multi):
         return quotas
     multi = multi[np.argsort(-counts[multi], kind="stable")]
-    gpu, fmt = table.gpu, table.fmt
+    copies = table.copies_of()
+    load = load_arr.tolist()
+    gpu_of, fmt_of = table.gpu.tolist(), table.fmt.tolist()
+    poured = {}  # expert -> (slots, gpus, parts)
     for sweep in range(MAX_REFINE_PASSES + 1):
         changed = False
-        for e in multi:
-            slots = copies[e]
+        for e in multi.tolist():
             if sweep:
-                np.subtract.at(load, gpu[slots], quotas[slots])
-            part = _pour(int(counts[e]), load[gpu[slots]], fmt[slots], gpu[slots])
-            changed = changed or not np.array_equal(part, quotas[slots])
-            quotas[slots] = part
-            np.add.at(load, gpu[slots], part)
+                slots, gpus, old = poured[e]
+                for g, q in zip(gpus, old):
+                    load[g] -= q
+            else:
+                slots = copies[e].tolist()
+                gpus = [gpu_of[s] for s in slots]
+                old = None
+            part = _pour(int(counts[e]), [load[g] for g in gpus], [fmt_of[s] for s in slots], gpus)
+            changed = changed or part != old
+            for g, q in zip(gpus, part):
+                load[g] += q
+            poured[e] = (slots, gpus, part)
         if not changed:
             break
+    for slots, _, part in poured.values():
+        quotas[slots] = part
     return quotas
 
 
-def _pour(amount: int, level: np.ndarray, fmt: np.ndarray, gpu: np.ndarray) -> np.ndarray:
-    """Integer water-filling of `amount` over bins at `level`: [c] -> [c] int64 summing to amount."""
-    order = np.lexsort((gpu, fmt, level))  # lowest load first, then bf16, then gpu index
-    lv = level[order]
-    # smallest j such that filling bins 0..j up to lv[j+1] would exceed amount
-    fill_to_next = np.cumsum(np.arange(1, len(lv)) * np.diff(lv)) if len(lv) > 1 else np.zeros(0)
-    j = int(np.searchsorted(fill_to_next, amount, side="left"))
-    water = (amount + lv[: j + 1].sum()) / (j + 1)
-    part_sorted = np.zeros(len(lv), dtype=np.int64)
-    part_sorted[: j + 1] = np.floor(np.maximum(water - lv[: j + 1], 0.0)).astype(np.int64)
-    left = amount - int(part_sorted.sum())
+def _pour(amount: int, level: list[float], fmt: list[int], gpu: list[int]) -> list[int]:
+    """Integer water-filling of `amount` over bins at `level`: [c] -> [c] ints summing to amount."""
+    order = sorted(range(len(level)), key=lambda i: (level[i], fmt[i], gpu[i]))  # lowest, bf16, gpu
+    lv = [level[i] for i in order]
+    # smallest j such that filling bins 0..j up to lv[j+1] would reach amount
+    j, fill = len(lv) - 1, 0.0
+    for i in range(len(lv) - 1):
+        fill += (i + 1) * (lv[i + 1] - lv[i])
+        if fill >= amount:
+            j = i
+            break
+    water = (amount + sum(lv[: j + 1])) / (j + 1)
+    part_sorted = [max(math.floor(water - lv[i]), 0) for i in range(j + 1)] + [0] * (len(lv) - j - 1)
+    left = amount - sum(part_sorted)
     if left:
-        # hand out the remaining tokens one each to the bins that end lowest (stable: bf16, gpu)
-        after = lv[: j + 1] + part_sorted[: j + 1]
-        take = np.lexsort((np.arange(j + 1), after))[:left]
-        part_sorted[take] += 1
-    part = np.empty_like(part_sorted)
-    part[order] = part_sorted
+        # the remaining tokens go one each to the bins that end lowest (ties: bf16, gpu order)
+        for i in sorted(range(j + 1), key=lambda i: (lv[i] + part_sorted[i], i))[:left]:
+            part_sorted[i] += 1
+    part = [0] * len(lv)
+    for i, slot in enumerate(order):
+        part[slot] = part_sorted[i]
     return part
 
 
