@@ -81,10 +81,10 @@ def test_plan_missing_a_moe_layer_is_rejected(tiny):
         hf.convert(copy.deepcopy(model), partial, rank=0, world_size=1)
 
 
-def convert_on_rank(rank: int, world_size: int, plans: list[Plan]) -> list[tuple[float, int, int]]:
+def convert_on_rank(rank: int, world_size: int, family: str, plans: list[Plan]) -> list[tuple[float, int, int]]:
     """Per plan: (max |logit diff|, top-1 matches, tokens) of rank's own rows, converted vs original."""
     torch.set_num_threads(1)
-    model, batch = hf.tiny_model("mixtral"), builtin_batch(rows=2, offset=2 * rank)
+    model, batch = hf.tiny_model(family), builtin_batch(rows=2, offset=2 * rank)
     reference = logits(model, batch)
     results = []
     for plan in plans:
@@ -95,18 +95,20 @@ def convert_on_rank(rank: int, world_size: int, plans: list[Plan]) -> list[tuple
 
 
 @pytest.mark.slow
-def test_two_rank_conversion_of_calibrated_plans_matches_the_original():
+@pytest.mark.parametrize("family", ["mixtral", "gpt-oss"])
+def test_two_rank_conversion_of_calibrated_plans_matches_the_original(family):
     from gloo import run_ranks
 
     from rnq_ep.calibration import calibrate
     from rnq_ep.planner import plan_plain_ep, plan_rnq
 
-    model = hf.tiny_model("mixtral")
+    model = hf.tiny_model(family)
     stats = calibrate(model, token_batches(tokenize(builtin_text(), 512), 4, 128, 1024), formats=("int8",))
-    spec, cluster = hf.model_spec(model, "tiny-mixtral"), msgspec.structs.replace(ONE_CPU, gpus_per_node=2)
+    spec, cluster = hf.model_spec(model, f"tiny-{family}"), msgspec.structs.replace(ONE_CPU, gpus_per_node=2)
     rnq = plan_rnq(spec, cluster, stats, PlanOptions(formats=("bf16", "int8")))
     assert any(slot.fmt == "int8" for layer in rnq.layers for slot in layer.slots)
-    (plain_a, rnq_a), (plain_b, rnq_b) = run_ranks(convert_on_rank, 2, [plan_plain_ep(spec, cluster, stats), rnq])
+    plans = [plan_plain_ep(spec, cluster, stats), rnq]
+    (plain_a, rnq_a), (plain_b, rnq_b) = run_ranks(convert_on_rank, 2, family, plans)
     assert max(plain_a[0], plain_b[0]) <= 1e-5
     assert (rnq_a[1] + rnq_b[1]) / (rnq_a[2] + rnq_b[2]) >= 0.99
 
