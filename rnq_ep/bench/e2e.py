@@ -1,0 +1,299 @@
+"""`rnq-ep bench e2e`: every policy users pick between, run end to end on CPU gloo workers, on real loads.
+
+Policies are those of `rnq_ep.policies` (plain EP; EPLB-equivalent at +12.5 % and +25 % memory
+with hash or least-loaded copy choice; R&Q with least-loaded routing at plain-EP memory, bf16+int8
+and bf16+int8+int4; LLEP-style spilling). Each is planned on one load file and run on batches whose
+routing follows another (or the same, labelled in sample), under both launchers users have:
+- spawn: torchrun-style spawned gloo ranks; every runnable policy built in one process group from
+  the same weights and run on the same batches, interleaved step by step (`bench layer`'s ranks);
+- ray: one Ray job per policy (`make_job`/`run_job`, the actors call `run_worker`), with outputs
+  kept and compared with the unquantized single-process reference (fp32 dense MoE).
+LLEP moves expert weights every step, which our runtime cannot do: its row carries only the cost
+model's prediction, in the column labelled predicted (every policy gets one, for comparison).
+With a GPU, each plan also runs at world size 1 with all of its copies on the one GPU and static
+routing, so each copy serves its planned share: the cost of the plan's bf16/int8/int4 kernel mix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import ray
+import torch
+from rich.console import Console
+
+from rnq_ep.bench.layer import Measured, spawn_ranks, summarise
+from rnq_ep.bench.planner import SHIPPED_LOADS, BenchTable, to_markdown, with_budget
+from rnq_ep.demo import unsharded_outputs
+from rnq_ep.memory import plain_ep_budget
+from rnq_ep.metrics import gpu_bytes, layer_tables
+from rnq_ep.planner import plan_eplb, plan_plain_ep, plan_rnq
+from rnq_ep.policies import HASH, LEAST_LOADED, LLEP, POLICIES, Policy, PolicyRun, run_all
+from rnq_ep.runtime.ray_cluster import connect
+from rnq_ep.runtime.ray_driver import make_job, run_job
+from rnq_ep.runtime.worker import StepStats, layer_counts, run_worker
+from rnq_ep.specs import ClusterSpec, LoadStats, ModelSpec, Plan, PlanOptions, SpecError, encode_json, load_cluster, load_model, load_stats, write_atomic
+
+LAUNCHERS = ("spawn", "ray")
+RUNTIME_ROUTING = {HASH: "hash", LEAST_LOADED: "least-loaded"}  # policies' rule -> routing.POLICIES name
+NOT_RUN = "—"
+
+
+@dataclass(frozen=True)
+class Case:
+    """A model and the load files its plans are made from and its batches follow."""
+
+    model: str
+    plan_loads: Path
+    run_loads: Path
+    label: str
+
+
+CASES = {
+    "olmoe": Case("olmoe-1b-7b", SHIPPED_LOADS / "olmoe-1b-7b-0924_olmoe-repo_arxiv.json",
+                  SHIPPED_LOADS / "olmoe-1b-7b-0924_olmoe-repo_github.json",
+                  "most skewed real loads; planned on arXiv, run on GitHub (out of sample)"),
+    "mixtral": Case("mixtral-8x7b", SHIPPED_LOADS / "mixtral-8x7b-v0.1_olmoe-repo_github.json",
+                    SHIPPED_LOADS / "mixtral-8x7b-v0.1_olmoe-repo_github.json",
+                    "least skewed real loads; planned and run on GitHub (in sample)"),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One policy of one case: its plan (None for LLEP or an infeasible plan), prediction and measurements."""
+
+    policy: Policy
+    plan: Plan | None
+    predicted: PolicyRun
+    measured: dict[str, Measured]  # by launcher
+    error: tuple[float, float] | None = None  # (max abs, relative) vs the unquantized reference
+    gpu_s: float | None = None  # world size 1 on a GPU, median step seconds
+    note: str = ""
+
+
+def plan_for(policy: Policy, model: ModelSpec, cluster: ClusterSpec, loads: LoadStats) -> Plan:
+    """The plan the policy runs: placement by its planner, at its memory (the cluster's budget resolved)."""
+    if policy.placement == "plain":
+        return plan_plain_ep(model, cluster, loads)
+    if policy.placement == "eplb":
+        return plan_eplb(model, cluster, loads, extra_memory=policy.extra_memory)
+    if policy.placement == "rnq":
+        return plan_rnq(model, cluster, loads, PlanOptions(formats=policy.formats))
+    raise ValueError(f"policy {policy.name!r}: unknown placement {policy.placement!r}, expected plain, eplb or rnq")
+
+
+def plan_rows(model: ModelSpec, cluster: ClusterSpec, plan_loads: LoadStats, run_loads: LoadStats, tokens: int) -> list[Row]:
+    """Every policy planned on plan_loads and predicted on run_loads (cost model); plans for the runnable ones."""
+    cluster = with_budget(cluster, model, PlanOptions())
+    predicted = {run.policy: run for run in run_all(model, cluster, [(plan_loads, run_loads)], tokens)}
+    rows = []
+    for policy in POLICIES:
+        if policy.routing == LLEP:
+            rows.append(Row(policy, None, predicted[policy.name], {}, note="predicted only: our runtime cannot move weights"))
+            continue
+        try:
+            plan = plan_for(policy, model, cluster, plan_loads)
+        except SpecError as err:
+            rows.append(Row(policy, None, predicted[policy.name], {}, note=f"cannot plan: {err}"))
+            continue
+        rows.append(Row(policy, plan, predicted[policy.name], {}))
+    return rows
+
+
+def first_identical(rows: list[Row]) -> dict[int, int]:
+    """Row index -> index of the first planned row that runs exactly the same (same copies; same routing where any expert has copies)."""
+    first: dict[tuple[bytes, str], int] = {}
+    out = {}
+    for i, row in enumerate(rows):
+        if row.plan is None:
+            continue
+        replicated = any(len(layer.slots) > row.plan.model.num_experts for layer in row.plan.layers)
+        key = (msgspec.json.encode(row.plan.layers), row.policy.routing if replicated else "")
+        out[i] = first.setdefault(key, i)
+    return out
+
+
+def output_error(outputs: list[list[torch.Tensor]], reference: list[list[torch.Tensor]]) -> tuple[float, float]:
+    """(max |out - ref|, ||out - ref|| / ||ref||) over every rank and step: outputs [rank][step] -> [T, H]."""
+    out = torch.cat([o.float().flatten() for steps in outputs for o in steps])
+    ref = torch.cat([r.float().flatten() for steps in reference for r in steps])
+    diff = out - ref
+    return float(diff.abs().max()), float(diff.norm() / ref.norm())
+
+
+def run_spawn(rows: list[Row], counts: list[np.ndarray], ranks: int, tokens: int, steps: int, seed: int) -> list[Measured]:
+    """The runnable rows interleaved on spawned gloo ranks: Measured per row, in order."""
+    kwargs = dict(plans=[r.plan for r in rows], policies=[RUNTIME_ROUTING[r.policy.routing] for r in rows],
+                  counts=counts, tokens=tokens, steps=steps, seed=seed)
+    per_rank = spawn_ranks(ranks, kwargs)  # [rank][row][step]
+    return [summarise([rank[i] for rank in per_rank]) for i in range(len(rows))]
+
+
+def run_ray(row: Row, folder: Path, run_loads: Path, tokens: int, steps: int, seed: int, timeout_s: float) -> list[list[StepStats]]:
+    """One Ray job of the row's plan and routing (steps + 1, the first warms up), outputs kept: stats [rank][step]."""
+    plan_path = folder / "plan.json"
+    write_atomic(plan_path, encode_json(row.plan))
+    job = make_job(str(plan_path), str(run_loads), tokens=tokens, steps=steps + 1, seed=seed,
+                   policy=RUNTIME_ROUTING[row.policy.routing], backend="torch", keep_outputs=True, timeout_s=timeout_s)
+    return run_job(job).stats
+
+
+def single_gpu_plan(plan: Plan) -> Plan:
+    """The plan's copies all on one GPU (world size 1), shares kept, for static routing on that GPU."""
+    cluster = msgspec.structs.replace(plan.cluster, nodes=1, gpus_per_node=1, device="gpu")
+    layers = [msgspec.structs.replace(layer, slots=[msgspec.structs.replace(s, gpu=0) for s in layer.slots])
+              for layer in plan.layers]
+    return msgspec.structs.replace(plan, cluster=cluster, layers=layers)
+
+
+def run_single_gpu(row: Row, folder: Path, run_loads: Path, tokens: int, steps: int, seed: int) -> float:
+    """Median step seconds of the row's plan at world size 1 on this process's GPU (static routing, auto kernels)."""
+    plan_path = folder / "plan_gpu.json"
+    write_atomic(plan_path, encode_json(single_gpu_plan(row.plan)))
+    stats = run_worker(0, 1, str(plan_path), tokens=tokens, steps=steps + 1, loads=str(run_loads), seed=seed,
+                       policy="static", backend="auto")
+    return float(np.median([s.seconds for s in stats[1:]]))
+
+
+def run_case(case: Case, args: argparse.Namespace, console: Console) -> BenchTable:
+    """Plan, predict and run every policy of one case under the chosen launchers; its table."""
+    base = load_model(case.model)
+    model = msgspec.structs.replace(base, name=f"{base.name}@{args.hidden}x{args.inter}",
+                                    hidden_size=args.hidden, moe_intermediate_size=args.inter)
+    cluster = msgspec.structs.replace(load_cluster(args.cluster), nodes=1, gpus_per_node=args.ranks)
+    plan_loads, run_loads = load_stats(case.plan_loads), load_stats(case.run_loads)
+    rows = plan_rows(model, cluster, plan_loads, run_loads, args.tokens)
+    same = first_identical(rows)
+    runnable = sorted(set(same.values()))
+    launchers = LAUNCHERS if args.launcher == "both" else (args.launcher,)
+    counts = layer_counts(rows[0].plan, run_loads)
+    if "spawn" in launchers:
+        with console.status(f"{case.model}: {len(runnable)} policies interleaved on {args.ranks} spawned gloo ranks"):
+            for i, m in zip(runnable, run_spawn([rows[i] for i in runnable], counts, args.ranks, args.tokens, args.steps, args.seed)):
+                rows[i].measured["spawn"] = m
+    with tempfile.TemporaryDirectory(prefix="rnq-ep-e2e-") as tmp:
+        folder = Path(tmp)
+        if "ray" in launchers:
+            reference = unsharded_outputs(rows[0].plan, model, run_loads, args.ranks, args.tokens, args.steps + 1, args.seed)
+            for i in runnable:
+                with console.status(f"{case.model}: {rows[i].policy.name} as a Ray job of {args.ranks} workers"):
+                    stats = run_ray(rows[i], folder, case.run_loads, args.tokens, args.steps, args.seed, args.timeout)
+                rows[i].measured["ray"] = summarise(stats)
+                outputs = [[s.output for s in rank] for rank in stats]
+                rows[i] = replace(rows[i], error=output_error(outputs, reference))
+        if torch.cuda.is_available():
+            for i in runnable:
+                gpu_s = run_single_gpu(rows[i], folder, case.run_loads, args.tokens * args.ranks, args.steps, args.seed)
+                rows[i] = replace(rows[i], gpu_s=gpu_s)
+    for i, j in same.items():
+        if i != j:
+            rows[i] = replace(rows[j], policy=rows[i].policy, predicted=rows[i].predicted,
+                              note=f"the same copies and routing as {rows[j].policy.name}: measured once")
+    return e2e_table(rows, model, args.ranks, case, args.tokens, launchers)
+
+
+
+def speedup(base: float | None, value: float | None) -> str:
+    """'1.23x' (plain EP's time over the row's: > 1 is faster), or a dash when either is missing."""
+    if base is None or value is None or not np.isfinite(base) or not np.isfinite(value) or value <= 0:
+        return NOT_RUN
+    return f"{base / value:.2f}x"
+
+
+def memory_ratio(row: Row, model: ModelSpec, budget: int) -> str:
+    """Largest per-GPU expert bytes over layers / plain EP's budget (LLEP: with its spilled copies)."""
+    if row.plan is not None:
+        peak = max(int(gpu_bytes(model, table).max()) for table in layer_tables(row.plan))
+    else:
+        peak = row.predicted.max_bytes_per_gpu
+    return f"{peak / budget:.3f}" if peak else NOT_RUN
+
+
+def e2e_table(rows: list[Row], model: ModelSpec, ranks: int, case: Case, tokens: int, launchers: tuple[str, ...]) -> BenchTable:
+    """One case's table: speedups vs plain EP (row 0) predicted and measured, balance, bytes, output error."""
+    base = rows[0]
+    gpu = any(r.gpu_s is not None for r in rows)
+    header = ("policy", "memory / plain EP", "predicted speedup (cost model)",
+              *(f"{name} {kind} speedup" for name in launchers for kind in ("wall", "critical")),
+              "max/mean tokens per worker", "MB sent (dedupe / none)", "max abs error", "relative error",
+              *(("GPU x1 speedup (kernel mix)",) if gpu else ()))
+    budget = plain_ep_budget(model, ranks)
+    table_rows = []
+    for row in rows:
+        any_run = next(iter(row.measured.values()), None)  # balance and bytes do not depend on the launcher
+        cells = [row.policy.name, memory_ratio(row, model, budget), speedup(base.predicted.layer_s, row.predicted.layer_s)]
+        for name in launchers:
+            m, b = row.measured.get(name), base.measured.get(name)
+            cells += [speedup(b and b.wall_s, m and m.wall_s), speedup(b and b.critical_s, m and m.critical_s)]
+        cells += [f"{any_run.balancedness:.2f}" if any_run else NOT_RUN,
+                  f"{any_run.mb_sent:.1f} / {any_run.mb_sent_no_dedupe:.1f}" if any_run else NOT_RUN,
+                  f"{row.error[0]:.2e}" if row.error else NOT_RUN, f"{row.error[1]:.2e}" if row.error else NOT_RUN]
+        if gpu:
+            cells.append(speedup(base.gpu_s, row.gpu_s))
+        table_rows.append(tuple(cells))
+    title = (f"End to end, {ranks} CPU gloo workers, {model.name} ({model.num_experts} experts, top-{model.top_k}), "
+             f"{tokens} tokens per worker, {len(base.plan.layers)} layers: {case.label}")
+    notes = [f"{row.policy.name}: {row.note}" for row in rows if row.note]
+    notes.append("speedup = plain EP's time / the policy's (> 1 is faster), each measured in the same run; wall: barrier "
+                 f"to barrier with {ranks} workers on {os.cpu_count()} cores, so it hides imbalance; critical: per layer "
+                 "the slowest worker's expert CPU time, summed (one core per worker); predicted: the cost model "
+                 f"(`rnq_ep.costmodel`) on the {base.plan.cluster.name} cluster for the same step. spawn: all policies "
+                 "interleaved in one set of spawned ranks; ray: one Ray job per policy. Error: vs the unquantized "
+                 "single-process fp32 reference, every worker and step of the Ray run (relative: L2 norm ratio).")
+    if not gpu:
+        notes.append("GPU x1 (the plan's copies on one GPU, to measure the kernel mix): not run, no GPU on this machine.")
+    return BenchTable(title, header, table_rows, "\n".join(notes))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Options of `rnq-ep bench e2e`."""
+    p = argparse.ArgumentParser(prog="rnq-ep bench e2e", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES), help="load cases to run")
+    p.add_argument("--launcher", choices=(*LAUNCHERS, "both"), default="both", help="spawned gloo ranks, Ray actors, or both")
+    p.add_argument("--ranks", type=int, default=4, help="workers")
+    p.add_argument("--cluster", default="cpu4", help="cluster whose links the plans and predictions assume; resized to --ranks")
+    p.add_argument("--hidden", type=int, default=256, help="expert hidden size (scaled down for CPU)")
+    p.add_argument("--inter", type=int, default=512, help="expert intermediate size (scaled down for CPU)")
+    p.add_argument("--tokens", type=int, default=256, help="tokens per worker per step")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per policy (plus one warm-up)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=300.0, help="bound on each phase of a Ray job, seconds")
+    p.add_argument("--markdown", type=Path, help="also write the tables as a markdown fragment")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every case, print one markdown table per load case; 0 on success."""
+    args = build_parser().parse_args(argv)
+    console = Console(highlight=False)
+    owns_ray = args.launcher != "spawn" and not ray.is_initialized()
+    if owns_ray:
+        connect(None, None)  # a local Ray cluster, or RAY_ADDRESS's
+    try:
+        tables = [run_case(CASES[name], args, console) for name in args.cases]
+    finally:
+        if owns_ray:
+            ray.shutdown()
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}"
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = "rnq-ep bench e2e " + " ".join(argv if argv is not None else sys.argv[1:])
+    markdown = to_markdown(tables, command.strip(), machine, date)
+    console.print(markdown, markup=False, soft_wrap=True)
+    if args.markdown:
+        args.markdown.write_text(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
