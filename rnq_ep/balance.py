@@ -127,26 +127,31 @@ def water_fill(table: SlotTable, counts: np.ndarray, base_load: np.ndarray | Non
     copies = table.copies_of()
     load = load_arr.tolist()
     gpu_of, fmt_of = table.gpu.tolist(), table.fmt.tolist()
-    poured = {}  # expert -> (slots, gpus, parts)
+    poured = {}  # expert -> (slots, gpus, parts, sum of its GPUs' versions when poured)
+    version = [0] * table.num_gpus  # bumped whenever a pour changes a GPU's load
     for sweep in range(MAX_REFINE_PASSES + 1):
         changed = False
         for e in multi.tolist():
             if sweep:
-                slots, gpus, old = poured[e]
+                slots, gpus, old, seen = poured[e]
+                if sum(version[g] for g in gpus) == seen:
+                    continue  # nobody touched its GPUs since it was poured: a re-pour gives the same split
                 for g, q in zip(gpus, old):
                     load[g] -= q
             else:
                 slots = copies[e].tolist()
                 gpus = [gpu_of[s] for s in slots]
-                old = None
+                old = [0] * len(slots)
             part = _pour(int(counts[e]), [load[g] for g in gpus], [fmt_of[s] for s in slots], gpus)
-            changed = changed or part != old
-            for g, q in zip(gpus, part):
+            for g, q, q_old in zip(gpus, part, old):
                 load[g] += q
-            poured[e] = (slots, gpus, part)
+                if q != q_old:
+                    version[g] += 1
+                    changed = True
+            poured[e] = (slots, gpus, part, sum(version[g] for g in gpus))
         if not changed:
             break
-    for slots, _, part in poured.values():
+    for slots, _, part, _ in poured.values():
         quotas[slots] = part
     return quotas
 
