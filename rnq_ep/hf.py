@@ -321,4 +321,6 @@ def run_on_rank(
     convert(model.to(device), plan, rank, world_size, group, policy, backend)
     ids = tokenize(builtin_text(), model.config.vocab_size, tokenizer)
     rows = token_batches(ids, batch * world_size, prompt_len, batch * world_size * prompt_len)[0]  # [R*B, S]
+    if dist.is_initialized():
+        dist.barrier(group)  # start every rank's clock together: a slower load elsewhere is not generation time
     return generate_greedy(model, rows[rank * batch : (rank + 1) * batch].to(device), new_tokens)
