@@ -72,3 +72,16 @@ def test_triton_backend_refuses_swiglu_oai():
 def test_unknown_activation_names_the_known_ones():
     with pytest.raises(ValueError, match=r"unknown expert activation 'gelu'.*swiglu-oai"):
         LocalExperts(one_gpu_table(2), 0, torch.zeros(2, 16, 8), torch.zeros(2, 8, 8), "auto", "gelu")
+
+
+def test_epmoe_rejects_a_bias_of_the_wrong_shape(tiny):
+    from test_hf_convert import one_gpu_plan
+
+    from rnq_ep.layer import EPMoE
+
+    model = tiny("gpt-oss")
+    plan = one_gpu_plan(model, "bf16")
+    w_gate_up, w_down, gate_up_bias, _ = hf.ep_weights(hf.moe_layers(model)[0][2])
+    with pytest.raises(ValueError, match=r"down_bias has shape \(8, 96\), model 'tiny' expects \[8, 64\]"):
+        EPMoE(plan.model, plan.layers[0], 1, 0, None, w_gate_up, w_down, torch.zeros(8, 64), activation="swiglu-oai",
+              gate_up_bias=gate_up_bias, down_bias=torch.zeros(8, 96))
