@@ -49,7 +49,7 @@ def add_run(p: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     """Dispatch `rnq-ep run` to Ray or to this torchrun rank."""
-    if args.ray is not None or args.hf is not None:
+    if args.ray is not None:
         from rnq_ep.runtime.ray_cli import ray_main
 
         return ray_main(args)

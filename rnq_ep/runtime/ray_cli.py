@@ -23,7 +23,7 @@ from rnq_ep.specs import SpecError
 def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     """Ray options of `rnq-ep run` (the rest are torchrun's: --plan, --model, --tokens, --steps, --loads, ...)."""
     parser.add_argument("--hf", metavar="PATH|tiny-<family>",
-                        help="with --ray: convert this transformers model for the plan and generate --steps tokens "
+                        help="convert this transformers model (folder or tiny-<family>) for the plan and generate --steps tokens "
                         "after a --tokens-long builtin-text prompt per worker")
     parser.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                         help="run on Ray: the cluster at ADDRESS (HOST:PORT or auto), or with no address a local one")
