@@ -1,6 +1,6 @@
 """Regenerate BENCHMARKS.md: run every bench program, then stitch their markdown with machine, command and date.
 
-    python scripts/benchmarks.py [--skip planner,simulate,layer,kernels] [--out BENCHMARKS.md]
+    python scripts/benchmarks.py [--skip planner,simulate,layer,e2e,kernels] [--out BENCHMARKS.md]
 
 Each program writes its own fragment (and plot) under bench/; the fragments are stitched into
 BENCHMARKS.md and removed, the PNGs stay next to it. Every ratio in a fragment is against
@@ -187,6 +187,12 @@ def build(skip: set[str]) -> str:
     else:
         run([sys.executable, "-m", "rnq_ep.bench.layer", "--markdown", "bench/layer.md"], log)
         parts.append(fragment(BENCH / "layer.md", "run failed"))
+    parts += ["## Every policy end to end on 4 CPU workers, spawned and Ray (`python -m rnq_ep.bench.e2e`)", ""]
+    if "e2e" in skip:
+        parts.append("_not measured in this run (skipped)_\n")
+    else:
+        run([sys.executable, "-m", "rnq_ep.bench.e2e", "--markdown", "bench/e2e.md"], log)
+        parts.append(fragment(BENCH / "e2e.md", "run failed"))
     parts += ["## Kernels (`python -m rnq_ep.bench.kernels`)", ""]
     if "kernels" in skip or not cuda_available():
         parts.append("_not measured: no GPU in this run_\n")
@@ -216,7 +222,7 @@ def cuda_available() -> bool:
 def main() -> int:
     """Parse flags, run the benches, write BENCHMARKS.md; 0 on success."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--skip", default="", help="comma list of planner, simulate, layer, kernels")
+    parser.add_argument("--skip", default="", help="comma list of planner, simulate, layer, e2e, kernels")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     args = parser.parse_args()
     text = build({s for s in args.skip.split(",") if s})

@@ -46,6 +46,9 @@ from rnq_ep.specs import ClusterSpec, LoadStats, ModelSpec, Plan, PlanOptions, S
 LAUNCHERS = ("spawn", "ray")
 RUNTIME_ROUTING = {HASH: "hash", LEAST_LOADED: "least-loaded"}  # policies' rule -> routing.POLICIES name
 NOT_RUN = "—"
+# Ray starts fresh actors per job (10-20 s on 2 cores): by default only the baseline and the quantized plans
+# (whose output error says something; bf16 plans match the reference to rounding) run as Ray jobs
+RAY_DEFAULT = ("plain EP", "R&Q bf16+int8", "R&Q bf16+int8+int4")
 
 
 @dataclass(frozen=True)
@@ -185,7 +188,7 @@ def run_case(case: Case, args: argparse.Namespace, console: Console) -> BenchTab
         folder = Path(tmp)
         if "ray" in launchers:
             reference = unsharded_outputs(rows[0].plan, model, run_loads, args.ranks, args.tokens, args.steps + 1, args.seed)
-            for i in runnable:
+            for i in (i for i in runnable if args.ray_all or rows[i].policy.name in RAY_DEFAULT):
                 with console.status(f"{case.model}: {rows[i].policy.name} as a Ray job of {args.ranks} workers"):
                     stats = run_ray(rows[i], folder, case.run_loads, args.tokens, args.steps, args.seed, args.timeout)
                 rows[i].measured["ray"] = summarise(stats)
@@ -248,8 +251,9 @@ def e2e_table(rows: list[Row], model: ModelSpec, ranks: int, case: Case, tokens:
                  f"to barrier with {ranks} workers on {os.cpu_count()} cores, so it hides imbalance; critical: per layer "
                  "the slowest worker's expert CPU time, summed (one core per worker); predicted: the cost model "
                  f"(`rnq_ep.costmodel`) on the {base.plan.cluster.name} cluster for the same step. spawn: all policies "
-                 "interleaved in one set of spawned ranks; ray: one Ray job per policy. Error: vs the unquantized "
-                 "single-process fp32 reference, every worker and step of the Ray run (relative: L2 norm ratio).")
+                 "interleaved in one set of spawned ranks; ray: one Ray job per policy, run one after another, so its "
+                 "ratios carry more of the host's noise. Error: vs the unquantized single-process fp32 reference, every "
+                 "worker and step of the Ray run (relative: L2 norm ratio); a dash: not run on Ray (--ray-all runs all).")
     if not gpu:
         notes.append("GPU x1 (the plan's copies on one GPU, to measure the kernel mix): not run, no GPU on this machine.")
     return BenchTable(title, header, table_rows, "\n".join(notes))
@@ -261,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES), help="load cases to run")
     p.add_argument("--launcher", choices=(*LAUNCHERS, "both"), default="both", help="spawned gloo ranks, Ray actors, or both")
+    p.add_argument("--ray-all", action="store_true", help="every policy as a Ray job (default: plain EP and the R&Q plans)")
     p.add_argument("--ranks", type=int, default=4, help="workers")
     p.add_argument("--cluster", default="cpu4", help="cluster whose links the plans and predictions assume; resized to --ranks")
     p.add_argument("--hidden", type=int, default=256, help="expert hidden size (scaled down for CPU)")
