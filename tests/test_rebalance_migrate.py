@@ -16,7 +16,7 @@ from gloo import run_ranks
 from rnq_ep.balance import SlotTable
 from rnq_ep.layer import EPMoE
 from rnq_ep.quant import quantize
-from rnq_ep.rebalance.migrate import migrate_layer
+from rnq_ep.rebalance.migrate import LayerMigration, migrate_layer
 from rnq_ep.rebalance.moves import copy_moves
 from rnq_ep.runtime.worker import random_layer_weights
 from rnq_ep.specs import FORMATS, LayerPlan, Slot, load_model
@@ -24,7 +24,7 @@ from rnq_ep.specs import FORMATS, LayerPlan, Slot, load_model
 MODEL = load_model("tiny")  # H 96, I 160, 8 experts, top-2
 SEED = 5
 TOKENS = 16
-SWITCHES = 4
+SWITCHES = 3
 
 
 def random_plan(num_gpus: int, rng: np.random.Generator) -> LayerPlan:
@@ -60,8 +60,10 @@ def copies_match(layer: EPMoE, w_gate_up: torch.Tensor, w_down: torch.Tensor) ->
     return True
 
 
-def migrate_through(rank: int, world: int, seed: int, fail_rank: int = -1, fail_phase: str = "") -> list[dict]:
-    """Walk the plan sequence on this rank; per switch: agreed, copies exact, output equals a fresh layer."""
+def migrate_through(
+    rank: int, world: int, seed: int, fail_rank: int = -1, fail_phase: str = "", copies_per_step: int = 4
+) -> list[dict]:
+    """Walk the plan sequence on this rank, serving between chunks; per switch: agreed, copies exact, outputs right."""
     group = dist.group.WORLD
     w_gate_up, w_down, router = random_layer_weights(MODEL, 0, SEED)
     plans = plan_sequence(world, seed)
@@ -75,15 +77,20 @@ def migrate_through(rank: int, world: int, seed: int, fail_rank: int = -1, fail_
     results = []
     for plan in plans[1:]:
         before = layer.table
-        move = migrate_layer(layer, SlotTable.from_layer(plan, world, MODEL.num_experts), lambda e: (w_gate_up[e], w_down[e]), fault)
-        serving = plan if move.switched else None
-        fresh = EPMoE(MODEL, serving or _plan_of(before), world, rank, group, w_gate_up, w_down, router, backend="torch")
+        old = EPMoE(MODEL, _plan_of(before), world, rank, group, w_gate_up, w_down, router, backend="torch")
+        table = SlotTable.from_layer(plan, world, MODEL.num_experts)
+        migration = LayerMigration(layer, table, lambda e: (w_gate_up[e], w_down[e]), fault, copies_per_step)
+        served_old = True
+        while (move := migration.advance()) is None:
+            served_old = served_old and torch.equal(layer(x), old(x))  # serving goes on while copies are staged
+        fresh = EPMoE(MODEL, plan, world, rank, group, w_gate_up, w_down, router, backend="torch") if move.switched else old
         results.append(
             {
                 "switched": move.switched,
                 "table_unchanged": layer.table is before,
                 "copies_exact": copies_match(layer, w_gate_up, w_down),
                 "output_equal": torch.equal(layer(x), fresh(x)),
+                "served_old_while_staging": served_old,
                 "bytes_sent": move.bytes_sent,
                 "bytes_received": move.bytes_received,
             }
@@ -105,7 +112,7 @@ def _plan_of(table: SlotTable) -> LayerPlan:
 @pytest.fixture(scope="module", params=[2, 4, pytest.param(8, marks=pytest.mark.slow)])
 def walk(request) -> tuple[int, list[list[dict]]]:
     world = request.param
-    return world, run_ranks(migrate_through, world, world)
+    return world, run_ranks(migrate_through, world, world)  # chunks of 4 changed copies per step
 
 
 def test_every_rank_switches_on_every_plan(walk):
@@ -123,6 +130,11 @@ def test_outputs_after_each_switch_equal_a_layer_built_on_the_new_plan(walk):
     assert all(r["output_equal"] for rank in results for r in rank)
 
 
+def test_serving_continues_on_the_old_plan_while_copies_are_staged(walk):
+    world, results = walk
+    assert all(r["served_old_while_staging"] for rank in results for r in rank)
+
+
 def test_bytes_sent_equal_bytes_received_over_all_ranks(walk):
     world, results = walk
     for switch in range(SWITCHES):
@@ -132,7 +144,7 @@ def test_bytes_sent_equal_bytes_received_over_all_ranks(walk):
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", ["pack", "stage"])
 def test_a_failure_on_one_rank_keeps_every_rank_on_the_old_plan(phase):
-    results = run_ranks(migrate_through, 2, 2, 1, phase)
+    results = run_ranks(migrate_through, 2, 2, 1, phase, 0)  # the whole layer in one call
     for rank in results:
         assert not any(r["switched"] for r in rank)
         assert all(r["table_unchanged"] and r["copies_exact"] and r["output_equal"] for r in rank)

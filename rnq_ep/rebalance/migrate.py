@@ -1,13 +1,15 @@
 """Move one layer to a new slot table on all ranks: exchange only the changed copies, switch when all are staged.
 
-Per layer, every rank makes the same two collectives, whatever fails locally:
-  all_to_all_single(uint8 payload)   split sizes from transfer_matrix(copy_moves(old, new)), shared
-  all_reduce(ready flag, MIN)        the layer switches only if every rank staged it
-A rank whose packing or staging raises sends zeros of the agreed size and votes 0, so no rank
-switches alone and none is left blocked in a collective. The old copies keep serving until the
-switch (they are only read while staging). Staging bound per rank: the new layer's local copies
-(restacked) plus the bytes it receives, on top of the old layer's copies; the old ones are freed
-at the switch, so at most one layer is ever held twice.
+A LayerMigration stages the changed copies in chunks, one chunk per call of advance() (one call
+between two serving steps), so no step waits for a whole layer. Every rank computes the same moves
+and chunks, so each call makes the same collectives on every rank, whatever fails locally:
+  all_to_all_single(uint8 payload)   per chunk with a peer move; split sizes from transfer_matrix, shared
+  all_reduce(ready flag, MIN)        after the last chunk: the layer switches only if every rank is ready
+A rank whose packing or staging raises sends zeros of the agreed size from then on and votes 0, so
+no rank switches alone and none is left blocked in a collective. The old copies keep serving until
+the switch (staging only reads them). Staging bound per rank: the changed copies it receives or
+makes (in their target formats) plus, at the switch, the new layer's local copies restacked, on top
+of the old layer's copies; the old ones are freed at the switch, and one layer moves at a time.
 """
 
 from __future__ import annotations
@@ -45,42 +47,89 @@ class LayerMove:
     copies_moved: int  # peer + host copies in the whole layer (all ranks)
 
 
+class LayerMigration:
+    """A staged move of one layer to `new_table`: advance() once per step, `copies_per_step` changed copies each."""
+
+    def __init__(
+        self,
+        layer: EPMoE,
+        new_table: SlotTable,
+        load_expert: ExpertLoader | None = None,
+        fault: FaultHook | None = None,
+        copies_per_step: int = 0,
+    ) -> None:
+        """Plan the moves (the same on every rank); 0 copies_per_step stages the whole layer in one call."""
+        self.layer, self.new_table, self.load_expert, self.fault = layer, new_table, load_expert, fault
+        self.world = dist.get_world_size(layer.group) if dist.is_initialized() else 1
+        self.moves = copy_moves(layer.table, new_table, layer.model)
+        changed = [m for m in self.moves if m.kind != "keep"]  # kept copies cost nothing: staged at the switch
+        size = copies_per_step or max(len(changed), 1)
+        self.chunks = [changed[i : i + size] for i in range(0, len(changed), size)] or [[]]
+        self.staged: dict[int, tuple[QuantWeight, QuantWeight]] = {}  # new slot -> stored weights (spare buffers)
+        self.ready = True
+        self.bytes_sent = self.bytes_received = 0
+
+    def advance(self) -> LayerMove | None:
+        """Stage the next chunk (one exchange, skipped when no rank sends); after the last, vote and switch."""
+        chunk = self.chunks.pop(0)
+        matrix = transfer_matrix(chunk, self.layer.model, self.world)  # [src, dst] bytes, the same on every rank
+        rank = self.layer.rank
+        send_sizes, recv_sizes = matrix[rank].copy(), matrix[:, rank].copy()
+        if self.ready:
+            try:
+                if self.fault is not None:
+                    self.fault("pack")
+                payload = _pack([m for m in chunk if m.kind == "peer" and m.src == rank], self.layer)
+            except Exception:
+                log.exception("layer %d: packing copies failed on rank %d; old plan stays", self.layer.layer, rank)
+                self.ready = False
+        if not self.ready:
+            payload = torch.zeros(int(send_sizes.sum()), dtype=torch.uint8)
+        received = _exchange(payload, send_sizes, recv_sizes, self.layer.group, self.world) if matrix.any() else payload[:0]
+        self.bytes_sent += int(send_sizes.sum())
+        self.bytes_received += int(recv_sizes.sum())
+        if self.ready:
+            try:
+                if self.fault is not None:
+                    self.fault("stage")
+                self.staged.update(_stage([m for m in chunk if m.dst == rank], self.layer, received, recv_sizes, self.load_expert))
+            except Exception:
+                log.exception("layer %d: staging copies failed on rank %d; old plan stays", self.layer.layer, rank)
+                self.ready = False
+        return None if self.chunks else self._switch(received.device)
+
+    def _switch(self, device: torch.device) -> LayerMove:
+        """Build the new local experts from the staged and kept copies; switch iff every rank is ready."""
+        layer, rank = self.layer, self.layer.rank
+        experts = None
+        if self.ready:
+            try:
+                kept = [m for m in self.moves if m.kind == "keep" and m.dst == rank]
+                self.staged.update(_stage(kept, layer, torch.zeros(0, dtype=torch.uint8), np.zeros(self.world), None))
+                copies = [self.staged[s] for s in np.flatnonzero(self.new_table.gpu == rank)]
+                experts = LocalExperts.from_copies(self.new_table, rank, copies, layer.model.hidden_size, layer.experts.backend)
+            except Exception:
+                log.exception("layer %d: building the new copies failed on rank %d; old plan stays", layer.layer, rank)
+                self.ready = False
+        switched = _all_ready(self.ready, layer.group, self.world, device)
+        if switched:
+            layer.switch_plan(self.new_table, experts)
+        self.staged.clear()
+        moved = sum(m.kind in ("peer", "host") for m in self.moves)
+        return LayerMove(layer.layer, switched, self.bytes_sent, self.bytes_received, moved)
+
+
 def migrate_layer(
     layer: EPMoE,
     new_table: SlotTable,
     load_expert: ExpertLoader | None = None,
     fault: FaultHook | None = None,
 ) -> LayerMove:
-    """Stage `layer`'s changed copies from peers and switch to `new_table` if all ranks staged it."""
-    group, rank = layer.group, layer.rank
-    world = dist.get_world_size(group) if dist.is_initialized() else 1
-    moves = copy_moves(layer.table, new_table, layer.model)
-    matrix = transfer_matrix(moves, layer.model, world)  # [src, dst] bytes, the same on every rank
-    send_sizes, recv_sizes = matrix[rank].copy(), matrix[:, rank].copy()
-    send_sizes[rank] = recv_sizes[rank] = 0
-    ready = True
-    try:
-        if fault is not None:
-            fault("pack")
-        payload = _pack([m for m in moves if m.kind == "peer" and m.src == rank], layer)
-    except Exception:
-        log.exception("layer %d: packing copies for migration failed on rank %d; old plan stays", layer.layer, rank)
-        ready, payload = False, torch.zeros(int(send_sizes.sum()), dtype=torch.uint8)
-    received = _exchange(payload, send_sizes, recv_sizes, group, world)
-    experts = None
-    try:
-        if fault is not None:
-            fault("stage")
-        copies = _stage(moves, layer, received, recv_sizes, load_expert)
-        experts = LocalExperts.from_copies(new_table, rank, copies, layer.model.hidden_size, layer.experts.backend)
-    except Exception:
-        log.exception("layer %d: staging the new copies failed on rank %d; old plan stays", layer.layer, rank)
-        ready = False
-    switched = _all_ready(ready, group, world, received.device)
-    if switched:
-        layer.switch_plan(new_table, experts)
-    moved = sum(m.kind in ("peer", "host") for m in moves)
-    return LayerMove(layer.layer, switched, int(send_sizes.sum()), int(recv_sizes.sum()), moved)
+    """Stage all of `layer`'s changed copies at once and switch to `new_table` if all ranks staged it."""
+    migration = LayerMigration(layer, new_table, load_expert, fault)
+    while (moved := migration.advance()) is None:
+        pass
+    return moved
 
 
 def _pack(sends: list[CopyMove], layer: EPMoE) -> torch.Tensor:
@@ -101,23 +150,23 @@ def _stage(
     received: torch.Tensor,
     recv_sizes: np.ndarray,
     load_expert: ExpertLoader | None,
-) -> list[tuple[QuantWeight, QuantWeight]]:
-    """Stored weights of this rank's new copies in new-table order, from kept, local, received or reloaded copies."""
-    rank, model = layer.rank, layer.model
+) -> dict[int, tuple[QuantWeight, QuantWeight]]:
+    """Stored weights of the given moves into this rank (new slot -> weights), from kept, local, received or reloaded copies."""
+    model = layer.model
     h, i = model.hidden_size, model.moe_intermediate_size
     local_of_slot = {int(slot): j for j, slot in enumerate(layer.experts.slots)}
     offsets = np.concatenate([[0], np.cumsum(recv_sizes)])  # start of each source's block
-    copies = []
-    for move in (m for m in moves if m.dst == rank):
+    copies = {}
+    for move in moves:
         if move.kind in ("keep", "local"):
             gate_up, down = layer.experts.copy_weights(local_of_slot[move.src_slot])
-            copies.append((_convert(gate_up, move.fmt), _convert(down, move.fmt)))
+            copies[move.slot] = (_convert(gate_up, move.fmt), _convert(down, move.fmt))
         elif move.kind == "peer":
             start = int(offsets[move.src])
             gate_up, start = _unpack(received, start, move.fmt, 2 * i, h)
             down, start = _unpack(received, start, move.fmt, h, i)
             offsets[move.src] = start
-            copies.append((gate_up, down))
+            copies[move.slot] = (gate_up, down)
         else:
             if load_expert is None:
                 raise RuntimeError(
@@ -125,7 +174,7 @@ def _stage(
                     "(only lower-precision copies) and no checkpoint loader was given"
                 )
             full_gate_up, full_down = load_expert(move.expert)
-            copies.append((quantize(full_gate_up, move.fmt), quantize(full_down, move.fmt)))
+            copies[move.slot] = (quantize(full_gate_up, move.fmt), quantize(full_down, move.fmt))
     return copies
 
 

@@ -7,8 +7,9 @@ sequence is the same on every rank:
       the re-plan thread
   every step while a re-plan is in flight: broadcast rank 0's status (running, done, failed,
       timed out); when done, broadcast the Replan object
-  every step while layers wait to move: migrate_layer on the next one (one layer per step bounds
-      the stall and the staging memory)
+  every step while layers wait to move: advance the current LayerMigration by one chunk of
+      `copies_per_step` changed copies (bounds the stall); one layer moves at a time (bounds the
+      staging memory)
 A re-plan that raises or outlives `timeout_s` is logged and counted; serving stays on the last
 good plan. The re-plan thread is a daemon: a timed-out one is abandoned, not joined.
 """
@@ -27,7 +28,7 @@ import torch.distributed as dist
 
 from rnq_ep.balance import SlotTable
 from rnq_ep.layer import EPMoE
-from rnq_ep.rebalance.migrate import ExpertLoader, FaultHook, migrate_layer
+from rnq_ep.rebalance.migrate import ExpertLoader, FaultHook, LayerMigration
 from rnq_ep.rebalance.recorder import LoadRecorder
 from rnq_ep.rebalance.replan import LayerDecision, Planner, Replan, plan_from_window, replan
 from rnq_ep.specs import LayerPlan, Plan
@@ -51,7 +52,7 @@ class RebalanceHealth:
     bytes_moved: int = 0  # all ranks, copies sent or reloaded, target formats
     bytes_if_bf16: int = 0  # the same copies if they were all bf16
     bytes_sent: int = 0  # this rank's payload
-    stalls: list[tuple[int, int, float]] = field(default_factory=list)  # (step, layer, seconds) per migrated layer
+    stalls: list[tuple[int, int, float]] = field(default_factory=list)  # (step, layer, seconds) of the slowest chunk per layer
 
 
 class Rebalancer:
@@ -69,6 +70,7 @@ class Rebalancer:
         planner: Planner = plan_from_window,
         load_expert: list[ExpertLoader] | None = None,
         fault: FaultHook | None = None,
+        copies_per_step: int = 4,
     ) -> None:
         """Re-plan every `interval` steps from the last `window` steps; `load_expert[l]` reloads layer l's experts."""
         if interval < 1:
@@ -78,6 +80,7 @@ class Rebalancer:
         self.horizon_steps = horizon_steps or interval
         self.tokens_per_gpu = tokens_per_gpu
         self.planner, self.load_expert, self.fault = planner, load_expert, fault
+        self.copies_per_step = copies_per_step
         self.group = layers[0].group if layers else None
         self.rank = layers[0].rank if layers else 0
         device = layers[0].experts.groups[0].stored_gate_up.data.device if layers and layers[0].experts.groups else "cpu"
@@ -88,6 +91,8 @@ class Rebalancer:
         self._in_flight = False
         self._job: dict = {}  # rank 0: thread, started, result, error
         self._pending: list[tuple[int, LayerPlan, LayerDecision]] = []  # layers still to move, in order
+        self._migration: LayerMigration | None = None  # the layer being staged (_pending[0])
+        self._migration_seconds = 0.0
 
     @property
     def world(self) -> int:
@@ -173,12 +178,20 @@ class Rebalancer:
             )
 
     def _migrate_next(self, step: int) -> None:
-        """Move the next queued layer on all ranks; on an agreed failure drop the rest of this re-plan."""
-        index, layer_plan, decision = self._pending.pop(0)
+        """Stage the next chunk of the queued layer on all ranks; on an agreed failure drop the rest of this re-plan."""
+        index, layer_plan, decision = self._pending[0]
         started = time.perf_counter()
-        table = SlotTable.from_layer(layer_plan, self.plan.cluster.num_gpus, self.plan.model.num_experts)
-        loader = None if self.load_expert is None else self.load_expert[index]
-        moved = migrate_layer(self.layers[index], table, loader, self.fault)
+        if self._migration is None:
+            table = SlotTable.from_layer(layer_plan, self.plan.cluster.num_gpus, self.plan.model.num_experts)
+            loader = None if self.load_expert is None else self.load_expert[index]
+            self._migration = LayerMigration(self.layers[index], table, loader, self.fault, self.copies_per_step)
+            self._migration_seconds = 0.0
+        moved = self._migration.advance()
+        self._migration_seconds = max(self._migration_seconds, time.perf_counter() - started)
+        if moved is None:
+            return
+        self._migration = None
+        self._pending.pop(0)
         self.health.bytes_sent += moved.bytes_sent
         if not moved.switched:
             self.health.layers_aborted += 1 + len(self._pending)
@@ -191,4 +204,4 @@ class Rebalancer:
         self.health.layers_switched += 1
         self.health.bytes_moved += decision.bytes_moved
         self.health.bytes_if_bf16 += decision.bytes_if_bf16
-        self.health.stalls.append((step, moved.layer, time.perf_counter() - started))
+        self.health.stalls.append((step, moved.layer, self._migration_seconds))

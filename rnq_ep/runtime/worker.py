@@ -8,6 +8,7 @@ layer from seeded random expert weights (identical on all ranks), then run `step
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 import time
@@ -218,6 +219,7 @@ def run_worker(
     rebalance_interval: int = 0,
     rebalance_window: int = 0,
     rebalance_horizon: int = 0,
+    rebalance_copies_per_step: int = 4,
     replan_timeout_s: float = 60.0,
     loads_after: str | None = None,
     drift_step: int = 0,
@@ -226,7 +228,8 @@ def run_worker(
 
     rebalance_interval > 0 re-plans online every that many steps from the last rebalance_window
     steps (0: the interval) and migrates changed copies one layer per step when the move pays for
-    itself over rebalance_horizon steps (0: the interval); loads_after switches
+    itself over rebalance_horizon steps (0: the interval), rebalance_copies_per_step changed copies
+    staged between two steps; loads_after switches
     the routing distribution to another load file from step drift_step on (a drift scenario).
     """
     plan = load_plan(plan_path)
@@ -257,7 +260,7 @@ def run_worker(
             loaders = [_checkpoint_loader(spec, index, seed, device) for index in range(len(layers))]
             rebalancer = Rebalancer(
                 layers, plan, rebalance_interval, rebalance_window or rebalance_interval, tokens, replan_timeout_s,
-                rebalance_horizon or None, load_expert=loaders,
+                rebalance_horizon or None, load_expert=loaders, copies_per_step=rebalance_copies_per_step,
             )
         stats = []
         for step in range(steps):
@@ -281,10 +284,17 @@ def run_worker(
 def _checkpoint_loader(
     model: ModelSpec, layer: int, seed: int, device: torch.device
 ) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
-    """Expert e's full (gate_up [2I, H], down [H, I]) of one layer, as a migration reloads it from the checkpoint."""
+    """Expert e's full (gate_up [2I, H], down [H, I]) of one layer, as a migration reloads it from the checkpoint.
+
+    The layer is drawn once on first use and kept by the loader (the checkpoint's layer in host memory).
+    """
+
+    @functools.cache
+    def full_layer() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return random_layer_weights(model, layer, seed, device)
 
     def load(expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        w_gate_up, w_down, _ = random_layer_weights(model, layer, seed, device)
+        w_gate_up, w_down, _ = full_layer()
         return w_gate_up[expert], w_down[expert]
 
     return load
