@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from rnq_ep.bench.e2e import CASES, NOT_RUN, RUNTIME_ROUTING, e2e_table, first_identical, main, output_error, plan_rows
+from rnq_ep.bench.e2e import (
+    CASES, NOT_RUN, RUNTIME_ROUTING, e2e_table, first_identical, main, output_error, plan_rows, run_single_gpu, single_gpu_plan,
+)
 from rnq_ep.bench.layer import Measured
 from rnq_ep.memory import plain_ep_budget
 from rnq_ep.metrics import gpu_bytes, layer_tables
@@ -56,6 +58,21 @@ def test_eplb_with_replicas_runs_each_copy_choice_separately():
     _, rows = _rows("olmoe")
     same = first_identical(rows)
     assert all(same[i] == i for i, row in enumerate(rows) if row.policy.placement == "eplb")
+
+
+def test_single_gpu_variant_puts_every_copy_on_one_worker_with_its_planned_share():
+    _, rows = _rows("olmoe")
+    rnq = next(row.plan for row in rows if row.policy.name == "R&Q bf16+int8+int4")
+    one = single_gpu_plan(rnq)
+    assert one.cluster.num_gpus == 1
+    assert [[(s.gpu, s.expert, s.fmt, s.share) for s in layer.slots] for layer in one.layers] == [
+        [(0, s.expert, s.fmt, s.share) for s in layer.slots] for layer in rnq.layers]
+
+
+def test_single_gpu_variant_runs_at_world_size_one(tmp_path):
+    _, rows = _rows("olmoe")  # on CPU here: the same path a GPU takes, with the torch kernels
+    rnq = next(row for row in rows if row.policy.name == "R&Q bf16+int8")
+    assert run_single_gpu(rnq, tmp_path, CASES["olmoe"].run_loads, tokens=8, steps=1, seed=0) > 0
 
 
 def test_output_error_is_the_max_abs_and_the_l2_ratio_over_ranks_and_steps():

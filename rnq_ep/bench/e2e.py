@@ -37,7 +37,7 @@ from rnq_ep.demo import unsharded_outputs
 from rnq_ep.memory import plain_ep_budget
 from rnq_ep.metrics import gpu_bytes, layer_tables
 from rnq_ep.planner import plan_eplb, plan_plain_ep, plan_rnq
-from rnq_ep.policies import HASH, LEAST_LOADED, LLEP, POLICIES, Policy, PolicyRun, run_all
+from rnq_ep.policies import HASH, LEAST_LOADED, LLEP, PLAIN_EP, POLICIES, Policy, PolicyRun, run_all
 from rnq_ep.runtime.ray_cluster import connect
 from rnq_ep.runtime.ray_driver import make_job, run_job
 from rnq_ep.runtime.worker import StepStats, layer_counts, run_worker
@@ -107,6 +107,8 @@ def plan_rows(model: ModelSpec, cluster: ClusterSpec, plan_loads: LoadStats, run
         try:
             plan = plan_for(policy, model, cluster, plan_loads)
         except SpecError as err:
+            if policy == PLAIN_EP:  # the baseline of every ratio
+                raise
             rows.append(Row(policy, None, predicted[policy.name], {}, note=f"cannot plan: {err}"))
             continue
         rows.append(Row(policy, plan, predicted[policy.name], {}))
@@ -195,6 +197,7 @@ def run_case(case: Case, args: argparse.Namespace, console: Console) -> BenchTab
                 outputs = [[s.output for s in rank] for rank in stats]
                 rows[i] = replace(rows[i], error=output_error(outputs, reference))
         if torch.cuda.is_available():
+            run_single_gpu(rows[0], folder, case.run_loads, args.tokens * args.ranks, 1, args.seed)  # CUDA context, compiles
             for i in runnable:
                 gpu_s = run_single_gpu(rows[i], folder, case.run_loads, args.tokens * args.ranks, args.steps, args.seed)
                 rows[i] = replace(rows[i], gpu_s=gpu_s)
@@ -203,7 +206,6 @@ def run_case(case: Case, args: argparse.Namespace, console: Console) -> BenchTab
             rows[i] = replace(rows[j], policy=rows[i].policy, predicted=rows[i].predicted,
                               note=f"the same copies and routing as {rows[j].policy.name}: measured once")
     return e2e_table(rows, model, args.ranks, case, args.tokens, launchers)
-
 
 
 def speedup(base: float | None, value: float | None) -> str:
