@@ -54,6 +54,15 @@ class RebalanceHealth:
     bytes_sent: int = 0  # this rank's payload
     stalls: list[tuple[int, int, float]] = field(default_factory=list)  # (step, layer, seconds) of the slowest chunk per layer
 
+    def summary(self) -> str:
+        """One log line: re-plans, layers switched, bytes moved, the worst stall so far."""
+        worst = max((seconds for _, _, seconds in self.stalls), default=0.0)
+        return (
+            f"re-plans {self.replans_done} done, {self.replans_failed} failed, {self.replans_timed_out} timed out; "
+            f"layers switched {self.layers_switched}, kept {self.layers_kept}, aborted {self.layers_aborted}; "
+            f"{self.bytes_moved / 1e6:.2f} MB moved ({self.bytes_if_bf16 / 1e6:.2f} MB if bf16); worst stall {worst:.4f} s"
+        )
+
 
 class Rebalancer:
     """Online rebalancing of `layers` (this rank's EPMoE of every plan layer) under `plan`."""

@@ -257,7 +257,7 @@ def run_worker(
         layers = build_layers(plan, spec, rank, group, seed, policy, backend, device)
         rebalancer = None
         if rebalance_interval:
-            loaders = [_checkpoint_loader(spec, index, seed, device) for index in range(len(layers))]
+            loaders = [checkpoint_loader(spec, index, seed, device) for index in range(len(layers))]
             rebalancer = Rebalancer(
                 layers, plan, rebalance_interval, rebalance_window or rebalance_interval, tokens, replan_timeout_s,
                 rebalance_horizon or None, load_expert=loaders, copies_per_step=rebalance_copies_per_step,
@@ -270,6 +270,8 @@ def run_worker(
             if rebalancer is not None:
                 seconds = rebalancer.after_step(step)
                 stats[-1] = replace(stats[-1], rebalance_seconds=seconds, rebalance=copy.deepcopy(rebalancer.health))
+                if rank == 0:
+                    log.info("step %d rebalance: %.4f s after the step; %s", step, seconds, rebalancer.health.summary())
             if rank == 0:
                 log.info(
                     "step %d: %.4f s, balancedness %.3f, tokens per GPU %s",
@@ -281,7 +283,7 @@ def run_worker(
             dist.destroy_process_group()
 
 
-def _checkpoint_loader(
+def checkpoint_loader(
     model: ModelSpec, layer: int, seed: int, device: torch.device
 ) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
     """Expert e's full (gate_up [2I, H], down [H, I]) of one layer, as a migration reloads it from the checkpoint.
