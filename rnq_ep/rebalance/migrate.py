@@ -61,6 +61,7 @@ class LayerMigration:
         """Plan the moves (the same on every rank); 0 copies_per_step stages the whole layer in one call."""
         self.layer, self.new_table, self.load_expert, self.fault = layer, new_table, load_expert, fault
         self.world = dist.get_world_size(layer.group) if dist.is_initialized() else 1
+        self.device = layer_device(layer)
         self.moves = copy_moves(layer.table, new_table, layer.model)
         changed = [m for m in self.moves if m.kind != "keep"]  # kept copies cost nothing: staged at the switch
         size = copies_per_step or max(len(changed), 1)
@@ -79,12 +80,12 @@ class LayerMigration:
             try:
                 if self.fault is not None:
                     self.fault("pack")
-                payload = _pack([m for m in chunk if m.kind == "peer" and m.src == rank], self.layer)
+                payload = _pack([m for m in chunk if m.kind == "peer" and m.src == rank], self.layer, self.device)
             except Exception:
                 log.exception("layer %d: packing copies failed on rank %d; old plan stays", self.layer.layer, rank)
                 self.ready = False
         if not self.ready:
-            payload = torch.zeros(int(send_sizes.sum()), dtype=torch.uint8)
+            payload = torch.zeros(int(send_sizes.sum()), dtype=torch.uint8, device=self.device)
         received = _exchange(payload, send_sizes, recv_sizes, self.layer.group, self.world) if matrix.any() else payload[:0]
         self.bytes_sent += int(send_sizes.sum())
         self.bytes_received += int(recv_sizes.sum())
@@ -96,9 +97,9 @@ class LayerMigration:
             except Exception:
                 log.exception("layer %d: staging copies failed on rank %d; old plan stays", self.layer.layer, rank)
                 self.ready = False
-        return None if self.chunks else self._switch(received.device)
+        return None if self.chunks else self._switch()
 
-    def _switch(self, device: torch.device) -> LayerMove:
+    def _switch(self) -> LayerMove:
         """Build the new local experts from the staged and kept copies; switch iff every rank is ready."""
         layer, rank = self.layer, self.layer.rank
         experts = None
@@ -111,7 +112,7 @@ class LayerMigration:
             except Exception:
                 log.exception("layer %d: building the new copies failed on rank %d; old plan stays", layer.layer, rank)
                 self.ready = False
-        switched = _all_ready(self.ready, layer.group, self.world, device)
+        switched = _all_ready(self.ready, layer.group, self.world, self.device)
         if switched:
             layer.switch_plan(self.new_table, experts)
         self.staged.clear()
@@ -132,7 +133,14 @@ def migrate_layer(
     return moved
 
 
-def _pack(sends: list[CopyMove], layer: EPMoE) -> torch.Tensor:
+def layer_device(layer: EPMoE) -> torch.device:
+    """Where the layer's copies live (a rank without copies: its current GPU, or the CPU)."""
+    if layer.experts.groups:
+        return layer.experts.groups[0].stored_gate_up.data.device
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _pack(sends: list[CopyMove], layer: EPMoE, device: torch.device) -> torch.Tensor:
     """This rank's outgoing copies as one uint8 buffer, by destination then move order."""
     local_of_slot = {int(slot): j for j, slot in enumerate(layer.experts.slots)}
     parts = []
@@ -140,7 +148,6 @@ def _pack(sends: list[CopyMove], layer: EPMoE) -> torch.Tensor:
         gate_up, down = layer.experts.copy_weights(local_of_slot[move.src_slot])
         for weight in (gate_up, down):
             parts.extend(_bytes_of(_convert(weight, move.fmt)))
-    device = layer.experts.groups[0].stored_gate_up.data.device if layer.experts.groups else torch.device("cpu")
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8, device=device)
 
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from rnq_ep.balance import SlotTable
 from rnq_ep.layer import EPMoE
-from rnq_ep.rebalance.migrate import ExpertLoader, FaultHook, LayerMigration
+from rnq_ep.rebalance.migrate import ExpertLoader, FaultHook, LayerMigration, layer_device
 from rnq_ep.rebalance.recorder import LoadRecorder
 from rnq_ep.rebalance.replan import LayerDecision, Planner, Replan, plan_from_window, replan
 from rnq_ep.specs import LayerPlan, Plan
@@ -92,8 +92,7 @@ class Rebalancer:
         self.copies_per_step = copies_per_step
         self.group = layers[0].group if layers else None
         self.rank = layers[0].rank if layers else 0
-        device = layers[0].experts.groups[0].stored_gate_up.data.device if layers and layers[0].experts.groups else "cpu"
-        self.device = torch.device(device)
+        self.device = layer_device(layers[0]) if layers else torch.device("cpu")
         self.recorder = LoadRecorder(len(layers), plan.model.num_experts, window, self.device)
         self.recorder.attach(layers)
         self.health = RebalanceHealth()
