@@ -46,6 +46,8 @@ def ray_main(args: argparse.Namespace) -> int:
     """Run the plan on Ray and print the summary; 0 ok, 1 a worker failed, 2 bad input or cluster."""
     out = wide_console()
     try:
+        if getattr(args, "rebalance_interval", 0):
+            raise SpecError("--rebalance-interval: online rebalancing runs under torchrun for now, not with --ray")
         job = make_job(
             args.plan, args.loads, args.model, hf=args.hf, tokens=args.tokens, steps=args.steps, seed=args.seed,
             policy=args.policy, backend=args.backend, timeout_s=args.timeout,

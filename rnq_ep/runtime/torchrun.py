@@ -15,9 +15,10 @@ import os
 import sys
 
 import torch.distributed as dist
-from rich.console import Console
 from rich.table import Table
 
+from rnq_ep.rebalance.options import add_rebalance_arguments, rebalance_kwargs
+from rnq_ep.report import console
 from rnq_ep.routing import POLICIES
 from rnq_ep.runtime.worker import StepStats, _device, _join_group, run_worker
 from rnq_ep.specs import SpecError, load_plan
@@ -35,6 +36,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and batches")
     parser.add_argument("--policy", choices=POLICIES, default="least-loaded", help="copy choice per token")
     parser.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto", help="expert kernels")
+    add_rebalance_arguments(parser)
 
 
 def run_main(args: argparse.Namespace) -> int:
@@ -45,13 +47,13 @@ def run_main(args: argparse.Namespace) -> int:
     try:
         stats = run_worker(
             rank, world_size, args.plan, args.model, args.tokens, args.steps,
-            args.loads, args.seed, args.policy, args.backend,
+            args.loads, args.seed, args.policy, args.backend, **rebalance_kwargs(args),
         )
     except SpecError as err:
         log.error("rank %d: %s", rank, err)
         return 2
     if rank == 0:
-        Console().print(steps_table(stats, title=f"rnq-ep run: {world_size} ranks, policy {args.policy}"))
+        console().print(steps_table(stats, title=f"rnq-ep run: {world_size} ranks, policy {args.policy}"))
     return 0
 
 
@@ -80,7 +82,7 @@ def run_hf_main(args: argparse.Namespace, rank: int, world_size: int) -> int:
         if created:
             dist.destroy_process_group()
     if rank == 0:
-        out = Console() if sys.stdout.isatty() else Console(width=160)  # no wrapping in logs and pipes
+        out = console()
         out.print(generation_table(per_rank, f"rnq-ep run --hf {args.hf}: {world_size} ranks, policy {args.policy}"))
         out.print(balance_table(report.balancedness))
     return 0
@@ -107,15 +109,24 @@ def balance_table(balancedness: list[float]) -> Table:
 
 
 def steps_table(stats: list[StepStats], title: str) -> Table:
-    """Rich table of per-step time, balancedness, tokens per GPU and this rank's bytes sent."""
+    """Rich table of per-step time, balancedness, tokens per GPU, this rank's bytes sent (+ online rebalancing)."""
+    rebalancing = any(s.rebalance is not None for s in stats)
     table = Table(title=title)
-    for column in ("step", "seconds", "balancedness", "tokens per GPU", "bytes sent", "no dedupe"):
+    columns = ["step", "seconds", "balancedness", "tokens per GPU", "bytes sent", "no dedupe"]
+    columns += ["re-plans done", "layers switched", "MB moved", "rebalance s"] if rebalancing else []
+    for column in columns:
         table.add_column(column, justify="right")
     for s in stats:
-        table.add_row(
-            str(s.step), f"{s.seconds:.4f}", f"{s.balancedness:.3f}", " ".join(map(str, s.tokens_per_gpu.tolist())),
-            f"{s.bytes_sent:,}", f"{s.bytes_sent_no_dedupe:,}",
-        )
+        row = [str(s.step), f"{s.seconds:.4f}", f"{s.balancedness:.3f}", " ".join(map(str, s.tokens_per_gpu.tolist())),
+               f"{s.bytes_sent:,}", f"{s.bytes_sent_no_dedupe:,}"]
+        if rebalancing:
+            health = s.rebalance
+            row += ["-"] * 3 if health is None else [
+                str(health.replans_done), str(health.layers_switched), f"{health.bytes_moved / 1e6:.2f}"]
+            row.append(f"{s.rebalance_seconds:.4f}")
+        table.add_row(*row)
+    if rebalancing and stats[-1].rebalance is not None:
+        table.caption = stats[-1].rebalance.summary()
     return table
 
 
