@@ -1,6 +1,6 @@
 """Regenerate BENCHMARKS.md: run every bench program, then stitch their markdown with machine, command and date.
 
-    python scripts/benchmarks.py [--skip planner,simulate,layer,e2e,kernels] [--out BENCHMARKS.md]
+    python scripts/benchmarks.py [--skip planner,simulate,layer,e2e,rebalance,kernels] [--out BENCHMARKS.md]
 
 Each program writes its own fragment (and plot) under bench/; the fragments are stitched into
 BENCHMARKS.md and removed, the PNGs stay next to it. Every ratio in a fragment is against
@@ -96,13 +96,24 @@ def simulate_runs() -> list[tuple[str, list[str], str, bool]]:
 
 def run(command: list[str], log: list[str]) -> bool:
     """Run a bench command from the repo root, note its wall time; True when it exits 0."""
+    return _run(command, log).returncode == 0
+
+
+def stdout_of(command: list[str], log: list[str]) -> str:
+    """Run a bench that prints its markdown to stdout; that text, or a line saying it failed."""
+    done = _run(command, log)
+    return done.stdout if done.returncode == 0 else "_not measured: run failed_\n"
+
+
+def _run(command: list[str], log: list[str]) -> subprocess.CompletedProcess:
+    """Run `command` from the repo root, capturing its output; note its wall time and exit code in `log`."""
     start = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     took = time.perf_counter() - start
     log.append(f"`{shlex.join(Path(c).name if c == sys.executable else c for c in command)}`: {took:.0f} s, exit {done.returncode}")
     if done.returncode:
         sys.stderr.write(done.stderr[-4000:])
-    return done.returncode == 0
+    return done
 
 
 def fragment(path: Path, failed: str) -> str:
@@ -193,6 +204,11 @@ def build(skip: set[str]) -> str:
     else:
         run([sys.executable, "-m", "rnq_ep.bench.e2e", "--markdown", "bench/e2e.md"], log)
         parts.append(fragment(BENCH / "e2e.md", "run failed"))
+    parts += ["## Online rebalancing: the stall of a switch (`python -m rnq_ep.bench.rebalance`)", ""]
+    if "rebalance" in skip:
+        parts.append("_not measured in this run (skipped)_\n")
+    else:
+        parts.append(stdout_of([sys.executable, "-m", "rnq_ep.bench.rebalance", "--rounds", "3"], log))
     parts += ["## Kernels (`python -m rnq_ep.bench.kernels`)", ""]
     if "kernels" in skip or not cuda_available():
         parts.append("_not measured: no GPU in this run_\n")
@@ -222,7 +238,7 @@ def cuda_available() -> bool:
 def main() -> int:
     """Parse flags, run the benches, write BENCHMARKS.md; 0 on success."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--skip", default="", help="comma list of planner, simulate, layer, e2e, kernels")
+    parser.add_argument("--skip", default="", help="comma list of planner, simulate, layer, e2e, rebalance, kernels")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     args = parser.parse_args()
     text = build({s for s in args.skip.split(",") if s})
