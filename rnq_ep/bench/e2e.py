@@ -17,9 +17,7 @@ routing, so each copy serves its planned share: the cost of the plan's bf16/int8
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import sys
 import tempfile
 from dataclasses import dataclass, replace
@@ -32,7 +30,7 @@ import torch
 from rich.console import Console
 
 from rnq_ep.bench.layer import Measured, spawn_ranks, summarise
-from rnq_ep.bench.planner import SHIPPED_LOADS, BenchTable, to_markdown, with_budget
+from rnq_ep.bench.planner import SHIPPED_LOADS, BenchTable, publish, with_budget
 from rnq_ep.demo import unsharded_outputs
 from rnq_ep.memory import plain_ep_budget
 from rnq_ep.metrics import gpu_bytes, layer_tables
@@ -292,13 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if owns_ray:
             ray.shutdown()
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}"
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    command = "rnq-ep bench e2e " + " ".join(argv if argv is not None else sys.argv[1:])
-    markdown = to_markdown(tables, command.strip(), machine, date)
-    console.print(markdown, markup=False, soft_wrap=True)
-    if args.markdown:
-        args.markdown.write_text(markdown)
+    publish(tables, "rnq-ep bench e2e " + " ".join(argv if argv is not None else sys.argv[1:]), console, args.markdown)
     return 0
 
 

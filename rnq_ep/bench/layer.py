@@ -15,10 +15,8 @@ every rank has a core (or GPU) of its own.
 from __future__ import annotations
 
 import argparse
-import datetime
 import multiprocessing
 import os
-import platform
 import queue
 import socket
 import sys
@@ -32,7 +30,7 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 
-from rnq_ep.bench.planner import EPLB_EXTRA, PLAIN, SHIPPED_LOADS, BenchTable, to_markdown, with_budget
+from rnq_ep.bench.planner import EPLB_EXTRA, PLAIN, SHIPPED_LOADS, BenchTable, publish, with_budget
 from rnq_ep.layer import EPMoE
 from rnq_ep.memory import plain_ep_budget
 from rnq_ep.metrics import gpu_bytes, layer_tables
@@ -219,14 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     with console.status(f"running {len(runs)} configurations interleaved on {args.ranks} gloo ranks"):
         per_rank = spawn_ranks(args.ranks, kwargs)  # [rank][config][step]
     rows = [(config, summarise([rank[c] for rank in per_rank])) for c, config in enumerate(runs)]
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}"
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = "rnq-ep bench layer " + " ".join(argv if argv is not None else sys.argv[1:])
-    table = bench_table(rows, model, args.ranks, args)
-    markdown = to_markdown([table], command.strip(), machine, date)
-    console.print(markdown, markup=False, soft_wrap=True)
-    if args.markdown:
-        args.markdown.write_text(markdown)
+    publish([bench_table(rows, model, args.ranks, args)], command, console, args.markdown)
     return 0
 
 

@@ -8,14 +8,21 @@ that the CLI prints with rich and `to_markdown` writes for BENCHMARKS.md.
 
 from __future__ import annotations
 
+import datetime
 import math
+import os
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 import numpy as np
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 from rnq_ep.costmodel import DEFAULT_TOKENS_PER_GPU, predict_plan
 from rnq_ep.memory import gpu_budget
@@ -284,3 +291,14 @@ def to_markdown(tables: list[BenchTable], command: str, machine: str, date: str)
         lines += ["| " + " | ".join(row) + " |" for row in table.rows]
         lines += ["", *(f"_{line}_  " for line in table.note.splitlines()), ""] if table.note else [""]
     return "\n".join(lines)
+
+
+def publish(tables: list[BenchTable], command: str, console: Console, markdown_path: Path | None) -> str:
+    """Markdown of `tables` with command, machine and date: printed, and written to `markdown_path` if given."""
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}"
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    markdown = to_markdown(tables, command.strip(), machine, date)
+    console.print(markdown, markup=False, soft_wrap=True)
+    if markdown_path is not None:
+        markdown_path.write_text(markdown)
+    return markdown
