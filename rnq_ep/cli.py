@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from collections.abc import Callable
 
@@ -48,7 +49,8 @@ def add_run(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    """Dispatch `rnq-ep run` to Ray or to this torchrun rank."""
+    """Dispatch `rnq-ep run` to Ray or to this torchrun rank (rank 0 logs per-step and rebalancing lines)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.ray is not None:
         from rnq_ep.runtime.ray_cli import ray_main
 

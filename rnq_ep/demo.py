@@ -219,5 +219,7 @@ def plot_tokens(runs: list[PolicyRun], path: Path) -> None:
     axes[0][0].set_ylabel("expert rows per step (dashed: even split)")
     fig.suptitle(f"{MODEL} on {CLUSTER}: tokens per worker, plain EP vs R&Q")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)
     plt.close(fig)

@@ -24,7 +24,7 @@ from rnq_ep.bench.planner import BenchTable, scaled_cluster, to_markdown
 from rnq_ep.costmodel import DEFAULT_TOKENS_PER_GPU
 from rnq_ep.memory import plain_ep_budget
 from rnq_ep.policies import PLAIN_EP, PolicyRun, Windows, expert_skew, run_all, synthetic_windows
-from rnq_ep.specs import LoadStats, ModelSpec, SpecError, load_cluster, load_model, load_stats, write_atomic
+from rnq_ep.specs import ModelSpec, SpecError, load_cluster, load_model, load_stats, write_atomic
 from rnq_ep.synthetic import DEFAULT_DRIFT, ZipfLoads, parse_zipf
 
 DEFAULT_GPUS = "8,32,64,256,1024"

@@ -4,15 +4,14 @@
 
 Each program writes its own fragment (and plot) under bench/; the fragments are stitched into
 BENCHMARKS.md and removed, the PNGs stay next to it. Every ratio in a fragment is against
-a baseline measured in the same run of that program. A program that cannot run here (the layer
-bench when its module is missing, the kernel bench without CUDA) leaves a line saying why.
+a baseline measured in the same run of that program. A program that cannot run here (the kernel
+bench without CUDA) leaves a line saying why.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import os
 import platform
 import shlex
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 from rnq_ep.report import cpu_name
+from rnq_ep.specs import write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -193,8 +193,6 @@ def build(skip: set[str]) -> str:
     parts += ["## EP layer on CPU gloo ranks (`python -m rnq_ep.bench.layer`)", ""]
     if "layer" in skip:
         parts.append("_not measured in this run (skipped)_\n")
-    elif importlib.util.find_spec("rnq_ep.bench.layer") is None:
-        parts.append("_not measured: rnq_ep.bench.layer is not in this checkout_\n")
     else:
         run([sys.executable, "-m", "rnq_ep.bench.layer", "--markdown", "bench/layer.md"], log)
         parts.append(fragment(BENCH / "layer.md", "run failed"))
@@ -242,7 +240,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     args = parser.parse_args()
     text = build({s for s in args.skip.split(",") if s})
-    args.out.write_text(text)
+    write_atomic(args.out, text.encode())
     return 0
 
 

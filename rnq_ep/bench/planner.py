@@ -38,6 +38,7 @@ from rnq_ep.specs import (
     SpecError,
     load_model,
     load_stats,
+    write_atomic,
 )
 
 RNQ = "R&Q"
@@ -300,5 +301,5 @@ def publish(tables: list[BenchTable], command: str, console: Console, markdown_p
     markdown = to_markdown(tables, command.strip(), machine, date)
     console.print(markdown, markup=False, soft_wrap=True)
     if markdown_path is not None:
-        markdown_path.write_text(markdown)
+        write_atomic(markdown_path, markdown.encode())
     return markdown

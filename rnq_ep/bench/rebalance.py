@@ -34,7 +34,7 @@ from rnq_ep.rebalance.migrate import LayerMigration
 from rnq_ep.rebalance.moves import copy_moves, moved_bytes
 from rnq_ep.rebalance.replan import keep_in_place
 from rnq_ep.runtime.worker import checkpoint_loader, build_layers, make_batch, run_step
-from rnq_ep.specs import LoadStats, ModelSpec, Plan, PlanOptions, load_cluster, load_model
+from rnq_ep.specs import ModelSpec, Plan, PlanOptions, load_cluster, load_model
 from rnq_ep.synthetic import ZipfLoads, window_stats, zipf_windows
 
 TARGET_RATIO = 1.5  # no step during a switch slower than this times steady state

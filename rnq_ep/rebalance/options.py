@@ -30,3 +30,14 @@ def rebalance_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "loads_after": args.loads_after,
         "drift_step": args.drift_step,
     }
+
+
+def rebalance_flags_given(args: argparse.Namespace) -> list[str]:
+    """The online-rebalancing flags set away from their defaults, as `--flag` names (for paths that cannot honour them)."""
+    defaults = argparse.ArgumentParser()
+    add_rebalance_arguments(defaults)
+    given = []
+    for action in defaults._actions:
+        if action.dest != "help" and getattr(args, action.dest, action.default) != action.default:
+            given.append(action.option_strings[0])
+    return given

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from rnq_ep.rebalance.options import rebalance_flags_given
 from rnq_ep.runtime.ray_cluster import ClusterError, RayJob, connect
 from rnq_ep.runtime.ray_driver import Event, JobResult, WorkerFailed, make_job, run_job
 from rnq_ep.specs import SpecError
@@ -46,8 +47,8 @@ def ray_main(args: argparse.Namespace) -> int:
     """Run the plan on Ray and print the summary; 0 ok, 1 a worker failed, 2 bad input or cluster."""
     out = wide_console()
     try:
-        if getattr(args, "rebalance_interval", 0):
-            raise SpecError("--rebalance-interval: online rebalancing runs under torchrun for now, not with --ray")
+        if given := rebalance_flags_given(args):
+            raise SpecError(f"{', '.join(given)}: online rebalancing runs under torchrun for now, not with --ray")
         job = make_job(
             args.plan, args.loads, args.model, hf=args.hf, tokens=args.tokens, steps=args.steps, seed=args.seed,
             policy=args.policy, backend=args.backend, timeout_s=args.timeout,

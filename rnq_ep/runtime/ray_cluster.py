@@ -138,7 +138,7 @@ def _generate(rank: int, world_size: int, job: RayJob) -> GenerationReport:
     try:
         return run_on_rank(
             job.hf, job.plan_spec, rank, world_size, dist.group.WORLD, batch=1, prompt_len=job.tokens,
-            new_tokens=job.steps, seed=job.seed, policy=job.policy, device=device,
+            new_tokens=job.steps, seed=job.seed, policy=job.policy, device=device, backend=job.backend,
         )
     finally:
         dist.destroy_process_group()

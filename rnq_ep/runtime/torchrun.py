@@ -17,7 +17,7 @@ import sys
 import torch.distributed as dist
 from rich.table import Table
 
-from rnq_ep.rebalance.options import add_rebalance_arguments, rebalance_kwargs
+from rnq_ep.rebalance.options import add_rebalance_arguments, rebalance_flags_given, rebalance_kwargs
 from rnq_ep.report import console
 from rnq_ep.routing import POLICIES
 from rnq_ep.runtime.worker import StepStats, _device, _join_group, run_worker
@@ -63,6 +63,10 @@ def run_hf_main(args: argparse.Namespace, rank: int, world_size: int) -> int:
 
     if args.model:
         log.error("rank %d: --model %s and --hf %s: give one (--hf runs a transformers model)", rank, args.model, args.hf)
+        return 2
+    ignored = (["--loads"] if args.loads else []) + rebalance_flags_given(args)
+    if ignored:
+        log.error("rank %d: %s: not supported with --hf (the model's own router routes the prompt)", rank, ", ".join(ignored))
         return 2
     device = _device()
     group, created = _join_group(rank, world_size, device, timeout_s=300.0)

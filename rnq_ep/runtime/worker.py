@@ -288,7 +288,8 @@ def checkpoint_loader(
 ) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
     """Expert e's full (gate_up [2I, H], down [H, I]) of one layer, as a migration reloads it from the checkpoint.
 
-    The layer is drawn once on first use and kept by the loader (the checkpoint's layer in host memory).
+    The layer is drawn once on first use, on `device` (a GPU draws its own bf16 weights, unlike the CPU),
+    and kept by the loader: a whole layer outside the staging bound. A real checkpoint loader reads one expert.
     """
 
     @functools.cache
