@@ -169,3 +169,11 @@ def test_world_one_migration_switches_without_collectives():
     move = migrate_layer(layer, SlotTable.from_layer(plans[1], 1, MODEL.num_experts), lambda e: (w_gate_up[e], w_down[e]))
     assert move.switched and move.bytes_sent == 0
     assert copies_match(layer, w_gate_up, w_down)
+
+
+def test_a_gpt_oss_layer_is_refused_rather_than_migrated_without_its_biases():
+    w_gate_up, w_down, router = random_layer_weights(MODEL, 0, SEED)
+    plans = plan_sequence(1, seed=1)
+    layer = EPMoE(MODEL, plans[0], 1, 0, None, w_gate_up, w_down, router, backend="torch", activation="swiglu-oai")
+    with pytest.raises(NotImplementedError, match="swiglu-oai"):
+        LayerMigration(layer, SlotTable.from_layer(plans[1], 1, MODEL.num_experts))
