@@ -21,7 +21,8 @@ from rich.table import Table
 from rnq_ep.balance import SlotTable
 from rnq_ep.metrics import load_imbalance_score
 from rnq_ep.planner import plan_plain_ep, plan_rnq
-from rnq_ep.runtime.ray_cli import run_live, wide_console
+from rnq_ep.report import console
+from rnq_ep.runtime.ray_cli import run_live
 from rnq_ep.runtime.ray_cluster import ClusterError, connect
 from rnq_ep.runtime.ray_driver import JobResult, WorkerFailed, make_job
 from rnq_ep.runtime.worker import derive_seed, draw_routing, layer_counts, random_layer_weights
@@ -61,7 +62,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 def demo_main(args: argparse.Namespace) -> int:
     """Plan, run plain EP and R&Q on local Ray, print the comparison and save the PNG; 0 ok, 1 failed."""
-    out = wide_console()
+    out = console()
     model, cluster = load_model(MODEL), load_cluster(CLUSTER)
     plan_loads, run_loads = load_stats(PLAN_LOADS, model), load_stats(RUN_LOADS, model)
     out.print(f"[bold]1/4 planning[/] {MODEL} on {CLUSTER} ({cluster.num_gpus} CPU workers) at plain-EP memory, "

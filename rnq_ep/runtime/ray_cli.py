@@ -16,6 +16,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from rnq_ep.rebalance.options import rebalance_flags_given
+from rnq_ep.report import console
 from rnq_ep.runtime.ray_cluster import ClusterError, RayJob, connect
 from rnq_ep.runtime.ray_driver import Event, JobResult, WorkerFailed, make_job, run_job
 from rnq_ep.specs import SpecError
@@ -37,15 +38,9 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-cpus", type=int, metavar="N", help="CPUs of the local cluster (default: all)")
 
 
-def wide_console() -> Console:
-    """A rich console on stdout; wide when it is not a terminal, so tables do not wrap in logs and pipes."""
-    out = Console(file=sys.stdout)
-    return out if out.is_terminal else Console(file=sys.stdout, width=160)
-
-
 def ray_main(args: argparse.Namespace) -> int:
     """Run the plan on Ray and print the summary; 0 ok, 1 a worker failed, 2 bad input or cluster."""
-    out = wide_console()
+    out = console()
     try:
         if given := rebalance_flags_given(args):
             raise SpecError(f"{', '.join(given)}: online rebalancing runs under torchrun for now, not with --ray")
