@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ MODEL = "demo-olmoe"
 CLUSTER = "cpu4"
 PLAN_LOADS = CONFIG_DIR / "loads" / "olmoe-1b-7b-0924_olmoe-repo_arxiv.json"
 RUN_LOADS = CONFIG_DIR / "loads" / "olmoe-1b-7b-0924_olmoe-repo_github.json"
+RUN_ORDER = ("plain EP", "R&Q", "R&Q", "plain EP")
 
 
 @dataclass(frozen=True)
@@ -74,20 +75,21 @@ def demo_main(args: argparse.Namespace) -> int:
         paths[name] = args.out / f"plan_{'rnq' if name == 'R&Q' else 'plain_ep'}.json"
         write_atomic(paths[name], encode_json(plan))
     out.print(f"[bold]2/4 starting[/] a local Ray cluster; routing drawn from {RUN_LOADS.name}")
-    results = {}
+    results = {name: [] for name in plans}
     try:
         connect(None, args.num_cpus)
-        for name in plans:
+        for name in RUN_ORDER:  # A B B A cancels a drift between jobs (the second of two jobs ran slower here)
             job = make_job(str(paths[name]), str(RUN_LOADS), tokens=args.tokens, steps=args.steps, seed=args.seed,
                            backend="torch", keep_outputs=True, timeout_s=args.timeout)
-            out.print(f"[bold]3/4 running[/] {name}: {args.steps} steps of {args.tokens} tokens per worker")
-            results[name] = run_live(job, 0, None, out, label=name)
+            out.print(f"[bold]3/4 running[/] {name} (run {len(results[name]) + 1} of 2): {args.steps} steps of "
+                      f"{args.tokens} tokens per worker")
+            results[name].append(run_live(job, 0, None, out, label=name))
     except (ClusterError, WorkerFailed) as err:
         sys.stderr.write(f"rnq-ep demo: error: {err}\n")
         return 1
     out.print("[bold]4/4 checking[/] outputs against the unsharded model on the driver")
     reference = unsharded_outputs(plans["plain EP"], model, run_loads, cluster.num_gpus, args.tokens, args.steps, args.seed)
-    runs = [summarize(name, plans[name], results[name], reference) for name in plans]
+    runs = [_mean_times([summarize(name, plans[name], result, reference) for result in results[name]]) for name in plans]
     out.print(comparison_table(runs))
     png = args.out / "tokens_per_worker.png"
     plot_tokens(runs, png)
@@ -161,6 +163,13 @@ def summarize(name: str, plan: Plan, result: JobResult, reference: list[list[tor
     )
 
 
+def _mean_times(runs: list[PolicyRun]) -> PolicyRun:
+    """One PolicyRun of repeated runs of a plan: times averaged, everything else (deterministic) from the first."""
+    return replace(runs[0], step_seconds=float(np.mean([r.step_seconds for r in runs])),
+                   critical_cpu_seconds=float(np.mean([r.critical_cpu_seconds for r in runs])),
+                   max_output_diff=max(r.max_output_diff for r in runs))
+
+
 def _global_copy_rows(table: SlotTable, rank_layers: list) -> np.ndarray:
     """Rows per copy of the whole layer [S] from each rank's LayerStats.tokens_per_copy [C_r]."""
     rows = np.zeros(table.num_slots, dtype=np.int64)
@@ -173,7 +182,8 @@ def comparison_table(runs: list[PolicyRun]) -> Table:
     """Metrics side by side, with the ratio of the first run (the baseline) to each other."""
     base = runs[0]
     table = Table(title="plain EP vs R&Q on 4 CPU workers (same batches, same memory)", title_justify="left",
-                  caption="ratios are baseline / R&Q (> 1: R&Q faster); times are medians over steps 1.. (step 0 warms up); "
+                  caption="ratios are baseline / R&Q (> 1: R&Q faster); times are medians over steps 1.. (step 0 warms up), "
+                  "averaged over two runs per policy in A-B-B-A order; "
                   "critical path = sum over layers of the busiest worker's expert CPU time, what one worker per core "
                   "would wait for; steadier than wall time on a shared or oversubscribed CPU",
                   caption_justify="left")
