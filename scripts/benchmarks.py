@@ -99,6 +99,15 @@ def run(command: list[str], log: list[str]) -> bool:
     return _run(command, log).returncode == 0
 
 
+def bench_section(name: str, title: str, skip: set[str], log: list[str]) -> list[str]:
+    """Heading + markdown of `python -m rnq_ep.bench.<name> --markdown bench/<name>.md`, or why it is missing."""
+    heading = [f"## {title} (`python -m rnq_ep.bench.{name}`)", ""]
+    if name in skip:
+        return [*heading, "_not measured in this run (skipped)_\n"]
+    run([sys.executable, "-m", f"rnq_ep.bench.{name}", "--markdown", f"bench/{name}.md"], log)
+    return [*heading, fragment(BENCH / f"{name}.md", "run failed")]
+
+
 def stdout_of(command: list[str], log: list[str]) -> str:
     """Run a bench that prints its markdown to stdout; that text, or a line saying it failed."""
     done = _run(command, log)
@@ -190,18 +199,8 @@ def build(skip: set[str]) -> str:
             parts += [f"### {title}", "", text, ""]
             losses += [f"{stem.removeprefix('simulate-')}, {loss}" for loss in rnq_losses(text)]
             summary += summary_rows(stem.removeprefix("simulate-"), text)
-    parts += ["## EP layer on CPU gloo ranks (`python -m rnq_ep.bench.layer`)", ""]
-    if "layer" in skip:
-        parts.append("_not measured in this run (skipped)_\n")
-    else:
-        run([sys.executable, "-m", "rnq_ep.bench.layer", "--markdown", "bench/layer.md"], log)
-        parts.append(fragment(BENCH / "layer.md", "run failed"))
-    parts += ["## Every policy end to end on 4 CPU workers, spawned and Ray (`python -m rnq_ep.bench.e2e`)", ""]
-    if "e2e" in skip:
-        parts.append("_not measured in this run (skipped)_\n")
-    else:
-        run([sys.executable, "-m", "rnq_ep.bench.e2e", "--markdown", "bench/e2e.md"], log)
-        parts.append(fragment(BENCH / "e2e.md", "run failed"))
+    parts += bench_section("layer", "EP layer on CPU gloo ranks", skip, log)
+    parts += bench_section("e2e", "Every policy end to end on 4 CPU workers, spawned and Ray", skip, log)
     parts += ["## Online rebalancing: the stall of a switch (`python -m rnq_ep.bench.rebalance`)", ""]
     if "rebalance" in skip:
         parts.append("_not measured in this run (skipped)_\n")
