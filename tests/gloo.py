@@ -8,6 +8,7 @@ split sizes) or a hang past `timeout` fails instead of blocking the test run.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import time
@@ -79,6 +80,7 @@ def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, address: str,
     except BaseException:
         conn.send((False, traceback.format_exc()))
     conn.recv()
+    gc.collect()  # free cycles holding the group now, not during interpreter shutdown (that aborts gloo)
     if dist.is_initialized():
         dist.destroy_process_group()
 

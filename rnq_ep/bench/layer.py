@@ -35,7 +35,9 @@ from rnq_ep.layer import EPMoE
 from rnq_ep.memory import plain_ep_budget
 from rnq_ep.metrics import gpu_bytes, layer_tables
 from rnq_ep.planner import plan_eplb, plan_plain_ep, plan_rnq
-from rnq_ep.runtime.worker import StepStats, layer_counts, make_batch, random_layer_weights, run_step
+from rnq_ep.runtime.worker import (
+    StepStats, layer_counts, leave_group, make_batch, random_layer_weights, run_step,
+)
 from rnq_ep.specs import ModelSpec, Plan, PlanOptions, load_cluster, load_model, load_stats
 
 DEFAULT_LOADS = SHIPPED_LOADS / "olmoe-1b-7b-0924_olmoe-repo_arxiv.json"  # the most skewed real file
@@ -116,7 +118,7 @@ def bench_rank(rank: int, num_ranks: int, plans: list[Plan], policies: list[str]
                 out.append(run_step(step, built, hidden, routing, dist.group.WORLD, keep_outputs=False))
         return stats
     finally:
-        dist.destroy_process_group()
+        leave_group(created=True)
 
 
 def spawn_ranks(num_ranks: int, kwargs: dict) -> list:

@@ -33,7 +33,7 @@ from rnq_ep.planner import plan_rnq
 from rnq_ep.rebalance.migrate import LayerMigration
 from rnq_ep.rebalance.moves import copy_moves, moved_bytes
 from rnq_ep.rebalance.replan import keep_in_place
-from rnq_ep.runtime.worker import checkpoint_loader, build_layers, make_batch, run_step
+from rnq_ep.runtime.worker import build_layers, checkpoint_loader, leave_group, make_batch, run_step
 from rnq_ep.specs import ModelSpec, Plan, PlanOptions, load_cluster, load_model
 from rnq_ep.synthetic import ZipfLoads, window_stats, zipf_windows
 
@@ -108,7 +108,7 @@ def bench_rank(
             out["world_bytes"].append(moved)
         results.put((rank, out))
     finally:
-        dist.destroy_process_group()
+        leave_group(created=True)
 
 
 def cpu_table(model: ModelSpec, ranks: int, rounds: int, tokens: int, copies_per_step: int, seed: int) -> BenchTable:

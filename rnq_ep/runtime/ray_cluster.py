@@ -26,7 +26,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rnq_ep.hf import GenerationReport, run_on_rank
-from rnq_ep.runtime.worker import StepStats, run_worker
+from rnq_ep.runtime.worker import StepStats, leave_group, run_worker
 from rnq_ep.specs import ModelSpec, Plan, SpecError
 
 PLACE_TIMEOUT_S = 30.0  # a placement group not ready by then cannot be placed (we do not wait for autoscaling)
@@ -141,7 +141,7 @@ def _generate(rank: int, world_size: int, job: RayJob) -> GenerationReport:
             new_tokens=job.steps, seed=job.seed, policy=job.policy, device=device, backend=job.backend,
         )
     finally:
-        dist.destroy_process_group()
+        leave_group(created=True)
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:

@@ -20,7 +20,7 @@ from rich.table import Table
 from rnq_ep.rebalance.options import add_rebalance_arguments, rebalance_flags_given, rebalance_kwargs
 from rnq_ep.report import console
 from rnq_ep.routing import POLICIES
-from rnq_ep.runtime.worker import StepStats, _device, _join_group, run_worker
+from rnq_ep.runtime.worker import StepStats, _device, join_group, leave_group, run_worker
 from rnq_ep.specs import SpecError, load_plan
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def run_hf_main(args: argparse.Namespace, rank: int, world_size: int) -> int:
         log.error("rank %d: %s: not supported with --hf (the model's own router routes the prompt)", rank, ", ".join(ignored))
         return 2
     device = _device()
-    group, created = _join_group(rank, world_size, device, timeout_s=300.0)
+    group, created = join_group(rank, world_size, device, timeout_s=300.0)
     try:
         report = run_on_rank(
             args.hf, load_plan(args.plan), rank, world_size, group, batch=1, prompt_len=args.tokens,
@@ -83,8 +83,7 @@ def run_hf_main(args: argparse.Namespace, rank: int, world_size: int) -> int:
         log.error("rank %d: %s", rank, err)
         return 2
     finally:
-        if created:
-            dist.destroy_process_group()
+        leave_group(created)
     if rank == 0:
         out = console()
         out.print(generation_table(per_rank, f"rnq-ep run --hf {args.hf}: {world_size} ranks, policy {args.policy}"))

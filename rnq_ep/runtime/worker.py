@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import logging
 import os
 import time
@@ -165,7 +166,7 @@ def _device() -> torch.device:
     return device
 
 
-def _join_group(rank: int, world_size: int, device: torch.device, timeout_s: float) -> tuple[dist.ProcessGroup | None, bool]:
+def join_group(rank: int, world_size: int, device: torch.device, timeout_s: float) -> tuple[dist.ProcessGroup | None, bool]:
     """(group, created): the existing default group, a new one from the env, or None alone without env."""
     if dist.is_initialized():
         if dist.get_world_size() != world_size:
@@ -180,6 +181,17 @@ def _join_group(rank: int, world_size: int, device: torch.device, timeout_s: flo
         timeout=timedelta(seconds=timeout_s),
     )
     return dist.group.WORLD, True
+
+
+def leave_group(created: bool) -> None:
+    """Collect unreachable modules (they hold the group), then destroy the group if this process created it.
+
+    Modules in reference cycles (transformers models) otherwise outlive the run and free the gloo group during
+    interpreter shutdown, which aborts the process ("terminate called without an active exception").
+    """
+    gc.collect()
+    if created:
+        dist.destroy_process_group()
 
 
 def build_layers(
@@ -252,7 +264,8 @@ def run_worker(
     counts_after = counts if loads_after is None else layer_counts(plan, load_stats(loads_after))
     device = _device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    group, created = _join_group(rank, world_size, device, timeout_s)
+    group, created = join_group(rank, world_size, device, timeout_s)
+    layers, rebalancer = [], None
     try:
         layers = build_layers(plan, spec, rank, group, seed, policy, backend, device)
         rebalancer = None
@@ -279,8 +292,8 @@ def run_worker(
                 )
         return stats
     finally:
-        if created:
-            dist.destroy_process_group()
+        layers = rebalancer = None  # noqa: F841  (drop the group's users before leaving it)
+        leave_group(created)
 
 
 def checkpoint_loader(
