@@ -7,6 +7,10 @@ plain EP unless it says otherwise) and a rule that splits each step's counts ove
 - `least-loaded`: water_fill, the exact least-loaded split (rnq-ep's router).
 - `llep`: plain EP placement, then `llep_spill` per step (LLEP, Nguyen et al. 2026: lambda 1.3,
   alpha 1.0, chunks of m = 1024 tokens, weights travel with the spilled tokens).
+- `rnq-spill` (simulated only, the runtime does not spill): R&Q placement and least-loaded routing,
+  then LLEP's spill rule on what is still over lambda, with the spilled copies sent as int8 or
+  int4 (a half or a quarter of LLEP's bf16 bytes; the sender quantizes). In `SIMULATED_POLICIES`
+  only, since the runtime cannot move weights per step (nor can it run LLEP).
 `run_policy` plans on one window and scores the next with the cost model: per layer the step
 time of the slowest GPU (FLOP or HBM time, all-to-all) plus LLEP's weight moves, which are not
 overlapped with compute.
@@ -24,10 +28,10 @@ from rnq_ep.balance import SlotTable, gpu_loads, share_quotas, water_fill
 from rnq_ep.costmodel import predict_layer_time, scale_counts, weight_move_time
 from rnq_ep.metrics import balancedness, gpu_bytes, layer_tables, quantized_fraction
 from rnq_ep.planner import plan_eplb, plan_plain_ep, plan_rnq
-from rnq_ep.specs import ClusterSpec, LoadStats, ModelSpec, PlanOptions, SpecError
+from rnq_ep.specs import FORMATS, ClusterSpec, LoadStats, ModelSpec, PlanOptions, SpecError
 from rnq_ep.synthetic import ZipfLoads, window_stats, zipf_windows
 
-HASH, LEAST_LOADED, LLEP = "hash", "least-loaded", "llep"
+HASH, LEAST_LOADED, LLEP, RNQ_SPILL = "hash", "least-loaded", "llep", "rnq-spill"
 LLEP_THRESHOLD = 1.3  # lambda: spill only when max/mean GPU load exceeds it
 LLEP_CAPACITY = 1.0  # alpha: overloaded GPUs shed down to alpha * mean load
 LLEP_MIN_CHUNK = 1024  # m: no spill moves fewer tokens than this (a smaller GEMM is not worth the weights)
@@ -43,6 +47,7 @@ class Policy:
     routing: str
     extra_memory: float = 0.0  # EPLB: fraction of bytes above plain EP
     formats: tuple[str, ...] = ("bf16",)  # R&Q: allowed weight formats
+    spill_fmt: str = "bf16"  # rnq-spill: the format spilled copies are sent in
 
 
 PLAIN_EP = Policy("plain EP", "plain", HASH)
@@ -55,6 +60,11 @@ POLICIES = (
     Policy("LLEP spill", "plain", LLEP),
     Policy("R&Q bf16+int8", "rnq", LEAST_LOADED, formats=("bf16", "int8")),
     Policy("R&Q bf16+int8+int4", "rnq", LEAST_LOADED, formats=("bf16", "int8", "int4")),
+)
+SIMULATED_POLICIES = (
+    *POLICIES,
+    *(Policy(f"R&Q + {fmt} spill (sim.)", "rnq", RNQ_SPILL, formats=("bf16", "int8", "int4"), spill_fmt=fmt)
+      for fmt in ("int8", "int4")),
 )
 
 
@@ -98,7 +108,11 @@ def route(policy: Policy, table: SlotTable, counts: np.ndarray) -> Step:
         return Step(table, water_fill(table, counts))
     if policy.routing == LLEP:
         return llep_spill(table, counts)
-    raise ValueError(f"policy {policy.name!r}: unknown routing {policy.routing!r}, expected hash, least-loaded or llep")
+    if policy.routing == RNQ_SPILL:
+        return llep_spill(table, counts, start=water_fill(table, counts), spill_fmt=policy.spill_fmt)
+    raise ValueError(
+        f"policy {policy.name!r}: unknown routing {policy.routing!r}, expected hash, least-loaded, llep or rnq-spill"
+    )
 
 
 def llep_spill(
@@ -107,20 +121,23 @@ def llep_spill(
     threshold: float = LLEP_THRESHOLD,
     capacity: float = LLEP_CAPACITY,
     min_chunk: int = LLEP_MIN_CHUNK,
+    start: np.ndarray | None = None,
+    spill_fmt: str = "bf16",
 ) -> Step:
     """LLEP's least-loaded spilling of one step: counts [E] -> Step with the spilled copies and weight moves.
 
     The rule, exactly:
-    1. Start from the even split over the placement's copies (plain EP: each expert whole on its GPU).
+    1. Start from `start` [S] (default: the even split over the placement's copies; plain EP: each
+       expert whole on its GPU).
     2. If max/mean GPU load <= `threshold`, nothing moves.
     3. Else cap = ceil(capacity * mean). GPUs above cap, heaviest first, each shed load - cap:
        repeatedly take the GPU's copy with the most tokens (ties: lowest slot), the least-loaded GPU
        (ties: lowest index) as receiver, and move min(excess, the copy's tokens, cap - receiver
        load) tokens; stop this GPU when that amount is below `min_chunk`.
-    4. The receiver serves them with a bf16 copy of the expert: its existing copy if it holds one,
-       else a new slot, which costs one bf16 weight move (src gpu, dst gpu, 'bf16') for this step.
+    4. The receiver serves them with a copy of the expert: its existing copy if it holds one, else
+       a new `spill_fmt` slot, which costs one weight move (src gpu, dst gpu, spill_fmt) this step.
     """
-    quotas = share_quotas(table, counts)
+    quotas = share_quotas(table, counts) if start is None else np.asarray(start, dtype=np.int64)
     load = gpu_loads(table, quotas)
     mean = float(load.mean())
     if mean == 0 or load.max() <= threshold * mean:
@@ -142,9 +159,10 @@ def llep_spill(
             key = (dst, expert[slot])
             if key not in slot_of:
                 slot_of[key] = len(gpu)
-                for column, value in ((gpu, dst), (expert, expert[slot]), (fmt, 0), (share, 0.0), (tokens, 0)):
+                new = ((gpu, dst), (expert, expert[slot]), (fmt, FORMATS.index(spill_fmt)), (share, 0.0), (tokens, 0))
+                for column, value in new:
                     column.append(value)
-                moves.append((int(src), dst, "bf16"))
+                moves.append((int(src), dst, spill_fmt))
             tokens[slot] -= amount
             tokens[slot_of[key]] += amount
             load[src] -= amount
