@@ -6,7 +6,6 @@ balancedness) and the planner (scoring a candidate placement). All pure numpy; d
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -103,80 +102,79 @@ def share_quotas(table: SlotTable, counts: np.ndarray) -> np.ndarray:
     return quotas
 
 
-def water_fill(table: SlotTable, counts: np.ndarray, base_load: np.ndarray | None = None) -> np.ndarray:
+def water_fill(table: SlotTable, counts: np.ndarray) -> np.ndarray:
     """Integer tokens per copy that fill the least-loaded GPUs first: [E] -> [S] int64.
 
     Single-copy experts are fixed; replicated experts are poured heaviest first onto their copies'
     GPUs up to a common water level, then re-poured given everyone else's load until a sweep changes
     nothing (at most MAX_REFINE_PASSES). At equal load bf16 copies win, then lower GPU index.
-    Quotas of an expert sum to its count. The sweeps run on Python lists: each pour touches a handful
-    of copies, where numpy's per-call overhead would dominate.
+    Quotas of an expert sum to its count. Loads are exact Python ints and each pour touches a
+    handful of copies, where numpy's per-call overhead would dominate; an expert whose GPUs nobody
+    touched since its last pour is skipped (a re-pour would give the same split).
     """
     counts = _check_counts(table, counts)
     copy_count = table.copy_count()
-    quotas = np.zeros(table.num_slots, dtype=np.int64)
-    single = copy_count[table.expert] == 1
-    quotas[single] = counts[table.expert[single]]
-    load_arr = gpu_loads(table, quotas)
-    if base_load is not None:
-        load_arr = load_arr + np.asarray(base_load, np.float64)
+    quotas = np.where(copy_count[table.expert] == 1, counts[table.expert], 0)  # [S]
     multi = np.flatnonzero(copy_count > 1)
     if not len(multi):
         return quotas
     multi = multi[np.argsort(-counts[multi], kind="stable")]
-    copies = table.copies_of()
-    load = load_arr.tolist()
-    gpu_of, fmt_of = table.gpu.tolist(), table.fmt.tolist()
-    poured = {}  # expert -> (slots, gpus, parts, sum of its GPUs' versions when poured)
+    load = np.bincount(table.gpu, weights=quotas, minlength=table.num_gpus).astype(np.int64).tolist()
+    # each expert's slots in tie order (bf16 first, then GPU index), so a stable sort by level decides the rest
+    by_tie = np.lexsort((np.arange(table.num_slots), table.gpu, table.fmt, table.expert))
+    first = np.searchsorted(table.expert[by_tie], multi)
+    pours = [  # (amount, slots, gpus, part, sum of its GPUs' versions when poured)
+        [int(counts[e]), slots, table.gpu[slots].tolist(), [0] * len(slots), -1]
+        for e, f in zip(multi.tolist(), first.tolist())
+        for slots in [by_tie[f : f + int(copy_count[e])].tolist()]
+    ]
     version = [0] * table.num_gpus  # bumped whenever a pour changes a GPU's load
-    for sweep in range(MAX_REFINE_PASSES + 1):
+    for _ in range(MAX_REFINE_PASSES + 1):
         changed = False
-        for e in multi.tolist():
-            if sweep:
-                slots, gpus, old, seen = poured[e]
-                if sum(version[g] for g in gpus) == seen:
-                    continue  # nobody touched its GPUs since it was poured: a re-pour gives the same split
-                for g, q in zip(gpus, old):
-                    load[g] -= q
-            else:
-                slots = copies[e].tolist()
-                gpus = [gpu_of[s] for s in slots]
-                old = [0] * len(slots)
-            part = _pour(int(counts[e]), [load[g] for g in gpus], [fmt_of[s] for s in slots], gpus)
-            for g, q, q_old in zip(gpus, part, old):
-                load[g] += q
+        for pour in pours:
+            amount, _, gpus, old, seen = pour
+            if sum([version[g] for g in gpus]) == seen:
+                continue
+            level = [load[g] - q for g, q in zip(gpus, old)]
+            part = _pour(amount, level)
+            for g, lv, q, q_old in zip(gpus, level, part, old):
+                load[g] = lv + q
                 if q != q_old:
                     version[g] += 1
                     changed = True
-            poured[e] = (slots, gpus, part, sum(version[g] for g in gpus))
+            pour[3], pour[4] = part, sum([version[g] for g in gpus])
         if not changed:
             break
-    for slots, _, part, _ in poured.values():
+    for _, slots, _, part, _ in pours:
         quotas[slots] = part
     return quotas
 
 
-def _pour(amount: int, level: list[float], fmt: list[int], gpu: list[int]) -> list[int]:
-    """Integer water-filling of `amount` over bins at `level`: [c] -> [c] ints summing to amount."""
-    order = sorted(range(len(level)), key=lambda i: (level[i], fmt[i], gpu[i]))  # lowest, bf16, gpu
+def _pour(amount: int, level: list[int]) -> list[int]:
+    """Integer water-filling of `amount` over bins at `level` (ties: lower index): [c] -> [c] ints summing to amount."""
+    if len(level) == 2:
+        low, high = (0, 1) if level[0] <= level[1] else (1, 0)
+        gap = level[high] - level[low]
+        part = [0, 0]
+        if gap >= amount:
+            part[low] = amount
+            return part
+        water, extra = divmod(amount + level[0] + level[1], 2)
+        part[low], part[high] = water - level[low] + extra, water - level[high]
+        return part
+    order = sorted(range(len(level)), key=level.__getitem__)
     lv = [level[i] for i in order]
-    # smallest j such that filling bins 0..j up to lv[j+1] would reach amount
-    j, fill = len(lv) - 1, 0.0
-    for i in range(len(lv) - 1):
-        fill += (i + 1) * (lv[i + 1] - lv[i])
-        if fill >= amount:
-            j = i
+    # the n lowest bins are filled: the smallest n whose filling up to lv[n] would reach amount
+    n, below = len(lv), lv[0]
+    for i in range(1, len(lv)):
+        if i * lv[i] - below >= amount:
+            n = i
             break
-    water = (amount + sum(lv[: j + 1])) / (j + 1)
-    part_sorted = [max(math.floor(water - lv[i]), 0) for i in range(j + 1)] + [0] * (len(lv) - j - 1)
-    left = amount - sum(part_sorted)
-    if left:
-        # the remaining tokens go one each to the bins that end lowest (ties: bf16, gpu order)
-        for i in sorted(range(j + 1), key=lambda i: (lv[i] + part_sorted[i], i))[:left]:
-            part_sorted[i] += 1
+        below += lv[i]
+    water, extra = divmod(amount + below, n)  # the first `extra` bins (lowest, then tie order) get one more
     part = [0] * len(lv)
-    for i, slot in enumerate(order):
-        part[slot] = part_sorted[i]
+    for k in range(n):
+        part[order[k]] = water - lv[k] + (k < extra)
     return part
 
 

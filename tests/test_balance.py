@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rnq_ep.balance import SlotTable, gpu_loads, lp_min_max_load, share_quotas, water_fill
+from water_fill_reference import water_fill_reference
 
 
 @st.composite
@@ -35,6 +36,25 @@ def test_water_fill_quotas_sum_to_each_experts_count(instance):
     quotas = water_fill(table, counts)
     assert (quotas >= 0).all()
     assert np.array_equal(np.bincount(table.expert, weights=quotas, minlength=table.num_experts), counts)
+
+
+@settings(max_examples=400, deadline=None)
+@given(layer_instances(max_experts=14, max_gpus=7), st.integers(0, 3))
+def test_water_fill_equals_its_reference_exactly(instance, scale):
+    table, counts = instance
+    counts = counts // 10**scale  # small counts make ties and one-token remainders common
+    assert np.array_equal(water_fill(table, counts), water_fill_reference(table, counts))
+
+
+def test_water_fill_equals_its_reference_on_a_wide_replicated_layer():
+    rng = np.random.default_rng(7)
+    num_gpus, num_experts = 64, 96
+    copies = rng.integers(1, 9, num_experts)
+    expert = np.repeat(np.arange(num_experts), copies)
+    gpu = np.concatenate([rng.choice(num_gpus, c, replace=False) for c in copies])
+    table = SlotTable.from_arrays(gpu, expert, rng.integers(0, 3, expert.size), 1.0 / copies[expert], num_gpus, num_experts)
+    counts = rng.zipf(1.5, num_experts).clip(max=10**6) * 37
+    assert np.array_equal(water_fill(table, counts), water_fill_reference(table, counts))
 
 
 @settings(max_examples=200, deadline=None)
