@@ -21,9 +21,13 @@ def copy_counts(weight: np.ndarray, extra: int, max_copies: int) -> np.ndarray:
     if depth <= 0:
         return counts
     value = weight[:, None] / np.arange(1, depth + 1)  # [E, depth]
-    expert = np.broadcast_to(np.arange(weight.size)[:, None], value.shape)
-    order = np.lexsort((expert.ravel(), -value.ravel()))[:extra]
-    return counts + np.bincount(expert.ravel()[order], minlength=weight.size)
+    if extra >= value.size:
+        return counts + depth
+    # the `extra` largest values; among values equal to the smallest one taken, lower experts first
+    cut = np.partition(value.ravel(), value.size - extra)[value.size - extra]
+    above = value > cut
+    tied = np.flatnonzero(value.ravel() == cut)[: extra - int(above.sum())]  # row-major: by expert
+    return counts + above.sum(axis=1) + np.bincount(tied // depth, minlength=weight.size)
 
 
 def pack_by_rounds(expert: np.ndarray, load: np.ndarray, num_gpus: int) -> np.ndarray:

@@ -42,8 +42,22 @@ def cheapest_conversions(
     enough, to its smallest allowed format); copies go in order of cost per freed byte. Returns
     (new fmt [c], added cost, added quantized tokens), or None when nothing frees enough.
     """
-    if need <= 0:
-        return fmt, 0.0, 0.0
+    return conversions_for_needs(fmt, tokens, cost, fmt_bytes, [need])[0]
+
+
+def conversions_for_needs(
+    fmt: np.ndarray, tokens: np.ndarray, cost: np.ndarray, fmt_bytes: np.ndarray, needs: list[int]
+) -> list[tuple[np.ndarray, float, float] | None]:
+    """`cheapest_conversions` of one GPU's copies for each of several byte needs, sharing the sorting work."""
+    results: list[tuple[np.ndarray, float, float] | None] = [None] * len(needs)
+    pending = []
+    for i, need in enumerate(needs):
+        if need <= 0:
+            results[i] = (fmt, 0.0, 0.0)
+        else:
+            pending.append(i)
+    if not pending:
+        return results
     rows = np.arange(fmt.size)
     held = fmt_bytes[fmt]  # [c]
     smaller = np.isfinite(cost) & (fmt_bytes < held[:, None])  # [c, 3]
@@ -55,14 +69,18 @@ def cheapest_conversions(
         order = np.flatnonzero(movable)
         order = order[np.argsort(ratio[order, target[order]], kind="stable")]
         freed = np.cumsum(gain[order, target[order]])
-        if freed.size == 0 or freed[-1] < need:
+        if freed.size == 0:
             continue
-        take = order[: int(np.searchsorted(freed, need)) + 1]
-        new_fmt = fmt.copy()
-        new_fmt[take] = target[take]
-        added_tokens = float(tokens[take][fmt[take] == 0].sum())
-        return new_fmt, float(price[take, target[take]].sum()), added_tokens
-    return None
+        for i in [i for i in pending if freed[-1] >= needs[i]]:
+            take = order[: int(np.searchsorted(freed, needs[i])) + 1]
+            new_fmt = fmt.copy()
+            new_fmt[take] = target[take]
+            added_tokens = float(tokens[take][fmt[take] == 0].sum())
+            results[i] = (new_fmt, float(price[take, target[take]].sum()), added_tokens)
+            pending.remove(i)
+        if not pending:
+            break
+    return results
 
 
 def cheapest_conversions_by_gpu(

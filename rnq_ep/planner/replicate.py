@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rnq_ep.planner.quantize import cheapest_conversions
+from rnq_ep.planner.quantize import conversions_for_needs
 
 TRIED_SINKS = 4  # least-loaded GPUs tried per copy before the next copy of the source GPU
 MAX_STEPS_PER_COPY = 5  # bound on spread_load's steps (the pairwise halving converges geometrically)
@@ -168,16 +168,18 @@ def _sink_order(
 
 
 def _room_plans(state: LayerCopies, limits: Limits, sink: int) -> list:
-    """For each format code: (sink slots, their new formats, quality cost, added quantized tokens) or None."""
+    """For each format code: (sink slots, their new formats, quality cost, added quantized tokens) or None
+    (also None for a format no expert may use)."""
     room = limits.budget - state.used[sink]
     sink_slots = state.slots_on(sink)
     sink_fmt = np.array([state.fmt[s] for s in sink_slots], dtype=np.int64)
     sink_tokens = np.array([state.tokens[s] for s in sink_slots])
     sink_cost = limits.cost[[state.expert[s] for s in sink_slots]]
-    plans = []
-    for code in range(limits.fmt_bytes.size):
-        freed = cheapest_conversions(sink_fmt, sink_tokens, sink_cost, limits.fmt_bytes, int(limits.fmt_bytes[code]) - room)
-        plans.append(None if freed is None else (sink_slots, freed[0], freed[1], freed[2]))
+    codes = np.flatnonzero(np.isfinite(limits.cost).any(axis=0)).tolist()
+    needs = [int(limits.fmt_bytes[code]) - room for code in codes]
+    plans: list = [None] * limits.fmt_bytes.size
+    for code, freed in zip(codes, conversions_for_needs(sink_fmt, sink_tokens, sink_cost, limits.fmt_bytes, needs)):
+        plans[code] = None if freed is None else (sink_slots, freed[0], freed[1], freed[2])
     return plans
 
 

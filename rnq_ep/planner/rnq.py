@@ -74,10 +74,10 @@ def plan_layer(weight: np.ndarray, num_gpus: int, limits: Limits, layer: int, op
     the quality budget: a layer over it is re-planned with the budget scaled down by the overshoot
     (REPLANS times), then quantized copies are dropped (`routed.py`)."""
     counts = np.rint(weight).astype(np.int64)
-    planning, copies = limits, None
+    planning, copies, chosen = limits, None, None
     for _ in range(REPLANS + 1):
         try:
-            state = balanced_copies(weight, num_gpus, planning, layer)
+            state, chosen = balanced_copies(weight, num_gpus, planning, layer, chosen)
         except InfeasiblePlan:
             if copies is None:
                 raise
@@ -110,16 +110,21 @@ def check_memory_fits(
         )
 
 
-def balanced_copies(weight: np.ndarray, num_gpus: int, limits: Limits, layer: int) -> LayerCopies:
-    """Initial replicas (most first, see EXTRA_REPLICAS_PER_GPU) spread to balance; the first that reaches
-    the mean load wins, else fewer replicas are tried while that lowers the max GPU load and the best plan
-    so far is more than NEAR_FLOOR above `load_floor` (fewer replicas could gain little there, and the
-    replicas are what keeps least-loaded routing balanced when the loads shift)."""
+def balanced_copies(
+    weight: np.ndarray, num_gpus: int, limits: Limits, layer: int, replan_from: int | None = None
+) -> tuple[LayerCopies, int]:
+    """(Copies, their initial replica count): initial replicas (most first, see EXTRA_REPLICAS_PER_GPU)
+    spread to balance; the first that reaches the mean load wins, else fewer replicas are tried while
+    that lowers the max GPU load and the best plan so far is more than NEAR_FLOOR above `load_floor`
+    (fewer replicas could gain little there, and the replicas are what keeps least-loaded routing
+    balanced when the loads shift). A re-plan (`replan_from`: the count that won the last plan, made
+    with a few % more quality budget) takes the first count from there down that fits."""
     floor = load_floor(weight, num_gpus, limits) * (1 + NEAR_FLOOR)
     leave_room = replace(limits, token_budget=limits.token_budget * (1.0 - SPREAD_RESERVE))
-    best = None
+    best, chosen = None, 0
     room = limits.max_held * num_gpus - weight.size  # replicas that fill every GPU in the smallest format
-    for extra in sorted({min(room, int(f * num_gpus)) for f in EXTRA_REPLICAS_PER_GPU} | {0}, reverse=True):
+    candidates = sorted({min(room, int(f * num_gpus)) for f in EXTRA_REPLICAS_PER_GPU} | {0}, reverse=True)
+    for extra in candidates if replan_from is None else [c for c in candidates if c <= replan_from]:
         try:
             copies = initial_copies(weight, num_gpus, leave_room if extra else limits, layer, extra)
         except InfeasiblePlan:
@@ -130,10 +135,10 @@ def balanced_copies(weight: np.ndarray, num_gpus: int, limits: Limits, layer: in
         spread_load(state, limits, give_up_at=np.inf if best is None else best.load.max())
         if best is not None and state.load.max() >= best.load.max():
             break  # fewer replicas stopped helping
-        best = state
-        if state.load.max() <= floor:
+        best, chosen = state, extra
+        if state.load.max() <= floor or replan_from is not None:
             break
-    return best
+    return best, chosen
 
 
 def load_floor(weight: np.ndarray, num_gpus: int, limits: Limits) -> float:
