@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from rnq_ep.balance import SlotTable, gpu_loads
-from rnq_ep.routing import check_topk_ids, copy_quotas, rank_copy_counts, route
+from rnq_ep.routing import POLICIES, SlotIndex, check_topk_ids, slot_index, step_quotas, step_rank_copy_counts, step_route
 
 META_BYTES = 3 * 4  # per (token, k) sent: row in block, local copy, fp32 router weight (int32 bits)
 
@@ -46,6 +46,7 @@ class DispatchHandle:
     tokens_per_copy: np.ndarray  # [C] recv rows per local copy
     bytes_sent: int  # rows + meta this rank sends to other ranks, with dedupe
     bytes_sent_no_dedupe: int  # the same if every (token, k) travelled as its own row
+    expert_counts: torch.Tensor  # [E] int64 this rank's (token, k) per expert, on x's device
 
 
 def dispatch(
@@ -56,20 +57,30 @@ def dispatch(
     rank: int,
     group: dist.ProcessGroup | None = None,
     policy: str = "least-loaded",
+    index: SlotIndex | None = None,
 ) -> tuple[torch.Tensor, DispatchHandle]:
-    """Send each token once per destination GPU and fan it out there: x [T, H] -> recv [N, H] by local copy."""
+    """Send each token once per destination GPU and fan it out there: x [T, H] -> recv [N, H] by local copy.
+
+    `index`: slot_index(table, x.device), which a layer keeps between steps; built here when None.
+    """
     world = _world_size(group)
     if table.num_gpus != world:
         raise ValueError(f"slot table has {table.num_gpus} GPUs but the process group has {world} ranks")
     if world > 1 and rank != dist.get_rank(group):
         raise ValueError(f"rank {rank} given, but this process is rank {dist.get_rank(group)} of the group")
-    counts = _gather_counts(x, topk_ids, topk_weights, table.num_experts, group, world)  # [R, E]
-    quotas = copy_quotas(counts, table, policy)
-    slots = route(counts, table, topk_ids, rank, policy, quotas)  # [T, k]
-    on_gpu = np.eye(world, dtype=np.int64)[table.gpu]  # [S, R]
-    assigned = rank_copy_counts(counts, table, policy, quotas) @ on_gpu  # [R src, R dst] (token, k)
+    if policy not in POLICIES:
+        raise ValueError(f"routing policy {policy!r}: expected one of {POLICIES}")
+    if index is None:
+        index = slot_index(table, x.device)
+    elif index.table is not table or index.device != x.device:
+        raise ValueError(f"dispatch: index was built for another table or device ({index.device}; x is on {x.device})")
+    local_counts, counts = _gather_counts(x, topk_ids, topk_weights, table.num_experts, group, world)  # [E], [R, E]
+    quotas = step_quotas(counts, index, policy)
+    slots = step_route(counts, index, topk_ids.reshape(-1).long(), local_counts, rank, policy, quotas)  # [T*k]
+    slots = slots.reshape(topk_ids.shape)  # [T*k] -> [T, k]
+    assigned = step_rank_copy_counts(counts, index, policy, quotas) @ index.on_gpu  # [R src, R dst] (token, k)
 
-    sent_token, send_counts, meta = _pack(slots, topk_weights, table)
+    sent_token, send_counts, meta = _pack(slots, topk_weights, index)
     recv_meta = _all_to_all(meta, assigned[rank], assigned[:, rank], group, world)  # [A', 3]
     recv_counts = _rows_per_source(recv_meta, assigned[:, rank])
     x_recv = _all_to_all(x[sent_token], send_counts, recv_counts, group, world)  # [U', H]
@@ -92,6 +103,7 @@ def dispatch(
         recv_counts=recv_counts,
         tokens_per_gpu=gpu_loads(table, quotas).astype(np.int64),
         tokens_per_copy=tokens_per_copy.cpu().numpy(),
+        expert_counts=local_counts,
         bytes_sent=int(np.array(send_counts)[remote].sum()) * row_bytes + meta_bytes,
         bytes_sent_no_dedupe=int(assigned[rank, remote].sum()) * row_bytes + meta_bytes,
     )
@@ -105,8 +117,8 @@ def _gather_counts(
     num_experts: int,
     group: dist.ProcessGroup | None,
     world: int,
-) -> np.ndarray:
-    """All ranks' per-expert counts [R, E] from one all-gather; every rank raises if any input is bad."""
+) -> tuple[torch.Tensor, np.ndarray]:
+    """This rank's per-expert counts [E] and all ranks' [R, E] from one all-gather; every rank raises if any input is bad."""
     problem = _input_problem(x, topk_ids, topk_weights, num_experts)
     local_counts = torch.zeros(num_experts, dtype=torch.int64, device=x.device)
     if problem is None:
@@ -114,25 +126,25 @@ def _gather_counts(
     flags = torch.tensor([x.shape[1] if x.dim() == 2 else -1, problem is None], dtype=torch.int64, device=x.device)
     gathered = _all_gather(torch.cat([local_counts, flags]), group, world).cpu().numpy()  # [R, E + 2]
     _raise_on_problems(problem, gathered[:, num_experts], gathered[:, num_experts + 1])
-    return gathered[:, :num_experts]
+    return local_counts, gathered[:, :num_experts]
 
 
 def _pack(
-    slots: torch.Tensor, topk_weights: torch.Tensor, table: SlotTable
+    slots: torch.Tensor, topk_weights: torch.Tensor, index: SlotIndex
 ) -> tuple[torch.Tensor, tuple[int, ...], torch.Tensor]:
     """One row per unique (destination, token), grouped by destination: slots [T, k] -> token of each
     row [U], rows per destination [R], meta [A, 3] (row in its destination's block, local copy, weight)."""
     device, (num_tokens, top_k) = slots.device, slots.shape
     slots = slots.reshape(-1)  # [T, k] -> [A]
-    dest = torch.from_numpy(table.gpu).to(device)[slots]  # [A]
+    dest = index.gpu_t[slots]  # [A]
     token = torch.arange(len(slots), device=device) // top_k  # [A]
     stride = max(num_tokens, 1)
     key = dest * stride + token  # [A] (destination, token) pair
     order = torch.argsort(key, stable=True)  # [A] grouped by destination, token order within
     pair, row_of = torch.unique_consecutive(key[order], return_inverse=True)  # [U], [A]
-    send_counts = torch.bincount(pair // stride, minlength=table.num_gpus)  # [R]
+    send_counts = torch.bincount(pair // stride, minlength=index.table.num_gpus)  # [R]
     row_in_block = row_of - (torch.cumsum(send_counts, 0) - send_counts)[dest[order]]  # [A]
-    local_copy = torch.from_numpy(_local_copy_index(table)).to(device)[slots[order]]  # [A]
+    local_copy = index.local_copy_t[slots[order]]  # [A]
     weight_bits = topk_weights.reshape(-1)[order].float().view(torch.int32)  # [A], exact bits
     meta = torch.stack([row_in_block.int(), local_copy.int(), weight_bits], dim=1)  # [A, 3]
     return pair % stride, tuple(send_counts.tolist()), meta
@@ -205,15 +217,6 @@ def _raise_on_problems(problem: str | None, hidden_sizes: np.ndarray, ok: np.nda
         raise ValueError(f"dispatch: ranks {np.flatnonzero(ok == 0).tolist()} rejected their inputs (see their errors)")
     if (hidden_sizes != hidden_sizes[0]).any():
         raise ValueError(f"dispatch: hidden size differs between ranks (by rank: {hidden_sizes.tolist()})")
-
-
-def _local_copy_index(table: SlotTable) -> np.ndarray:
-    """Index of each slot among its GPU's slots, in table order: [S] int64."""
-    order = np.argsort(table.gpu, kind="stable")
-    per_gpu = np.bincount(table.gpu, minlength=table.num_gpus)
-    index = np.empty(table.num_slots, dtype=np.int64)
-    index[order] = np.arange(table.num_slots) - (np.cumsum(per_gpu) - per_gpu)[table.gpu[order]]
-    return index
 
 
 def _world_size(group: dist.ProcessGroup | None) -> int:

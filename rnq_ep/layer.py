@@ -13,7 +13,7 @@ import torch.distributed as dist
 from rnq_ep.balance import SlotTable
 from rnq_ep.dispatch import DispatchHandle, combine, dispatch
 from rnq_ep.experts import LocalExperts
-from rnq_ep.routing import POLICIES
+from rnq_ep.routing import POLICIES, SlotIndex, slot_index
 from rnq_ep.specs import LayerPlan, ModelSpec
 
 Router = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # x [T, H] -> (ids [T, k], weights [T, k])
@@ -107,6 +107,7 @@ class EPMoE(torch.nn.Module):
         self.group = group
         self.policy = policy
         self.table = SlotTable.from_layer(layer_plan, num_gpus, e)
+        self._index: SlotIndex | None = None  # slot_index(self.table, device of the last x), built on first use
         self.experts = LocalExperts(self.table, rank, w_gate_up, w_down, backend, activation, gate_up_bias, down_bias)
         self.shared_experts = shared_experts
         self.last_stats: LayerStats | None = None
@@ -120,6 +121,7 @@ class EPMoE(torch.nn.Module):
                 f"expected {self.table.num_gpus}, {self.table.num_experts}"
             )
         self.table, self.experts = table, experts
+        self._index = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H]: route with the layer's router, then forward_routed."""
@@ -133,10 +135,12 @@ class EPMoE(torch.nn.Module):
         Routing inputs are checked inside dispatch, where a bad rank makes every rank raise; the
         hidden size is checked after it, when all ranks are known to share one.
         """
-        recv, handle = dispatch(x, topk_ids, topk_weights, self.table, self.rank, self.group, self.policy)
+        if self._index is None or self._index.table is not self.table or self._index.device != x.device:
+            self._index = slot_index(self.table, x.device)
+        recv, handle = dispatch(x, topk_ids, topk_weights, self.table, self.rank, self.group, self.policy, self._index)
         self._check_hidden(x)
         if self.routed_counts is not None:  # device-side accumulate: no host sync per step
-            self.routed_counts += torch.bincount(topk_ids.reshape(-1), minlength=self.model.num_experts)
+            self.routed_counts += handle.expert_counts
         cpu_start = time.thread_time()
         y = self.experts(recv, handle.local_offsets, handle.recv_weights)  # [N, H], router-weighted
         expert_cpu_seconds = time.thread_time() - cpu_start

@@ -12,9 +12,14 @@ Policies:
 - `hash`: copy = position in e's order mod e's copy count. vLLM takes a token's position mod the
   replica count; taking it over the global rank-major order keeps it deterministic and lets the
   quotas (and so the all-to-all sizes) follow from counts alone. Load-blind, an even split.
+
+The public functions validate their inputs; the `step_*` ones are their cores for dispatch, which
+checks the step's inputs once and keeps the table's constants (`SlotIndex`) between steps.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,19 +29,69 @@ from rnq_ep.balance import SlotTable, share_quotas, water_fill
 POLICIES = ("least-loaded", "static", "hash")
 
 
+@dataclass(frozen=True)
+class SlotIndex:
+    """What routing and dispatch derive from a SlotTable alone: built once per table (per plan switch)."""
+
+    table: SlotTable
+    device: torch.device  # where the tensors below live (the tokens' device)
+    order: np.ndarray  # [S] slots sorted by (expert, slot)
+    first: np.ndarray  # [E] start of each expert's copies in `order`
+    copy_index: np.ndarray  # [S] index of each slot among its expert's copies (slot order)
+    copies: np.ndarray  # [S] copy count of each slot's expert
+    share_problem: str | None  # why static routing cannot use the plan's shares, or None
+    on_gpu: np.ndarray  # [S, R] int64 one-hot of each slot's GPU
+    order_t: torch.Tensor  # [S] int64 `order` on device
+    first_t: torch.Tensor  # [E] int64
+    copy_count_t: torch.Tensor  # [E] int64
+    gpu_t: torch.Tensor  # [S] int64 each slot's GPU
+    local_copy_t: torch.Tensor  # [S] int64 index of each slot among its GPU's slots, in table order
+
+
+def slot_index(table: SlotTable, device: torch.device | str = "cpu") -> SlotIndex:
+    """The per-table constants of routing and dispatch, tensors on `device`."""
+    device = torch.device(device)
+    order = np.argsort(table.expert, kind="stable")
+    copy_count = table.copy_count()
+    first = np.cumsum(copy_count) - copy_count
+    copy_index = np.empty(table.num_slots, dtype=np.int64)
+    copy_index[order] = np.arange(table.num_slots) - first[table.expert[order]]
+    share_sum = np.bincount(table.expert, weights=table.share, minlength=table.num_experts)
+    off = np.flatnonzero(np.abs(share_sum - 1.0) > 1e-6)
+    share_problem = f"shares of expert {off[0]} sum to {share_sum[off[0]]:.6g}, expected 1" if len(off) else None
+    by_gpu = np.argsort(table.gpu, kind="stable")
+    per_gpu = np.bincount(table.gpu, minlength=table.num_gpus)
+    local_copy = np.empty(table.num_slots, dtype=np.int64)
+    local_copy[by_gpu] = np.arange(table.num_slots) - (np.cumsum(per_gpu) - per_gpu)[table.gpu[by_gpu]]
+
+    def on_device(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
+
+    return SlotIndex(
+        table=table, device=device, order=order, first=first, copy_index=copy_index,
+        copies=copy_count[table.expert], share_problem=share_problem,
+        on_gpu=np.eye(table.num_gpus, dtype=np.int64)[table.gpu],
+        order_t=on_device(order), first_t=on_device(first), copy_count_t=on_device(copy_count),
+        gpu_t=on_device(table.gpu), local_copy_t=on_device(local_copy),
+    )
+
+
 def copy_quotas(global_counts: torch.Tensor | np.ndarray, table: SlotTable, policy: str = "least-loaded") -> np.ndarray:
     """Tokens per copy for the whole step, all ranks: counts [R, E] -> [S] int64 (exact per expert)."""
-    total = _check_counts(global_counts, table, policy).sum(axis=0)  # [R, E] -> [E]
+    return step_quotas(_check_counts(global_counts, table, policy), slot_index(table), policy)
+
+
+def step_quotas(counts: np.ndarray, index: SlotIndex, policy: str) -> np.ndarray:
+    """copy_quotas of checked counts [R, E] int64 (a policy in POLICIES) with the table's index: -> [S] int64."""
+    total = counts.sum(axis=0)  # [R, E] -> [E]
+    table = index.table
     if policy == "least-loaded":
         return water_fill(table, total)
     if policy == "static":
-        share_sum = np.bincount(table.expert, weights=table.share, minlength=table.num_experts)
-        off = np.flatnonzero(np.abs(share_sum - 1.0) > 1e-6)
-        if len(off):
-            raise ValueError(f"static routing: shares of expert {off[0]} sum to {share_sum[off[0]]:.6g}, expected 1")
+        if index.share_problem is not None:
+            raise ValueError(f"static routing: {index.share_problem}")
         return share_quotas(table, total)
-    index, copies = _copy_index(table)
-    return _residues_below(total[table.expert], index, copies)
+    return _residues_below(total[table.expert], index.copy_index, index.copies)
 
 
 def rank_copy_counts(
@@ -50,14 +105,20 @@ def rank_copy_counts(
     `quotas`: copy_quotas of the same counts and policy when the caller has them already.
     """
     counts = _check_counts(global_counts, table, policy)
+    index = slot_index(table)
+    quotas = step_quotas(counts, index, policy) if quotas is None else quotas
+    return step_rank_copy_counts(counts, index, policy, quotas)
+
+
+def step_rank_copy_counts(counts: np.ndarray, index: SlotIndex, policy: str, quotas: np.ndarray) -> np.ndarray:
+    """rank_copy_counts of checked counts [R, E] and their quotas [S]: -> [R, S] int64."""
+    expert = index.table.expert
     offsets = np.cumsum(counts, axis=0) - counts  # [R, E] start of rank r's part of e's order
-    lo = offsets[:, table.expert]  # [R, S]
-    hi = lo + counts[:, table.expert]
+    lo = offsets[:, expert]  # [R, S]
+    hi = lo + counts[:, expert]
     if policy == "hash":
-        index, copies = _copy_index(table)
-        return _residues_below(hi, index, copies) - _residues_below(lo, index, copies)
-    quotas = copy_quotas(counts, table, policy) if quotas is None else quotas
-    start = _copy_starts(table, quotas)  # [S] within the expert's order
+        return _residues_below(hi, index.copy_index, index.copies) - _residues_below(lo, index.copy_index, index.copies)
+    start = _copy_starts(index, quotas)  # [S] within the expert's order
     return np.clip(np.minimum(hi, start + quotas) - np.maximum(lo, start), 0, None)
 
 
@@ -77,38 +138,54 @@ def route(
     if not 0 <= rank < counts.shape[0]:
         raise ValueError(f"rank {rank} out of range for global counts of {counts.shape[0]} ranks")
     check_topk_ids(topk_ids, table.num_experts)
-    device = topk_ids.device
     flat = topk_ids.reshape(-1).long()  # [T, k] -> [T*k]
     local = torch.bincount(flat, minlength=table.num_experts)  # [E]
     if not torch.equal(local.cpu(), torch.from_numpy(counts[rank])):
         raise ValueError(f"global_counts[{rank}] does not match rank {rank}'s topk_ids counts")
+    index = slot_index(table, topk_ids.device)
+    quotas = step_quotas(counts, index, policy) if quotas is None else quotas
+    return step_route(counts, index, flat, local, rank, policy, quotas).reshape(topk_ids.shape)
+
+
+def step_route(
+    counts: np.ndarray,
+    index: SlotIndex,
+    flat_ids: torch.Tensor,
+    local_counts: torch.Tensor,
+    rank: int,
+    policy: str,
+    quotas: np.ndarray,
+) -> torch.Tensor:
+    """route's core for checked inputs: flat_ids [A] int64 with bincount local_counts [E] (= counts[rank]) -> slots [A]."""
+    device = flat_ids.device
     # position of each assignment in its expert's rank-major order
-    by_expert = torch.argsort(flat, stable=True)  # assignments grouped by expert, token order within
-    local_start = torch.cumsum(local, 0) - local  # [E]
-    pos = torch.empty_like(flat)
-    pos[by_expert] = torch.arange(len(flat), device=device) - local_start[flat[by_expert]]
+    by_expert = torch.argsort(flat_ids, stable=True)  # assignments grouped by expert, token order within
+    local_start = torch.cumsum(local_counts, 0) - local_counts  # [E]
+    pos = torch.empty_like(flat_ids)
+    pos[by_expert] = torch.arange(len(flat_ids), device=device) - local_start[flat_ids[by_expert]]
     offsets = np.cumsum(counts, axis=0)[rank] - counts[rank]  # [E] sum of lower ranks' counts
-    pos += torch.from_numpy(offsets).to(device)[flat]
-    order, first = _slots_by_expert(table)
+    pos += torch.from_numpy(offsets).to(device)[flat_ids]
     if policy == "hash":
-        copies = torch.from_numpy(table.copy_count()).to(device)
-        at = torch.from_numpy(first).to(device)[flat] + pos % copies[flat]
-        return torch.from_numpy(order).to(device)[at].reshape(topk_ids.shape)
-    quotas = copy_quotas(counts, table, policy) if quotas is None else quotas
+        at = index.first_t[flat_ids] + pos % index.copy_count_t[flat_ids]
+        return index.order_t[at]
     # copies in (expert, slot) order tile one key line: expert e's range starts at sum(counts[:e])
-    key_start = torch.from_numpy(np.cumsum(quotas[order]) - quotas[order]).to(device)  # [S]
+    ordered = quotas[index.order]
+    key_start = torch.from_numpy(np.cumsum(ordered) - ordered).to(device)  # [S]
     total = counts.sum(axis=0)
     expert_start = torch.from_numpy(np.cumsum(total) - total).to(device)  # [E]
-    at = torch.searchsorted(key_start, expert_start[flat] + pos, right=True) - 1
-    return torch.from_numpy(order).to(device)[at].reshape(topk_ids.shape)
+    at = torch.searchsorted(key_start, expert_start[flat_ids] + pos, right=True) - 1
+    return index.order_t[at]
 
 
 def check_topk_ids(topk_ids: torch.Tensor, num_experts: int) -> None:
     """Raise ValueError naming the first expert id outside [0, num_experts): topk_ids [T, k]."""
     if topk_ids.dim() != 2:
         raise ValueError(f"topk_ids must be [tokens, k], got shape {tuple(topk_ids.shape)}")
-    bad = topk_ids[(topk_ids < 0) | (topk_ids >= num_experts)]
-    if bad.numel():
+    if not topk_ids.numel():
+        return
+    low, high = torch.aminmax(topk_ids)
+    if low < 0 or high >= num_experts:
+        bad = topk_ids[(topk_ids < 0) | (topk_ids >= num_experts)]
         raise ValueError(f"topk_ids: expert id {int(bad[0])} out of range for {num_experts} experts")
 
 
@@ -126,29 +203,15 @@ def _check_counts(global_counts: torch.Tensor | np.ndarray, table: SlotTable, po
     return counts.astype(np.int64)
 
 
-def _slots_by_expert(table: SlotTable) -> tuple[np.ndarray, np.ndarray]:
-    """Slots sorted by (expert, slot) [S], and where each expert's copies start in that order [E]."""
-    order = np.argsort(table.expert, kind="stable")
-    return order, np.cumsum(table.copy_count()) - table.copy_count()
+def _residues_below(limit: np.ndarray, copy_index: np.ndarray, copies: np.ndarray) -> np.ndarray:
+    """How many p in [0, limit) have p mod copies == copy_index (elementwise, broadcast)."""
+    return (limit - copy_index + copies - 1) // copies
 
 
-def _copy_index(table: SlotTable) -> tuple[np.ndarray, np.ndarray]:
-    """Each slot's index among its expert's copies (slot order) and its expert's copy count: [S], [S]."""
-    order, first = _slots_by_expert(table)
-    index = np.empty(table.num_slots, dtype=np.int64)
-    index[order] = np.arange(table.num_slots) - first[table.expert[order]]
-    return index, table.copy_count()[table.expert]
-
-
-def _residues_below(limit: np.ndarray, index: np.ndarray, copies: np.ndarray) -> np.ndarray:
-    """How many p in [0, limit) have p mod copies == index (elementwise, broadcast)."""
-    return (limit - index + copies - 1) // copies
-
-
-def _copy_starts(table: SlotTable, quotas: np.ndarray) -> np.ndarray:
+def _copy_starts(index: SlotIndex, quotas: np.ndarray) -> np.ndarray:
     """Start of each copy's contiguous range within its expert's order: quotas [S] -> [S]."""
-    order, first = _slots_by_expert(table)
+    order, first, expert = index.order, index.first, index.table.expert
     before = np.cumsum(quotas[order]) - quotas[order]  # over all copies in (expert, slot) order
-    start = np.empty(table.num_slots, dtype=np.int64)
-    start[order] = before - before[first[table.expert[order]]]
+    start = np.empty(len(order), dtype=np.int64)
+    start[order] = before - before[first[expert[order]]]
     return start

@@ -10,7 +10,7 @@ from routing_cases import draw_topk, random_table
 
 from rnq_ep.balance import SlotTable, gpu_loads
 from rnq_ep.dispatch import combine, dispatch
-from rnq_ep.routing import POLICIES, copy_quotas
+from rnq_ep.routing import POLICIES, copy_quotas, slot_index
 
 NUM_EXPERTS, HIDDEN, TOP_K = 6, 8, 3
 # (seed, tokens on each rank, policy); rank 1 of the last case has no tokens at all
@@ -199,6 +199,17 @@ def test_table_for_another_world_size_is_rejected():
     table, xs, ids, weights, _ = _make_case(8, 2, (5, 5))
     with pytest.raises(ValueError, match="slot table has 2 GPUs but the process group has 1 ranks"):
         dispatch(xs[0], ids[0], weights[0], table, 0, None)
+
+
+def test_a_kept_index_gives_the_same_step_and_one_of_another_table_is_rejected():
+    table, xs, ids, weights, _ = _make_case(8, 1, (5,))
+    index = slot_index(table)
+    recv, handle = dispatch(xs[0], ids[0], weights[0], table, 0, None, index=index)
+    fresh, fresh_handle = dispatch(xs[0], ids[0], weights[0], table, 0, None)
+    assert torch.equal(recv, fresh) and torch.equal(handle.recv_row, fresh_handle.recv_row)
+    other, *_ = _make_case(9, 1, (5,))
+    with pytest.raises(ValueError, match="index was built for another table"):
+        dispatch(xs[0], ids[0], weights[0], other, 0, None, index=index)
 
 
 def test_combine_rejects_outputs_of_the_wrong_length():

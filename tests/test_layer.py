@@ -191,3 +191,24 @@ def test_shared_experts_are_added_to_the_routed_output():
     shared = torch.nn.Linear(MODEL.hidden_size, MODEL.hidden_size, bias=False)
     with torch.no_grad():
         torch.testing.assert_close(_layer(shared=shared)(x), _layer()(x) + shared(x))
+
+
+def test_switch_plan_routes_by_the_new_table_from_the_next_forward():
+    x = tokens_of(0)
+    layer = _layer(plain_ep_plan(1))
+    layer(x)  # builds the first table's routing index
+    reversed_plan = LayerPlan(layer=0, slots=[Slot(gpu=0, expert=e, fmt="int8", share=1.0)
+                                              for e in reversed(range(MODEL.num_experts))])
+    target = _layer(reversed_plan)
+    layer.switch_plan(target.table, target.experts)
+    torch.testing.assert_close(layer(x), target(x), rtol=0, atol=0)
+
+
+def test_routed_counts_accumulate_each_forwards_top_k_ids():
+    x = tokens_of(0)
+    layer = _layer()
+    layer.routed_counts = torch.zeros(MODEL.num_experts, dtype=torch.int64)
+    ids, weights = route_topk(x @ random_layer_weights(MODEL, 0, SEED)[2].float().T, MODEL.top_k)
+    layer.forward_routed(x, ids, weights)
+    layer.forward_routed(x, ids, weights)
+    assert torch.equal(layer.routed_counts, 2 * torch.bincount(ids.reshape(-1), minlength=MODEL.num_experts))
