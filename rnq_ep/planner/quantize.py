@@ -6,6 +6,10 @@ cost = tokens x sensitivity, so cold experts, thin replicas and robust experts g
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import math
+
 import numpy as np
 
 from rnq_ep.specs import FORMATS, LoadStats, PlanOptions
@@ -48,38 +52,31 @@ def cheapest_conversions(
 def conversions_for_needs(
     fmt: np.ndarray, tokens: np.ndarray, cost: np.ndarray, fmt_bytes: np.ndarray, needs: list[int]
 ) -> list[tuple[np.ndarray, float, float] | None]:
-    """`cheapest_conversions` of one GPU's copies for each of several byte needs, sharing the sorting work."""
-    results: list[tuple[np.ndarray, float, float] | None] = [None] * len(needs)
-    pending = []
-    for i, need in enumerate(needs):
-        if need <= 0:
-            results[i] = (fmt, 0.0, 0.0)
-        else:
-            pending.append(i)
+    """`cheapest_conversions` of one GPU's copies for each of several byte needs, sharing the sorting work.
+
+    Plain Python: a GPU holds a handful of copies, where numpy's per-call overhead would dominate.
+    """
+    results: list[tuple[np.ndarray, float, float] | None] = [(fmt, 0.0, 0.0) if n <= 0 else None for n in needs]
+    pending = [i for i, n in enumerate(needs) if n > 0]
     if not pending:
         return results
-    rows = np.arange(fmt.size)
-    held = fmt_bytes[fmt]  # [c]
-    smaller = np.isfinite(cost) & (fmt_bytes < held[:, None])  # [c, 3]
-    gain = np.where(smaller, held[:, None] - fmt_bytes, 0)
-    price = np.where(smaller, tokens[:, None] * np.where(smaller, cost - cost[rows, fmt][:, None], 0.0), np.inf)
-    ratio = price / np.maximum(gain, 1)
-    for target in (np.argmin(ratio, axis=1), np.argmax(gain, axis=1)):
-        movable = smaller[rows, target]
-        order = np.flatnonzero(movable)
-        order = order[np.argsort(ratio[order, target[order]], kind="stable")]
-        freed = np.cumsum(gain[order, target[order]])
-        if freed.size == 0:
-            continue
-        for i in [i for i in pending if freed[-1] >= needs[i]]:
-            take = order[: int(np.searchsorted(freed, needs[i])) + 1]
+    sizes = fmt_bytes.tolist()
+    cheapest, largest = [], []  # per copy: (cost per freed byte, freed bytes, cost, format) or None
+    for f, t, c in zip(fmt.tolist(), tokens.tolist(), cost.tolist()):
+        moves = [(t * (c[k] - c[f]) / max(sizes[f] - sizes[k], 1), sizes[f] - sizes[k], t * (c[k] - c[f]), k)
+                 for k in range(len(sizes)) if sizes[k] < sizes[f] and math.isfinite(c[k])]
+        cheapest.append(min(moves, key=lambda m: m[0]) if moves else None)  # ties: the larger format
+        largest.append(max(moves, key=lambda m: m[1]) if moves else None)
+    for target in (cheapest, largest):
+        order = sorted((i for i, m in enumerate(target) if m is not None), key=lambda i: target[i][0])
+        freed = list(itertools.accumulate(target[i][1] for i in order))
+        for p in [p for p in pending if freed and freed[-1] >= needs[p]]:
+            take = order[: bisect.bisect_left(freed, needs[p]) + 1]
             new_fmt = fmt.copy()
-            new_fmt[take] = target[take]
-            added_tokens = float(tokens[take][fmt[take] == 0].sum())
-            results[i] = (new_fmt, float(price[take, target[take]].sum()), added_tokens)
-            pending.remove(i)
-        if not pending:
-            break
+            new_fmt[take] = [target[i][3] for i in take]
+            added_tokens = sum(tokens[i] for i in take if fmt[i] == 0)
+            results[p] = (new_fmt, float(sum(target[i][2] for i in take)), float(added_tokens))
+            pending.remove(p)
     return results
 
 

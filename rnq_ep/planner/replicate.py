@@ -10,6 +10,7 @@ rule this reaches the mean load with at most G-1 extra copies when memory allows
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +31,7 @@ class LayerCopies:
     fmt: list[int]  # 0 bf16, 1 int8, 2 int4
     tokens: list[float]
     slot_of: np.ndarray  # [E, G] slot index of expert e on GPU g, -1 if none
+    gpus_of: list[list[int]]  # [E] GPUs holding a copy of expert e, ascending
     copies: np.ndarray  # [E] copies per expert
     load: np.ndarray  # [G] planned tokens per GPU
     used: np.ndarray  # [G] bytes per GPU
@@ -39,7 +41,8 @@ class LayerCopies:
 
     def slots_on(self, gpu: int) -> np.ndarray:
         """Slot indices held by `gpu` -> [c]."""
-        return self.slot_of[:, gpu][self.slot_of[:, gpu] >= 0]
+        held = self.slot_of[:, gpu]
+        return held[held >= 0]
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ def spread_load(state: LayerCopies, limits: Limits, give_up_at: float = np.inf) 
         if excess[source] <= tol or floor >= give_up_at or state.load[source] <= floor + tol:
             return
         if not _shift_from(state, limits, source, target, tol):
-            if not _pour_to_existing(state, limits, source, state.slots_on(source), -np.inf, target * HALVING_TOL):
+            if not _pour_to_existing(state, limits, source, state.slots_on(source).tolist(), -np.inf, target * HALVING_TOL):
                 stuck[source] = True
                 floor = max(floor, state.load[stuck].max())
 
@@ -95,16 +98,15 @@ def _hopeless(state: LayerCopies, limits: Limits, target: float, tol: float) -> 
 def _shift_from(state: LayerCopies, limits: Limits, source: int, target: float, tol: float) -> bool:
     """One step away from GPU `source`; False when none of its copies can go anywhere."""
     slots = state.slots_on(source)
-    tokens = np.array([state.tokens[s] for s in slots])
-    if _pour_to_existing(state, limits, source, slots[np.argsort(-tokens, kind="stable")], target, tol):
+    slots = sorted(slots.tolist(), key=lambda s: -state.tokens[s])  # heaviest first, ties by expert
+    if _pour_to_existing(state, limits, source, slots, target, tol):
         return True
-    for slot in slots[np.argsort(-tokens, kind="stable")]:
+    open_to_any = (state.load < target - tol) & (state.held < limits.max_held)  # [G]
+    for slot in slots:
         expert, held = state.expert[slot], state.tokens[slot]
-        open_gpus = np.flatnonzero(
-            (state.load < target - tol) & (state.slot_of[expert] < 0) & (state.held < limits.max_held)
-        )
+        open_gpus = np.flatnonzero(open_to_any & (state.slot_of[expert] < 0))
         want = min(state.load[source] - target, held)
-        for sink in _sink_order(state, limits, open_gpus, source, target, want)[:TRIED_SINKS]:
+        for sink in _sink_order(state, limits, open_gpus, source, target, want):
             amount = min(want, target - state.load[sink])
             moves_all = amount >= held - tol
             if not moves_all and state.copies[expert] >= limits.max_copies:
@@ -120,23 +122,22 @@ def _shift_from(state: LayerCopies, limits: Limits, source: int, target: float, 
 
 
 def _pour_to_existing(
-    state: LayerCopies, limits: Limits, source: int, slots: np.ndarray, target: float, tol: float
+    state: LayerCopies, limits: Limits, source: int, slots: list[int], target: float, tol: float
 ) -> bool:
     """Move tokens from a copy on `source` to another copy of its expert on a lighter GPU.
 
     With a finite `target`, fill that GPU up to the target; with -inf, halve the gap between the two.
     """
-    for slot in slots.tolist():
+    for slot in slots:
         expert = state.expert[slot]
         if state.copies[expert] == 1 or state.tokens[slot] <= tol:
             continue
-        others = state.slot_of[expert]
         ceiling = target if np.isfinite(target) else state.load[source]
-        open_gpus = np.flatnonzero((others >= 0) & (state.load < ceiling - tol))
-        if open_gpus.size == 0:
+        open_gpus = [g for g in state.gpus_of[expert] if state.load[g] < ceiling - tol]
+        if not open_gpus:
             continue
-        sink = int(open_gpus[np.argmin(state.load[open_gpus])])
-        other = int(others[sink])
+        sink = min(open_gpus, key=state.load.__getitem__)  # ties: lower GPU
+        other = int(state.slot_of[expert, sink])
         if np.isfinite(target):
             amount = min(state.load[source] - target, target - state.load[sink], state.tokens[slot])
         else:
@@ -158,13 +159,21 @@ def _pour_to_existing(
 def _sink_order(
     state: LayerCopies, limits: Limits, open_gpus: np.ndarray, source: int, target: float, want: float
 ) -> np.ndarray:
-    """Candidate GPUs, least loaded first; with prefer_node, same-node GPUs that can take `want` lead."""
-    order = open_gpus[np.argsort(state.load[open_gpus], kind="stable")]
-    if not limits.prefer_node:
-        return order
-    same_node = order // limits.gpus_per_node == source // limits.gpus_per_node
-    fits = target - state.load[order] >= want
-    return np.concatenate([order[same_node & fits], order[~(same_node & fits)]])
+    """The first TRIED_SINKS candidate GPUs, least loaded first; with prefer_node, same-node GPUs that can
+    take `want` lead. Only GPUs that can be among the first are sorted."""
+    load = state.load[open_gpus]
+    same_node = open_gpus // limits.gpus_per_node == source // limits.gpus_per_node
+    if open_gpus.size > TRIED_SINKS:
+        keep = load <= np.partition(load, TRIED_SINKS - 1)[TRIED_SINKS - 1]
+        if limits.prefer_node:
+            keep |= same_node
+        open_gpus, load, same_node = open_gpus[keep], load[keep], same_node[keep]
+    order = np.argsort(load, kind="stable")
+    open_gpus, load, same_node = open_gpus[order], load[order], same_node[order]
+    if limits.prefer_node:
+        lead = same_node & (target - load >= want)
+        open_gpus = np.concatenate([open_gpus[lead], open_gpus[~lead]])
+    return open_gpus[:TRIED_SINKS]
 
 
 def _room_plans(state: LayerCopies, limits: Limits, sink: int) -> list:
@@ -233,10 +242,13 @@ def _apply(
         state.used[source] -= fmt_bytes[state.fmt[slot]]
         state.slot_of[expert, source] = -1
         state.slot_of[expert, sink] = slot
+        state.gpus_of[expert].remove(source)
+        bisect.insort(state.gpus_of[expert], sink)
         state.gpu[slot], state.fmt[slot] = sink, code
         return
     state.tokens[slot] -= amount
     state.slot_of[expert, sink] = len(state.gpu)
+    bisect.insort(state.gpus_of[expert], sink)
     state.gpu.append(sink)
     state.expert.append(expert)
     state.fmt.append(code)

@@ -203,6 +203,7 @@ def layer_state(copies: Copies, limits: Limits, num_gpus: int, num_experts: int)
         fmt=fmt.tolist(),
         tokens=tokens.tolist(),
         slot_of=slot_of,
+        gpus_of=[np.flatnonzero(row >= 0).tolist() for row in slot_of],
         copies=np.bincount(expert, minlength=num_experts),
         load=np.bincount(gpu, weights=tokens, minlength=num_gpus),
         used=np.bincount(gpu, weights=limits.fmt_bytes[fmt], minlength=num_gpus).astype(np.int64),
