@@ -21,6 +21,7 @@ from gloo import run_ranks
 from ray.util.placement_group import placement_group, remove_placement_group
 
 from rnq_ep.demo import unsharded_outputs
+from rnq_ep.planner import plan_rnq
 from rnq_ep.runtime import ray_cluster
 from rnq_ep.runtime.ray_cli import add_ray_arguments, ray_main
 from rnq_ep.runtime.ray_cluster import ClusterError, WorkerInfo, connect, placement_for, torchrun_env
@@ -52,10 +53,12 @@ def write_job_files(folder: Path, num_gpus: int) -> tuple[str, str]:
 
 
 def assert_matches_unsharded(stats, plan_path: str, loads_path: str) -> None:
-    world = len(stats)
-    reference = unsharded_outputs(bf16_plan(world), MODEL, load_stats(loads_path), world, TOKENS, STEPS, seed=0)
+    """Every rank has every step once, in order, with the unsharded model's output."""
+    world, steps = len(stats), len(stats[0])
+    reference = unsharded_outputs(bf16_plan(world), MODEL, load_stats(loads_path), world, TOKENS, steps, seed=0)
     for rank in range(world):
-        for step in range(STEPS):
+        assert [s.step for s in stats[rank]] == list(range(steps))
+        for step in range(steps):
             torch.testing.assert_close(stats[rank][step].output, reference[rank][step], rtol=1e-5, atol=1e-5)
 
 
@@ -71,21 +74,25 @@ def job_of(tmp_path: Path, num_gpus: int):
     return make_job(plan, loads, tokens=TOKENS, steps=STEPS, backend="torch", keep_outputs=True, timeout_s=60), plan, loads
 
 
-def kill_rank_once(rank: int):
-    """An event sink that kills `rank`'s actor once the first attempt is running."""
+def kill_rank_once(rank: int, when: str = "running"):
+    """An event sink that kills `rank`'s actor once, in the first attempt: when it runs, or when step 0 is done ("step")."""
     def on_event(event):
-        if event.kind == "running" and event.attempt == 0:
+        if event.kind == when and event.attempt == 0 and (when != "step" or event.step_stats[0].step == 0):
             ray.kill(event.actors[rank])
     return on_event
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [2, 4])
-def test_workers_produce_the_unsharded_outputs(local_ray, tmp_path, workers):
+def test_workers_produce_the_unsharded_outputs_and_report_each_step_live(local_ray, tmp_path, workers):
     job, plan, loads = job_of(tmp_path, workers)
-    result = run_job(job)
+    events = []
+    result = run_job(job, on_event=events.append)
     assert result.restarts == 0 and [w.rank for w in result.workers] == list(range(workers))
     assert_matches_unsharded(result.stats, plan, loads)
+    live = [event for event in events if event.kind == "step"]
+    assert [[s.step for s in event.step_stats] for event in live] == [[step] * workers for step in range(STEPS)]
+    assert events[-1].kind == "done"
 
 
 @pytest.mark.slow
@@ -96,17 +103,38 @@ def test_a_killed_worker_stops_the_job_naming_its_rank_and_node(local_ray, tmp_p
 
 
 @pytest.mark.slow
-def test_a_restart_after_a_killed_worker_gives_the_same_outputs(local_ray, tmp_path):
+def test_a_restart_replays_only_the_unfinished_steps_with_the_same_outputs(local_ray, tmp_path):
     job, plan, loads = job_of(tmp_path, 2)
+    job = dataclasses.replace(job, steps=4)  # the driver feeds 2 steps ahead: steps 2 and 3 wait for it, so the kill lands mid-run
     events = []
 
     def on_event(event):
         events.append(event.kind)
-        kill_rank_once(0)(event)
+        kill_rank_once(0, when="step")(event)
 
     result = run_job(job, max_restarts=1, on_event=on_event)
     assert result.restarts == 1 and "failed" in events and events[-1] == "done"
+    assert result.first_steps[0] == 0 and result.first_steps[1] in (1, 2)
+    assert events.count("step") == 4
     assert_matches_unsharded(result.stats, plan, loads)
+
+
+@pytest.mark.slow
+def test_rebalancing_on_ray_workers_replans_after_a_drift(local_ray, tmp_path):
+    before = [40, 20, 10, 6, 6, 6, 6, 6]
+    cluster = msgspec.structs.replace(load_cluster("cpu4"), name="cpu2", gpus_per_node=2)
+    plan = plan_rnq(MODEL, cluster, LoadStats(counts=[before] * 2, num_experts=8, top_k=2), PlanOptions(formats=("bf16", "int8", "int4")))
+    paths = {name: tmp_path / f"{name}.json" for name in ("plan", "before", "after")}
+    paths["plan"].write_bytes(encode_json(plan))
+    for name, counts in (("before", before), ("after", before[::-1])):
+        paths[name].write_bytes(encode_json(LoadStats(counts=[counts] * 2, num_experts=8, top_k=2)))
+    job = make_job(str(paths["plan"]), str(paths["before"]), loads_after=str(paths["after"]), drift_step=2, tokens=32,
+                   steps=8, seed=7, backend="torch", timeout_s=60, rebalance={"rebalance_interval": 2, "rebalance_horizon": 10_000})
+    stats = run_job(job).stats
+    final = [rank_stats[-1].rebalance for rank_stats in stats]
+    assert final[0].replans_done >= 1 and final[0].layers_switched >= 1
+    assert final[0].layers_switched == final[1].layers_switched
+    assert [s.step for s in stats[1]] == list(range(8))
 
 
 @pytest.mark.slow
@@ -130,15 +158,17 @@ def test_workers_that_cannot_be_placed_now_fail_without_hanging(local_ray, tmp_p
 
 
 @pytest.mark.slow
-def test_ray_main_prints_the_step_and_worker_tables(local_ray, tmp_path, capsys):
+def test_ray_main_passes_rebalancing_flags_and_prints_the_step_and_worker_tables(local_ray, tmp_path, capsys):
     plan, loads = write_job_files(tmp_path, 2)
     parser = argparse.ArgumentParser()
     add_run_arguments(parser)
     add_ray_arguments(parser)
-    args = parser.parse_args(["--ray", "--plan", plan, "--loads", loads, "--tokens", "8", "--steps", "2", "--backend", "torch"])
+    args = parser.parse_args(["--ray", "--plan", plan, "--loads", loads, "--tokens", "8", "--steps", "2", "--backend", "torch",
+                              "--rebalance-interval", "1", "--loads-after", loads, "--drift-step", "1"])
     assert ray_main(args) == 0
     out = capsys.readouterr().out
     assert "on Ray: 2 workers, policy least-loaded" in out and "tokens computed" in out and "restarts: 0" in out
+    assert "re-plans done" in out  # the rebalancing flags reached the workers
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gloo import run_ranks
-from rnq_ep.runtime.worker import draw_routing, inclusion_probabilities, layer_counts, run_worker
+from rnq_ep.runtime.worker import draw_routing, inclusion_probabilities, layer_counts, make_batch, run_worker
 from rnq_ep.specs import (
     LayerPlan,
     LoadStats,
@@ -121,6 +121,31 @@ def test_single_process_run_is_reproducible(tmp_path):
     assert [s.step for s in first] == [0, 1]
     assert all(torch.equal(a.output, b.output) for a, b in zip(first, second))
     assert first[0].tokens_per_gpu.tolist() == [2 * 16 * MODEL.top_k]
+
+
+def test_a_run_from_a_first_step_gives_the_later_steps_of_a_full_run(tmp_path):
+    plan, loads = write_plan(tmp_path / "plan.json", 1), skewed_loads(tmp_path / "loads.json")
+    full = run_worker(0, 1, plan, tokens=16, steps=3, loads=loads, backend="torch", keep_outputs=True)
+    resumed = run_worker(0, 1, plan, tokens=16, steps=3, loads=loads, backend="torch", keep_outputs=True, first_step=1)
+    assert [s.step for s in resumed] == [1, 2]
+    assert all(torch.equal(a.output, b.output) for a, b in zip(full[1:], resumed))
+
+
+def test_a_first_step_past_the_last_is_rejected(tmp_path):
+    plan = write_plan(tmp_path / "plan.json", 1)
+    with pytest.raises(SpecError, match=r"first_step must be in \[0, steps=2\), got 2"):
+        run_worker(0, 1, plan, steps=2, tokens=4, first_step=2)
+
+
+def test_given_batches_replace_the_drawn_ones_and_each_step_is_reported(tmp_path):
+    plan = write_plan(tmp_path / "plan.json", 1)
+    drawn = run_worker(0, 1, plan, tokens=8, steps=2, seed=5, backend="torch", keep_outputs=True)
+    other = make_batch(MODEL, [np.ones(MODEL.num_experts)] * 2, 8, 5, 0, 1)  # step 1's draw, fed at both steps
+    reported = []
+    fed = run_worker(0, 1, plan, tokens=8, steps=2, seed=5, backend="torch", keep_outputs=True,
+                     batches=lambda step: other, on_step=reported.append)
+    assert [s.step for s in reported] == [0, 1] and all(a is b for a, b in zip(reported, fed))
+    assert torch.equal(fed[0].output, drawn[1].output) and torch.equal(fed[1].output, drawn[1].output)
 
 
 def _runs_by_policy(rank: int, world: int, plan: str, loads: str) -> dict[str, list]:

@@ -1,4 +1,4 @@
-"""`rnq-ep run --ray [ADDRESS]`: the Ray flags of `rnq-ep run`, a live progress line and the summary tables.
+"""`rnq-ep run --ray [ADDRESS]`: the Ray flags of `rnq-ep run`, a live step table and the summary tables.
 
     rnq-ep run --ray --plan plan.json --loads loads.json              # local cluster, CPU workers, gloo
     rnq-ep run --ray 10.0.0.1:6379 --plan plan.json --max-restarts 1  # an existing cluster
@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.console import Console, Group
+from rich.live import Live
+from rich.spinner import Spinner
 from rich.table import Table
 
-from rnq_ep.rebalance.options import rebalance_flags_given
+from rnq_ep.rebalance.options import rebalance_flags_given, rebalance_kwargs
 from rnq_ep.report import console
 from rnq_ep.runtime.ray_cluster import ClusterError, RayJob, connect
 from rnq_ep.runtime.ray_driver import Event, JobResult, WorkerFailed, make_job, run_job
+from rnq_ep.runtime.torchrun import REBALANCE_COLUMNS, rebalance_cells
+from rnq_ep.runtime.worker import StepStats
 from rnq_ep.specs import SpecError
 
 
@@ -42,11 +46,13 @@ def ray_main(args: argparse.Namespace) -> int:
     """Run the plan on Ray and print the summary; 0 ok, 1 a worker failed, 2 bad input or cluster."""
     out = console()
     try:
-        if given := rebalance_flags_given(args):
-            raise SpecError(f"{', '.join(given)}: online rebalancing runs under torchrun for now, not with --ray")
+        if args.hf and (given := (["--loads"] if args.loads else []) + rebalance_flags_given(args)):
+            raise SpecError(f"{', '.join(given)}: not supported with --hf (the model's own router routes the prompt)")
+        rebalance = rebalance_kwargs(args)
         job = make_job(
-            args.plan, args.loads, args.model, hf=args.hf, tokens=args.tokens, steps=args.steps, seed=args.seed,
-            policy=args.policy, backend=args.backend, timeout_s=args.timeout,
+            args.plan, args.loads, args.model, hf=args.hf, loads_after=rebalance.pop("loads_after"),
+            drift_step=rebalance.pop("drift_step"), rebalance=rebalance, tokens=args.tokens, steps=args.steps,
+            seed=args.seed, policy=args.policy, backend=args.backend, timeout_s=args.timeout,
         )
         connect(args.ray or None, args.num_cpus)
         result = run_live(job, args.max_restarts, args.cpus_per_worker, out)
@@ -60,39 +66,55 @@ def ray_main(args: argparse.Namespace) -> int:
     if args.hf:
         out.print(generation_table(result, f"{title}, {args.hf}"))
         return 0
-    out.print(steps_table(result, title))
+    out.print(steps_table([list(by_rank) for by_rank in zip(*result.stats)], title))
     out.print(workers_table(result))
     return 0
 
 
 def run_live(job: RayJob, max_restarts: int, cpus_per_worker: float | None, out: Console, label: str = "ray job") -> JobResult:
-    """run_job with a spinner line that shows the current phase and elapsed time; events are printed as they come."""
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=out, transient=True) as bar:
-        task = bar.add_task(f"{label}: connecting", total=None)
+    """run_job with a live view: a table that gains a row as each step finishes on every rank, the phase and elapsed time."""
+    finished: list[list[StepStats]] = []  # [step][rank]
+    phase = [f"{label}: connecting"]
+    spinner = Spinner("dots")
+    started = time.monotonic()
+
+    def view() -> Group:
+        spinner.update(text=f"{phase[0]} ({time.monotonic() - started:.0f} s)")
+        return Group(steps_table(finished, f"{label}: steps finished on every worker"), spinner) if finished else Group(spinner)
+
+    with Live(console=out, transient=True, get_renderable=view, refresh_per_second=4) as live:
 
         def show(event: Event) -> None:
-            style = {"failed": "red", "restarting": "yellow", "done": "green"}.get(event.kind)
-            bar.console.print(f"{label} attempt {event.attempt}: {event.message}", style=style, markup=False)
-            bar.update(task, description=f"{label}: {event.kind}")
+            if event.kind == "step":
+                finished.append(event.step_stats)
+            else:
+                style = {"failed": "red", "restarting": "yellow", "done": "green"}.get(event.kind)
+                live.console.print(f"{label} attempt {event.attempt}: {event.message}", style=style, markup=False)
+                phase[0] = f"{label}: {event.kind}"
+            live.refresh()
 
         return run_job(job, max_restarts, cpus_per_worker, show)
 
 
-def steps_table(result: JobResult, title: str) -> Table:
-    """Per step: time (rank 0, barrier to barrier), balancedness, tokens per worker, bytes sent by all ranks."""
+def steps_table(steps: list[list[StepStats]], title: str) -> Table:
+    """Per step ([step][rank] stats): time (rank 0, barrier to barrier), balancedness, tokens per worker, bytes sent by all ranks."""
+    rebalancing = any(s[0].rebalance is not None for s in steps)
     table = Table(title=title, title_justify="left")
-    for column in ("step", "seconds", "balancedness", "tokens per worker", "bytes sent (all ranks)"):
+    columns = ["step", "seconds", "balancedness", "tokens per worker", "bytes sent (all ranks)"]
+    for column in columns + (REBALANCE_COLUMNS if rebalancing else []):
         table.add_column(column, justify="right")
-    for step, first in enumerate(result.stats[0]):
-        sent = sum(rank_stats[step].bytes_sent for rank_stats in result.stats)
-        table.add_row(str(first.step), f"{first.seconds:.4f}", f"{first.balancedness:.3f}",
-                      " ".join(map(str, first.tokens_per_gpu.tolist())), f"{sent:,}")
+    for by_rank in steps:
+        first = by_rank[0]
+        row = [str(first.step), f"{first.seconds:.4f}", f"{first.balancedness:.3f}",
+               " ".join(map(str, first.tokens_per_gpu.tolist())), f"{sum(s.bytes_sent for s in by_rank):,}"]
+        table.add_row(*row, *(rebalance_cells(first) if rebalancing else []))
     return table
 
 
 def workers_table(result: JobResult) -> Table:
     """Per worker over all steps: where it ran, rows computed, bytes sent, CPU seconds in its experts."""
-    caption = f"restarts: {result.restarts}; step time median {np.median([s.seconds for s in result.stats[0]]):.4f} s"
+    resumed = "".join(f", resumed at step {step}" for step in result.first_steps[1:])
+    caption = f"restarts: {result.restarts}{resumed}; step time median {np.median([s.seconds for s in result.stats[0]]):.4f} s"
     table = Table(title="workers", title_justify="left", caption=caption, caption_justify="left")
     for column in ("rank", "node", "pid", "tokens computed", "bytes sent", "expert CPU s"):
         table.add_column(column, justify="right")

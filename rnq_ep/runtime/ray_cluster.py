@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,8 +26,9 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rnq_ep.hf import GenerationReport, run_on_rank
-from rnq_ep.runtime.worker import StepStats, leave_group, run_worker
-from rnq_ep.specs import ModelSpec, Plan, SpecError
+from rnq_ep.runtime.ray_steps import rank_batches, reporter, step_batches
+from rnq_ep.runtime.worker import BatchSource, leave_group, run_worker
+from rnq_ep.specs import LoadStats, ModelSpec, Plan, SpecError
 
 PLACE_TIMEOUT_S = 30.0  # a placement group not ready by then cannot be placed (we do not wait for autoscaling)
 CONNECT_TIMEOUT_S = 5.0
@@ -39,14 +40,14 @@ class ClusterError(RuntimeError):
 
 @dataclass(frozen=True)
 class RayJob:
-    """What every worker runs: run_worker's arguments, plan and loads carried as bytes (no shared disk needed).
+    """What the driver feeds and every worker runs: run_worker's arguments, the plan carried as bytes (no shared disk).
 
     With `hf` (a transformers model path or `tiny-<family>`), each rank instead converts that model
     for the plan and greedily generates `steps` tokens after a `tokens`-long builtin-text prompt.
     """
 
     plan: bytes  # plan JSON
-    loads: bytes | None  # load JSON the routing follows; None: uniform
+    loads: LoadStats | None  # the driver draws every step's routing from these counts; None: uniform
     model: ModelSpec | None = None  # same experts/top_k as the plan's model, other sizes; None: the plan's
     hf: str | None = None
     tokens: int = 256  # per rank per step; with hf: the prompt length
@@ -56,11 +57,19 @@ class RayJob:
     backend: str = "auto"
     keep_outputs: bool = False
     timeout_s: float = 300.0  # process group (collective) timeout and the bound on each phase
+    loads_after: LoadStats | None = None  # routing counts from step drift_step on (a drift scenario)
+    drift_step: int = 0
+    rebalance: dict[str, float] = field(default_factory=dict)  # run_worker's rebalance_* / replan_timeout_s keywords
 
     @property
     def plan_spec(self) -> Plan:
         """The decoded plan."""
         return msgspec.json.decode(self.plan, type=Plan)
+
+    def batches(self) -> BatchSource:
+        """step -> the whole step's batch the driver feeds: hidden [R*T, H], routing [R*T, k] per layer."""
+        plan = self.plan_spec
+        return step_batches(plan, self.model or plan.model, self.loads, self.loads_after, self.drift_step, self.tokens, self.seed)
 
 
 @dataclass(frozen=True)
@@ -113,21 +122,23 @@ class EPWorker:
             sock.bind(("", 0))
             return sock.getsockname()[1]
 
-    def run(self, job: RayJob, env: dict[str, str]) -> list[StepStats] | GenerationReport:
-        """Set the torchrun env, write plan/loads to local files, run this rank's steps (or generation with hf)."""
+    def run(self, job: RayJob, env: dict[str, str], channel, first_step: int) -> None:
+        """Set the torchrun env and run steps first_step.. on the batches fed through `channel`, reporting each step there."""
         os.environ.update(env)
-        if job.hf is not None:
-            return _generate(self.rank, int(env["WORLD_SIZE"]), job)
         with tempfile.TemporaryDirectory(prefix="rnq-ep-") as folder:
-            plan_path, loads_path = Path(folder, "plan.json"), Path(folder, "loads.json")
+            plan_path = Path(folder, "plan.json")
             plan_path.write_bytes(job.plan)
-            if job.loads is not None:
-                loads_path.write_bytes(job.loads)
-            return run_worker(
+            run_worker(
                 self.rank, int(env["WORLD_SIZE"]), str(plan_path), model=job.model, tokens=job.tokens, steps=job.steps,
-                loads=None if job.loads is None else str(loads_path), seed=job.seed, policy=job.policy, backend=job.backend,
-                keep_outputs=job.keep_outputs, timeout_s=job.timeout_s,
+                seed=job.seed, policy=job.policy, backend=job.backend, keep_outputs=job.keep_outputs,
+                timeout_s=job.timeout_s, batches=rank_batches(channel, self.rank, job.tokens, job.timeout_s),
+                first_step=first_step, on_step=reporter(channel, self.rank), **job.rebalance,
             )
+
+    def generate(self, job: RayJob, env: dict[str, str]) -> GenerationReport:
+        """Set the torchrun env and run this rank's greedy generation of the hf model."""
+        os.environ.update(env)
+        return _generate(self.rank, int(env["WORLD_SIZE"]), job)
 
 
 def _generate(rank: int, world_size: int, job: RayJob) -> GenerationReport:

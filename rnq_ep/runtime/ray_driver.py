@@ -1,12 +1,14 @@
-"""Run a plan on Ray: place the workers, rendezvous, run, gather stats; stop and name the culprit on failure.
+"""Run a plan on Ray: place the workers, feed them batches, gather each step; stop and name the culprit on failure.
 
-A worker that dies (killed, OOM, crashed) or raises stops the whole group within a bounded time:
-the driver waits on every rank's result at once, and on the first failure gives its peers a few
-seconds for the root cause to surface (a killed rank makes its peers' collectives fail too), then
-kills the group. The error names the rank, actor, node and cause. With restarts left, the group
-is rebuilt from the plan and the job replayed: run_worker returns its stats only at the end, so a
-failed attempt has finished nothing and the replay runs every step again with the same seeds,
-giving the same outputs. Bad input (SpecError) fails the same way every time and is not retried.
+The driver builds every step's batch and feeds it to the workers through a StepChannel actor
+(`ray_steps`), a couple of steps ahead; the workers report each finished step back, and the driver
+emits a "step" event once all ranks finished it. A worker that dies (killed, OOM, crashed) or
+raises stops the whole group within a bounded time: the driver waits on every rank at once, and on
+the first failure gives its peers a few seconds for the root cause to surface (a killed rank makes
+its peers' collectives fail too), then kills the group. The error names the rank, actor, node and
+cause. With restarts left, the group is rebuilt from the plan and resumes at the first step that
+not every rank finished: finished steps are kept, the rest run on the same batches, so every step
+is in the result exactly once. Bad input (SpecError) fails the same way every time and is not retried.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ from rnq_ep.runtime.ray_cluster import (
     start_actors,
     torchrun_env,
 )
-from rnq_ep.specs import SpecError, load_model, load_plan
+from rnq_ep.runtime.ray_steps import FEED_AHEAD, StepChannel, StepLog
+from rnq_ep.specs import LoadStats, SpecError, load_model, load_plan, load_stats
 
 FAILURE_GRACE_S = 3.0
+LISTEN_S = 1.0  # how long one call for step reports waits on the channel before the driver asks again
 
 
 class WorkerFailed(RuntimeError):
@@ -39,88 +43,155 @@ class WorkerFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class JobResult:
-    """The attempt that finished: each rank's result, where each rank ran, and the restarts it took."""
+    """The finished job: each rank's results, where the last attempt ran, and the restarts it took."""
 
-    stats: list  # per rank: list[StepStats] (one per step), or a GenerationReport for an hf job
+    stats: list  # per rank: list[StepStats], one per step in step order, or a GenerationReport for an hf job
     workers: list[WorkerInfo]
     restarts: int
+    first_steps: list[int] = field(default_factory=list)  # per attempt, the first step it ran (replays resume there)
 
 
 @dataclass(frozen=True)
 class Event:
     """A progress event for the driver's display; `actors` are the live worker handles in rank order."""
 
-    kind: str  # placing | started | running | failed | restarting | done
+    kind: str  # placing | started | running | step | failed | restarting | done
     attempt: int
     message: str
     actors: list = field(default_factory=list)
+    step_stats: list = field(default_factory=list)  # kind "step": every rank's StepStats of the step all ranks finished
 
 
 EventSink = Callable[[Event], None]
 
 
-def make_job(plan_path: str, loads_path: str | None = None, model: str | None = None, hf: str | None = None, **options) -> RayJob:
-    """RayJob from files on the driver, checked here so a bad plan fails before any actor starts."""
+def make_job(
+    plan_path: str, loads_path: str | None = None, model: str | None = None, hf: str | None = None,
+    loads_after: str | None = None, **options,
+) -> RayJob:
+    """RayJob from files on the driver, checked here so a bad plan or load file fails before any actor starts."""
     if model and hf:
         raise SpecError(f"--model {model} and --hf {hf}: give one (--hf runs a transformers model, --model the bare layers)")
     load_plan(plan_path)
     with open(plan_path, "rb") as f:
         plan = f.read()
-    loads = None
-    if loads_path is not None:
-        if not os.path.exists(loads_path):
-            raise SpecError(f"--loads {loads_path}: no such file")
-        with open(loads_path, "rb") as f:
-            loads = f.read()
-    return RayJob(plan=plan, loads=loads, model=load_model(model) if model else None, hf=hf, **options)
+    loads = {flag: _read_loads(flag, path) for flag, path in (("--loads", loads_path), ("--loads-after", loads_after))}
+    return RayJob(plan=plan, loads=loads["--loads"], loads_after=loads["--loads-after"],
+                  model=load_model(model) if model else None, hf=hf, **options)
+
+
+def _read_loads(flag: str, path: str | None) -> LoadStats | None:
+    """The load file given with `flag`, or None."""
+    if path is None:
+        return None
+    if not os.path.exists(path):
+        raise SpecError(f"{flag} {path}: no such file")
+    return load_stats(path)
 
 
 def run_job(
     job: RayJob, max_restarts: int = 0, cpus_per_worker: float | None = None, on_event: EventSink | None = None
 ) -> JobResult:
-    """Run `job` on the connected cluster, rebuilding the worker group up to `max_restarts` times."""
+    """Run `job` on the connected cluster, rebuilding the worker group up to `max_restarts` times.
+
+    A rebuilt group resumes at the first step that not every rank finished; finished steps are kept
+    (an hf generation is one request and is replayed whole).
+    """
     if max_restarts < 0:
         raise SpecError(f"--max-restarts must be >= 0, got {max_restarts}")
     emit = on_event or (lambda event: None)
+    log = StepLog(job.plan_spec.cluster.num_gpus, job.steps)
+    first_steps = []
     attempt = 0
     while True:
+        first_steps.append(log.restart())
         try:
-            stats, workers = _attempt(job, attempt, cpus_per_worker, emit)
-            return JobResult(stats, workers, attempt)
+            stats, workers = _attempt(job, attempt, log, cpus_per_worker, emit)
+            return JobResult(stats, workers, attempt, first_steps)
         except WorkerFailed as err:
             emit(Event("failed", attempt, str(err)))
             if attempt == max_restarts:
                 raise
         attempt += 1
-        emit(Event("restarting", attempt, f"restart {attempt}/{max_restarts}: rebuilding the worker group from the plan"))
+        resume = "" if job.hf else f", resuming at step {len(log.done)} of {job.steps}"
+        emit(Event("restarting", attempt, f"restart {attempt}/{max_restarts}: rebuilding the worker group from the plan{resume}"))
 
 
-def _attempt(job: RayJob, attempt: int, cpus_per_worker: float | None, emit: EventSink) -> tuple[list, list[WorkerInfo]]:
-    """One try: place, start, rendezvous, run; the group is always torn down."""
+def _attempt(job: RayJob, attempt: int, log: StepLog, cpus_per_worker: float | None, emit: EventSink) -> tuple[list, list[WorkerInfo]]:
+    """One try: place, start, rendezvous, run (steps from log.restart() on); the group is always torn down."""
     plan = job.plan_spec
     world = plan.cluster.num_gpus
     alive = sum(1 for node in ray.nodes() if node["Alive"])
     placement = placement_for(plan, ray.cluster_resources(), alive, cpus_per_worker)
     emit(Event("placing", attempt, f"placing {world} workers: {len(placement.bundles)} x {placement.bundles[0]} ({placement.strategy})"))
     pg = reserve(placement)
-    actors = []
+    actors, channel = [], None
     try:
         actors = start_actors(pg, placement, world)
         workers = _gather([a.where.remote() for a in actors], job.timeout_s, None, "starting")
         port = _gather([actors[0].free_port.remote()], job.timeout_s, workers, "starting")[0]
         gpu_ids = _gather([a.gpu_ids.remote() for a in actors], job.timeout_s, workers, "starting") if placement.gpus else None
         emit(Event("started", attempt, _placement_text(workers), actors))
-        refs = [actor.run.remote(job, env) for actor, env in zip(actors, torchrun_env(workers, port, gpu_ids))]
-        work = (f"generating {job.steps} tokens after a {job.tokens}-token prompt with {job.hf}" if job.hf
-                else f"running {job.steps} steps of {job.tokens} tokens per worker")
-        emit(Event("running", attempt, f"{world} workers {work}", actors))
-        stats = _gather(refs, job.timeout_s, workers, "running")
+        envs = torchrun_env(workers, port, gpu_ids)
+        if job.hf:
+            refs = [actor.generate.remote(job, env) for actor, env in zip(actors, envs)]
+            emit(Event("running", attempt, f"{world} workers generating {job.steps} tokens after a {job.tokens}-token "
+                       f"prompt with {job.hf}", actors))
+            stats = _gather(refs, job.timeout_s, workers, "running")
+        else:
+            channel = StepChannel.remote()
+            feeder = _Feeder(job, channel, log, lambda done: emit(Event("step", attempt, f"step {done[0].step} done", actors, done)))
+            refs = [actor.run.remote(job, env, channel, feeder.first_step) for actor, env in zip(actors, envs)]
+            emit(Event("running", attempt, f"{world} workers running steps {feeder.first_step}..{job.steps - 1} of "
+                       f"{job.tokens} tokens per worker, batches fed by the driver", actors))
+            _gather(refs, job.timeout_s, workers, "running", feeder)
+            stats = log.by_rank()
         emit(Event("done", attempt, "all workers finished", actors))
         return stats, workers
     finally:
-        for actor in actors:
+        for actor in actors + ([channel] if channel else []):
             ray.kill(actor)
         remove_placement_group(pg)
+
+
+class _Feeder:
+    """The driver's side of one attempt's StepChannel: feeds batches FEED_AHEAD steps ahead, logs finished steps."""
+
+    def __init__(self, job: RayJob, channel, log: StepLog, on_step: Callable[[list], None]) -> None:
+        self.channel, self.log, self.on_step, self.steps = channel, log, on_step, job.steps
+        self.whole_batch = job.batches()
+        self.first_step = self.next_feed = len(log.done)
+        self.listening = None
+        self._feed()
+
+    def _feed(self) -> None:
+        """Put the batches of the steps up to FEED_AHEAD past the last one every rank finished (one ray.put each)."""
+        while self.next_feed < min(len(self.log.done) + FEED_AHEAD, self.steps):
+            self.channel.feed.remote(self.next_feed, [ray.put(self.whole_batch(self.next_feed))], len(self.log.done))
+            self.next_feed += 1
+
+    def listen(self):
+        """The pending call for step reports (a new one once the last has answered)."""
+        if self.listening is None:
+            self.listening = self.channel.reports.remote(LISTEN_S)
+        return self.listening
+
+    def heard(self, reports: list | None = None) -> bool:
+        """Take the answered reports (or `reports`), show finished steps, feed more; True if a step finished."""
+        if reports is None:
+            reports, self.listening = ray.get(self.listening), None
+        finished = self.log.add(reports)
+        for step in finished:
+            self.on_step(step)
+        self._feed()
+        return bool(finished)
+
+    def drain(self) -> None:
+        """Take every report still in the channel (the workers have returned or failed)."""
+        ray.get(self.channel.close.remote())
+        if self.listening is not None:
+            self.heard()
+        self.heard(ray.get(self.channel.reports.remote(0.0)))
 
 
 def _placement_text(workers: list[WorkerInfo]) -> str:
@@ -128,20 +199,31 @@ def _placement_text(workers: list[WorkerInfo]) -> str:
     return f"{len(workers)} workers on {len(nodes)} node(s) ({', '.join(nodes)}), rendezvous at {workers[0].node_ip}"
 
 
-def _gather(refs: list, timeout_s: float, workers: list[WorkerInfo] | None, phase: str) -> list:
-    """ray.get of one ref per rank, failing fast on the first failure and naming the rank at fault."""
+def _gather(refs: list, timeout_s: float, workers: list[WorkerInfo] | None, phase: str, feeder: _Feeder | None = None) -> list:
+    """ray.get of one ref per rank, failing fast on the first failure and naming the rank at fault.
+
+    With a feeder, step reports are taken as they come and each finished step restarts the timeout.
+    """
     pending = {ref: rank for rank, ref in enumerate(refs)}
     deadline = time.monotonic() + timeout_s
     failures: dict[int, BaseException] = {}
     while pending and not failures:
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        listening = [feeder.listen()] if feeder else []
+        ready, _ = ray.wait(list(pending) + listening, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
         if not ready:
             late = sorted(pending.values())
             raise WorkerFailed(f"{phase}: ranks {late} did not finish within {timeout_s:g} s (--timeout); stopped the job")
+        if listening and ready[0] == listening[0]:
+            if feeder.heard():
+                deadline = time.monotonic() + timeout_s
+            continue
         failures.update(_failures(ready, pending))
     if failures:
         ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=FAILURE_GRACE_S)
         failures.update(_failures(ready, pending))
+    if feeder:  # before naming a failure too: steps every rank finished before it are kept
+        feeder.drain()
+    if failures:
         rank, err = min(failures.items(), key=lambda item: (_is_secondary(item[1]), item[0]))
         if isinstance(err, SpecError):  # bad input fails the same way on every try: no restart
             raise SpecError(f"rank {rank}: {getattr(err, 'cause', err)}") from None

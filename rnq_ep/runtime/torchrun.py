@@ -111,23 +111,28 @@ def balance_table(balancedness: list[float]) -> Table:
     return table
 
 
+REBALANCE_COLUMNS = ["re-plans done", "layers switched", "MB moved", "rebalance s"]
+
+
+def rebalance_cells(stats: StepStats) -> list[str]:
+    """The REBALANCE_COLUMNS cells of one step (counters after it, '-' before the first)."""
+    health = stats.rebalance
+    counters = ["-"] * 3 if health is None else [
+        str(health.replans_done), str(health.layers_switched), f"{health.bytes_moved / 1e6:.2f}"]
+    return [*counters, f"{stats.rebalance_seconds:.4f}"]
+
+
 def steps_table(stats: list[StepStats], title: str) -> Table:
     """Rich table of per-step time, balancedness, tokens per GPU, this rank's bytes sent (+ online rebalancing)."""
     rebalancing = any(s.rebalance is not None for s in stats)
     table = Table(title=title)
     columns = ["step", "seconds", "balancedness", "tokens per GPU", "bytes sent", "no dedupe"]
-    columns += ["re-plans done", "layers switched", "MB moved", "rebalance s"] if rebalancing else []
-    for column in columns:
+    for column in columns + (REBALANCE_COLUMNS if rebalancing else []):
         table.add_column(column, justify="right")
     for s in stats:
         row = [str(s.step), f"{s.seconds:.4f}", f"{s.balancedness:.3f}", " ".join(map(str, s.tokens_per_gpu.tolist())),
                f"{s.bytes_sent:,}", f"{s.bytes_sent_no_dedupe:,}"]
-        if rebalancing:
-            health = s.rebalance
-            row += ["-"] * 3 if health is None else [
-                str(health.replans_done), str(health.layers_switched), f"{health.bytes_moved / 1e6:.2f}"]
-            row.append(f"{s.rebalance_seconds:.4f}")
-        table.add_row(*row)
+        table.add_row(*row, *(rebalance_cells(s) if rebalancing else []))
     if rebalancing and stats[-1].rebalance is not None:
         table.caption = stats[-1].rebalance.summary()
     return table

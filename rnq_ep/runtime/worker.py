@@ -28,6 +28,10 @@ from rnq_ep.specs import LoadStats, ModelSpec, Plan, SpecError, load_model, load
 
 log = logging.getLogger(__name__)
 
+Routing = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: expert ids, router weights [T, k]
+Batch = tuple[torch.Tensor, Routing]  # hidden [T, H] and its routing
+BatchSource = Callable[[int], Batch]  # step -> this rank's batch
+
 
 @dataclass(frozen=True)
 class StepStats:
@@ -235,14 +239,19 @@ def run_worker(
     replan_timeout_s: float = 60.0,
     loads_after: str | None = None,
     drift_step: int = 0,
+    batches: BatchSource | None = None,
+    first_step: int = 0,
+    on_step: Callable[[StepStats], None] | None = None,
 ) -> list[StepStats]:
-    """Run `steps` steps of `tokens` tokens per rank through every plan layer; this rank's per-step stats.
+    """Run steps first_step..steps-1 of `tokens` tokens per rank through every plan layer; this rank's per-step stats.
 
     rebalance_interval > 0 re-plans online every that many steps from the last rebalance_window
     steps (0: the interval) and migrates changed copies one layer per step when the move pays for
     itself over rebalance_horizon steps (0: the interval), rebalance_copies_per_step changed copies
     staged between two steps; loads_after switches
     the routing distribution to another load file from step drift_step on (a drift scenario).
+    batches(step) gives this rank's batch (a Ray driver feeds them; default make_batch from the
+    load files and seed), and on_step gets each step's stats as soon as the step is done.
     """
     plan = load_plan(plan_path)
     if plan.cluster.num_gpus != world_size:
@@ -252,6 +261,8 @@ def run_worker(
         )
     if tokens < 1 or steps < 1:
         raise SpecError(f"tokens and steps must be >= 1, got tokens={tokens}, steps={steps}")
+    if not 0 <= first_step < steps:
+        raise SpecError(f"first_step must be in [0, steps={steps}), got {first_step}")
     if policy not in POLICIES:
         raise SpecError(f"unknown routing policy {policy!r}, expected one of {POLICIES}")
     spec = _resolve_model(plan, model)
@@ -275,10 +286,12 @@ def run_worker(
                 layers, plan, rebalance_interval, rebalance_window or rebalance_interval, tokens, replan_timeout_s,
                 rebalance_horizon or None, load_expert=loaders, copies_per_step=rebalance_copies_per_step,
             )
+        batch_of = batches or (
+            lambda step: make_batch(spec, counts_after if step >= drift_step else counts, tokens, seed, rank, step)
+        )
         stats = []
-        for step in range(steps):
-            step_counts = counts_after if step >= drift_step else counts
-            hidden, routing = make_batch(spec, step_counts, tokens, seed, rank, step)
+        for step in range(first_step, steps):
+            hidden, routing = batch_of(step)
             stats.append(run_step(step, layers, hidden.to(device, dtype), routing, group, keep_outputs))
             if rebalancer is not None:
                 seconds = rebalancer.after_step(step)
@@ -290,6 +303,8 @@ def run_worker(
                     "step %d: %.4f s, balancedness %.3f, tokens per GPU %s",
                     step, stats[-1].seconds, stats[-1].balancedness, stats[-1].tokens_per_gpu.tolist(),
                 )
+            if on_step is not None:
+                on_step(stats[-1])
         return stats
     finally:
         layers = rebalancer = None  # noqa: F841  (drop the group's users before leaving it)
@@ -316,9 +331,7 @@ def checkpoint_loader(
     return load
 
 
-def make_batch(
-    model: ModelSpec, counts: list[np.ndarray], tokens: int, seed: int, rank: int, step: int
-) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+def make_batch(model: ModelSpec, counts: list[np.ndarray], tokens: int, seed: int, rank: int, step: int) -> Batch:
     """This rank's tokens [T, H] fp32 and, per layer, routing (ids, weights) [T, k]; seeded by (seed, rank, step)."""
     gen = torch.Generator().manual_seed(derive_seed(seed, rank, step))
     hidden = torch.randn(tokens, model.hidden_size, generator=gen)  # [T, H]
@@ -329,7 +342,7 @@ def run_step(
     step: int,
     layers: list[EPMoE],
     hidden: torch.Tensor,
-    routing: list[tuple[torch.Tensor, torch.Tensor]],
+    routing: Routing,
     group: dist.ProcessGroup | None,
     keep_outputs: bool,
 ) -> StepStats:
