@@ -18,9 +18,9 @@ from rnq_ep.bench.planner import (
     plan_summary,
     policy_table,
     real_pairs,
-    speed_table,
     to_markdown,
 )
+from rnq_ep.bench.planner_speed import speed_table
 from rnq_ep.costmodel import DEFAULT_TOKENS_PER_GPU
 from rnq_ep.memory import gpu_budget, plain_ep_budget
 from rnq_ep.planner import export_sglang

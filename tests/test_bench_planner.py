@@ -14,6 +14,7 @@ from rnq_ep.bench.planner import (
     to_markdown,
     zipf_loads,
 )
+from rnq_ep.bench.planner_speed import FORMAT_SETS, speed_table
 from rnq_ep.cli import main
 from rnq_ep.specs import PlanOptions, load_cluster, load_model
 
@@ -67,3 +68,12 @@ def test_bench_planner_prints_ratios_and_writes_markdown(tmp_path, capsys):
     text = md.read_text()
     assert "| GPUs |" in text and "R&Q / EPLB time" in text
     assert f"Command: `rnq-ep bench planner --gpus 8,16 --layers 2 --no-real --markdown {md}`" in text
+
+
+def test_speed_table_has_a_row_per_format_set_and_says_when_no_replica_fits():
+    table = speed_table(load_model("tiny"), load_cluster("h100x8"), [8], 2, seed=0, options=PlanOptions())
+    rows = [dict(zip(table.header, row)) for row in table.rows]
+    assert [row["formats"] for row in rows] == ["+".join(f) for f in FORMAT_SETS]
+    assert rows[0]["replicas per layer R&Q (median)"] == "0 (none fit)"  # one bf16 expert per GPU, int8 only
+    assert int(rows[1]["replicas per layer R&Q (median)"]) > 0  # int4 makes room
+    assert "8 GPUs with bf16+int8" in table.note

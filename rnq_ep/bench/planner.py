@@ -62,7 +62,6 @@ SHARED_PAIRS = (  # only in ../shared/data/expert-loads
     ("mixtral-8x7b", "mixtral-8x7b-v0.1_fiddler_mmlu-college-computer-science.json",
      "mixtral-8x7b-v0.1_fiddler_mmlu-machine-learning.json"),
 )
-SPEED_TARGETS = {32: "<= 0.1 s", 256: "<= 0.5 s", 1024: "<= 2 s"}  # issues 2 and 7
 
 
 def real_pairs() -> list[tuple[str, Path, Path]]:
@@ -231,29 +230,6 @@ def scaled_cluster(base: ClusterSpec, num_gpus: int) -> ClusterSpec:
     return msgspec.structs.replace(
         base, name=f"{base.name}-{num_gpus}", nodes=nodes, gpus_per_node=per_node, expert_memory_budget="plain-ep"
     )
-
-
-def speed_table(
-    model: ModelSpec, base: ClusterSpec, gpu_counts: list[int], num_layers: int, seed: int, options: PlanOptions
-) -> BenchTable:
-    """Planner seconds of R&Q vs the EPLB-equivalent (+12.5 % memory) on synthetic Zipf loads."""
-    rng = np.random.default_rng(seed)
-    header = ("GPUs", "layers x experts", "R&Q planner (s)", "EPLB-equivalent planner (s)", "R&Q / EPLB time",
-              "target (R&Q)", "best-split balancedness R&Q (median)", "EPLB +12.5 % (median)")
-    rows = []
-    for gpus in gpu_counts:
-        cluster = scaled_cluster(base, gpus)
-        loads = zipf_loads(model, num_layers, rng, tokens=gpus * DEFAULT_TOKENS_PER_GPU * model.top_k)
-        rnq, rnq_s = timed(plan_rnq, model, cluster, loads, options)
-        eplb, eplb_s = timed(plan_eplb, model, cluster, loads, extra_memory=0.125)
-        rows.append((
-            str(gpus), f"{num_layers} x {model.num_experts}", f"{rnq_s:.3f}", f"{eplb_s:.3f}", f"{rnq_s / eplb_s:.2f}x",
-            SPEED_TARGETS.get(gpus, "-"),
-            f"{np.median(score_plan(rnq, loads).balancedness_best):.3f}",
-            f"{np.median(score_plan(eplb, loads).balancedness_best):.3f}",
-        ))
-    title = f"Planner speed, {model.name} scale, synthetic Zipf loads (max/mean 5-10x, seed {seed}), {base.name} nodes"
-    return BenchTable(title, header, rows)
 
 
 def balance_table(cluster: ClusterSpec, options: PlanOptions, pairs: list[tuple[str, Path, Path]]) -> BenchTable:
