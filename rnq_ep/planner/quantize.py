@@ -46,23 +46,24 @@ def cheapest_conversions(
     enough, to its smallest allowed format); copies go in order of cost per freed byte. Returns
     (new fmt [c], added cost, added quantized tokens), or None when nothing frees enough.
     """
-    return conversions_for_needs(fmt, tokens, cost, fmt_bytes, [need])[0]
+    found = conversions_for_needs(fmt.tolist(), tokens.tolist(), cost.tolist(), fmt_bytes.tolist(), [need])[0]
+    return None if found is None else (np.array(found[0], dtype=fmt.dtype), found[1], found[2])
 
 
 def conversions_for_needs(
-    fmt: np.ndarray, tokens: np.ndarray, cost: np.ndarray, fmt_bytes: np.ndarray, needs: list[int]
-) -> list[tuple[np.ndarray, float, float] | None]:
-    """`cheapest_conversions` of one GPU's copies for each of several byte needs, sharing the sorting work.
+    fmt: list[int], tokens: list[float], cost: list[list[float]], sizes: list[int], needs: list[int]
+) -> list[tuple[list[int], float, float] | None]:
+    """`cheapest_conversions` of one GPU's copies (as lists) for each of several byte needs, sharing the
+    sorting work: (new formats, added cost, added quantized tokens) or None per need.
 
     Plain Python: a GPU holds a handful of copies, where numpy's per-call overhead would dominate.
     """
-    results: list[tuple[np.ndarray, float, float] | None] = [(fmt, 0.0, 0.0) if n <= 0 else None for n in needs]
+    results: list[tuple[list[int], float, float] | None] = [(fmt, 0.0, 0.0) if n <= 0 else None for n in needs]
     pending = [i for i, n in enumerate(needs) if n > 0]
     if not pending:
         return results
-    sizes = fmt_bytes.tolist()
     cheapest, largest = [], []  # per copy: (cost per freed byte, freed bytes, cost, format) or None
-    for f, t, c in zip(fmt.tolist(), tokens.tolist(), cost.tolist()):
+    for f, t, c in zip(fmt, tokens, cost):
         moves = [(t * (c[k] - c[f]) / max(sizes[f] - sizes[k], 1), sizes[f] - sizes[k], t * (c[k] - c[f]), k)
                  for k in range(len(sizes)) if sizes[k] < sizes[f] and math.isfinite(c[k])]
         cheapest.append(min(moves, key=lambda m: m[0]) if moves else None)  # ties: the larger format
@@ -72,8 +73,9 @@ def conversions_for_needs(
         freed = list(itertools.accumulate(target[i][1] for i in order))
         for p in [p for p in pending if freed and freed[-1] >= needs[p]]:
             take = order[: bisect.bisect_left(freed, needs[p]) + 1]
-            new_fmt = fmt.copy()
-            new_fmt[take] = [target[i][3] for i in take]
+            new_fmt = list(fmt)
+            for i in take:
+                new_fmt[i] = target[i][3]
             added_tokens = sum(tokens[i] for i in take if fmt[i] == 0)
             results[p] = (new_fmt, float(sum(target[i][2] for i in take)), float(added_tokens))
             pending.remove(p)

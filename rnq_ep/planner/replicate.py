@@ -11,7 +11,9 @@ rule this reaches the mean load with at most G-1 extra copies when memory allows
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -57,6 +59,11 @@ class Limits:
     max_held: int  # most copies one GPU can hold, all in the smallest allowed format
     gpus_per_node: int
     prefer_node: bool  # keep an expert's copies on its node when that node has room
+
+    @cached_property
+    def allowed_codes(self) -> list[int]:
+        """Format codes that some expert may use."""
+        return np.flatnonzero(np.isfinite(self.cost).any(axis=0)).tolist()
 
 
 def spread_load(state: LayerCopies, limits: Limits, give_up_at: float = np.inf) -> None:
@@ -181,32 +188,33 @@ def _room_plans(state: LayerCopies, limits: Limits, sink: int) -> list:
     (also None for a format no expert may use)."""
     room = limits.budget - state.used[sink]
     sink_slots = state.slots_on(sink)
-    sink_fmt = np.array([state.fmt[s] for s in sink_slots], dtype=np.int64)
-    sink_tokens = np.array([state.tokens[s] for s in sink_slots])
-    sink_cost = limits.cost[[state.expert[s] for s in sink_slots]]
-    codes = np.flatnonzero(np.isfinite(limits.cost).any(axis=0)).tolist()
-    needs = [int(limits.fmt_bytes[code]) - room for code in codes]
+    slots = sink_slots.tolist()
+    sink_cost = limits.cost[[state.expert[s] for s in slots]].tolist()
+    needs = [int(limits.fmt_bytes[code]) - room for code in limits.allowed_codes]
+    freed_by_code = conversions_for_needs(
+        [state.fmt[s] for s in slots], [state.tokens[s] for s in slots], sink_cost, limits.fmt_bytes.tolist(), needs
+    )
     plans: list = [None] * limits.fmt_bytes.size
-    for code, freed in zip(codes, conversions_for_needs(sink_fmt, sink_tokens, sink_cost, limits.fmt_bytes, needs)):
+    for code, freed in zip(limits.allowed_codes, freed_by_code):
         plans[code] = None if freed is None else (sink_slots, freed[0], freed[1], freed[2])
     return plans
 
 
 def _cheapest_format(
     state: LayerCopies, limits: Limits, slot: int, room_plans: list, amount: float
-) -> tuple[int, np.ndarray, np.ndarray, float] | None:
+) -> tuple[int, np.ndarray, list[int], float] | None:
     """Best (format of the new copy, sink slots, their new formats, token change) or None if nothing fits."""
     expert = state.expert[slot]
     leaves_quantized = amount if state.fmt[slot] else 0.0
     best = None
-    for code in np.flatnonzero(np.isfinite(limits.cost[expert])).tolist():
-        if room_plans[code] is None:
+    for code, per_token in enumerate(limits.cost[expert].tolist()):
+        if room_plans[code] is None or not math.isfinite(per_token):
             continue
         sink_slots, new_fmt, cost, tokens = room_plans[code]
         tokens += (amount if code else 0.0) - leaves_quantized
         if state.quantized_tokens + tokens > limits.token_budget + 1e-9 * max(limits.token_budget, 1.0):
             continue
-        cost += amount * limits.cost[expert, code]
+        cost += amount * per_token
         if best is None or cost < best[0]:
             best = (cost, (code, sink_slots, new_fmt, tokens))
     return None if best is None else best[1]
@@ -221,12 +229,12 @@ def _apply(
     moves_all: bool,
     code: int,
     sink_slots: np.ndarray,
-    sink_fmt: np.ndarray,
+    sink_fmt: list[int],
     token_change: float,
 ) -> None:
     """Carry out one step: re-format sink copies, then add (or move) the copy of `slot`'s expert."""
     fmt_bytes = limits.fmt_bytes
-    for s, f in zip(sink_slots.tolist(), sink_fmt.tolist()):
+    for s, f in zip(sink_slots.tolist(), sink_fmt):
         state.used[sink] += fmt_bytes[f] - fmt_bytes[state.fmt[s]]
         state.fmt[s] = f
     expert, source = state.expert[slot], state.gpu[slot]

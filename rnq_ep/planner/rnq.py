@@ -197,13 +197,16 @@ def layer_state(copies: Copies, limits: Limits, num_gpus: int, num_experts: int)
     gpu, expert, fmt, tokens = copies
     slot_of = np.full((num_experts, num_gpus), -1, dtype=np.int64)
     slot_of[expert, gpu] = np.arange(expert.size)
+    order = np.lexsort((gpu, expert))
+    by_expert = gpu[order].tolist()  # GPUs of expert 0 ascending, then expert 1, ...
+    bounds = np.searchsorted(expert[order], np.arange(num_experts + 1)).tolist()
     return LayerCopies(
         gpu=gpu.tolist(),
         expert=expert.tolist(),
         fmt=fmt.tolist(),
         tokens=tokens.tolist(),
         slot_of=slot_of,
-        gpus_of=[np.flatnonzero(row >= 0).tolist() for row in slot_of],
+        gpus_of=[by_expert[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])],
         copies=np.bincount(expert, minlength=num_experts),
         load=np.bincount(gpu, weights=tokens, minlength=num_gpus),
         used=np.bincount(gpu, weights=limits.fmt_bytes[fmt], minlength=num_gpus).astype(np.int64),
