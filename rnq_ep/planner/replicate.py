@@ -34,6 +34,7 @@ class LayerCopies:
     tokens: list[float]
     slot_of: np.ndarray  # [E, G] slot index of expert e on GPU g, -1 if none
     gpus_of: list[list[int]]  # [E] GPUs holding a copy of expert e, ascending
+    slots_by_gpu: list[list[int]]  # [G] slots on GPU g, by expert
     copies: np.ndarray  # [E] copies per expert
     load: np.ndarray  # [G] planned tokens per GPU
     used: np.ndarray  # [G] bytes per GPU
@@ -41,10 +42,9 @@ class LayerCopies:
     quantized_tokens: float
     room_cache: dict[int, list] = field(default_factory=dict)  # gpu -> _room_plans, dropped when it changes
 
-    def slots_on(self, gpu: int) -> np.ndarray:
-        """Slot indices held by `gpu` -> [c]."""
-        held = self.slot_of[:, gpu]
-        return held[held >= 0]
+    def slots_on(self, gpu: int) -> list[int]:
+        """Slot indices held by `gpu`, by expert -> [c]."""
+        return list(self.slots_by_gpu[gpu])
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def spread_load(state: LayerCopies, limits: Limits, give_up_at: float = np.inf) 
         if excess[source] <= tol or floor >= give_up_at or state.load[source] <= floor + tol:
             return
         if not _shift_from(state, limits, source, target, tol):
-            if not _pour_to_existing(state, limits, source, state.slots_on(source).tolist(), -np.inf, target * HALVING_TOL):
+            if not _pour_to_existing(state, limits, source, state.slots_on(source), -np.inf, target * HALVING_TOL):
                 stuck[source] = True
                 floor = max(floor, state.load[stuck].max())
 
@@ -104,8 +104,7 @@ def _hopeless(state: LayerCopies, limits: Limits, target: float, tol: float) -> 
 
 def _shift_from(state: LayerCopies, limits: Limits, source: int, target: float, tol: float) -> bool:
     """One step away from GPU `source`; False when none of its copies can go anywhere."""
-    slots = state.slots_on(source)
-    slots = sorted(slots.tolist(), key=lambda s: -state.tokens[s])  # heaviest first, ties by expert
+    slots = sorted(state.slots_on(source), key=lambda s: -state.tokens[s])  # heaviest first, ties by expert
     if _pour_to_existing(state, limits, source, slots, target, tol):
         return True
     open_to_any = (state.load < target - tol) & (state.held < limits.max_held)  # [G]
@@ -187,8 +186,7 @@ def _room_plans(state: LayerCopies, limits: Limits, sink: int) -> list:
     """For each format code: (sink slots, their new formats, quality cost, added quantized tokens) or None
     (also None for a format no expert may use)."""
     room = limits.budget - state.used[sink]
-    sink_slots = state.slots_on(sink)
-    slots = sink_slots.tolist()
+    slots = state.slots_on(sink)
     sink_cost = limits.cost[[state.expert[s] for s in slots]].tolist()
     needs = [int(limits.fmt_bytes[code]) - room for code in limits.allowed_codes]
     freed_by_code = conversions_for_needs(
@@ -196,13 +194,13 @@ def _room_plans(state: LayerCopies, limits: Limits, sink: int) -> list:
     )
     plans: list = [None] * limits.fmt_bytes.size
     for code, freed in zip(limits.allowed_codes, freed_by_code):
-        plans[code] = None if freed is None else (sink_slots, freed[0], freed[1], freed[2])
+        plans[code] = None if freed is None else (slots, freed[0], freed[1], freed[2])
     return plans
 
 
 def _cheapest_format(
     state: LayerCopies, limits: Limits, slot: int, room_plans: list, amount: float
-) -> tuple[int, np.ndarray, list[int], float] | None:
+) -> tuple[int, list[int], list[int], float] | None:
     """Best (format of the new copy, sink slots, their new formats, token change) or None if nothing fits."""
     expert = state.expert[slot]
     leaves_quantized = amount if state.fmt[slot] else 0.0
@@ -228,13 +226,13 @@ def _apply(
     amount: float,
     moves_all: bool,
     code: int,
-    sink_slots: np.ndarray,
+    sink_slots: list[int],
     sink_fmt: list[int],
     token_change: float,
 ) -> None:
     """Carry out one step: re-format sink copies, then add (or move) the copy of `slot`'s expert."""
     fmt_bytes = limits.fmt_bytes
-    for s, f in zip(sink_slots.tolist(), sink_fmt):
+    for s, f in zip(sink_slots, sink_fmt):
         state.used[sink] += fmt_bytes[f] - fmt_bytes[state.fmt[s]]
         state.fmt[s] = f
     expert, source = state.expert[slot], state.gpu[slot]
@@ -252,6 +250,8 @@ def _apply(
         state.slot_of[expert, sink] = slot
         state.gpus_of[expert].remove(source)
         bisect.insort(state.gpus_of[expert], sink)
+        state.slots_by_gpu[source].remove(slot)
+        bisect.insort(state.slots_by_gpu[sink], slot, key=state.expert.__getitem__)
         state.gpu[slot], state.fmt[slot] = sink, code
         return
     state.tokens[slot] -= amount
@@ -259,6 +259,7 @@ def _apply(
     bisect.insort(state.gpus_of[expert], sink)
     state.gpu.append(sink)
     state.expert.append(expert)
+    bisect.insort(state.slots_by_gpu[sink], len(state.gpu) - 1, key=state.expert.__getitem__)
     state.fmt.append(code)
     state.tokens.append(amount)
     state.copies[expert] += 1

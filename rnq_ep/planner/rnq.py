@@ -200,6 +200,9 @@ def layer_state(copies: Copies, limits: Limits, num_gpus: int, num_experts: int)
     order = np.lexsort((gpu, expert))
     by_expert = gpu[order].tolist()  # GPUs of expert 0 ascending, then expert 1, ...
     bounds = np.searchsorted(expert[order], np.arange(num_experts + 1)).tolist()
+    on_gpu = np.lexsort((expert, gpu))
+    gpu_bounds = np.searchsorted(gpu[on_gpu], np.arange(num_gpus + 1)).tolist()
+    on_gpu = on_gpu.tolist()
     return LayerCopies(
         gpu=gpu.tolist(),
         expert=expert.tolist(),
@@ -207,6 +210,7 @@ def layer_state(copies: Copies, limits: Limits, num_gpus: int, num_experts: int)
         tokens=tokens.tolist(),
         slot_of=slot_of,
         gpus_of=[by_expert[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])],
+        slots_by_gpu=[on_gpu[lo:hi] for lo, hi in zip(gpu_bounds[:-1], gpu_bounds[1:])],
         copies=np.bincount(expert, minlength=num_experts),
         load=np.bincount(gpu, weights=tokens, minlength=num_gpus),
         used=np.bincount(gpu, weights=limits.fmt_bytes[fmt], minlength=num_gpus).astype(np.int64),
