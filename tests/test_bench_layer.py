@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
-from rnq_ep.bench.layer import EPLB_EXTRA, PLAIN, configs, main, summarise
+from rnq_ep.bench.layer import EPLB_EXTRA, PLAIN, RNQ_HASH, RNQ_INT4, RNQ_LEAST_LOADED, configs, main, summarise
+from rnq_ep.bench.skew import single_layer, skewed_layers
 from rnq_ep.layer import LayerStats
 from rnq_ep.memory import plain_ep_budget
 from rnq_ep.metrics import gpu_bytes, layer_tables
 from rnq_ep.runtime.worker import StepStats
-from rnq_ep.specs import CONFIG_DIR, load_model
+from rnq_ep.specs import CONFIG_DIR, load_model, load_stats
 
 TINY = load_model("tiny")  # 8 experts, top-2, like the Mixtral load file
 MIXTRAL_LOADS = CONFIG_DIR / "loads" / "mixtral-8x7b-v0.1_olmoe-repo_github.json"
+LOADS = load_stats(MIXTRAL_LOADS)
 
 
 def _step(step: int, seconds: float, cpu_per_layer: list[float]) -> StepStats:
@@ -22,19 +26,20 @@ def _step(step: int, seconds: float, cpu_per_layer: list[float]) -> StepStats:
 
 
 def test_configurations_compare_plain_ep_eplb_and_both_rnq_routings():
-    runs = configs(TINY, "cpu4", 4, MIXTRAL_LOADS)
+    runs = configs(TINY, "cpu4", 4, LOADS)
     assert [(r.name, r.policy) for r in runs] == [
-        (PLAIN, "least-loaded"), (EPLB_EXTRA, "static"),
-        ("R&Q, least-loaded routing", "least-loaded"), ("R&Q, hash routing", "hash"),
+        (PLAIN, "least-loaded"), (EPLB_EXTRA, "static"), (RNQ_LEAST_LOADED, "least-loaded"), (RNQ_HASH, "hash"),
+        (RNQ_INT4, "least-loaded"),
     ]
     assert runs[2].plan is runs[3].plan
+    assert {s.fmt for layer in runs[2].plan.layers for s in layer.slots} <= {"bf16", "int8"}
 
 
 def test_rnq_stays_within_plain_ep_memory_and_eplb_gets_one_eighth_more():
-    runs = {r.name: r.plan for r in configs(TINY, "cpu4", 4, MIXTRAL_LOADS)}
+    runs = {r.name: r.plan for r in configs(TINY, "cpu4", 4, LOADS)}
     budget = plain_ep_budget(TINY, 4)
     most = {name: max(gpu_bytes(TINY, t).max() for t in layer_tables(plan)) for name, plan in runs.items()}
-    assert most["R&Q, least-loaded routing"] <= budget
+    assert most[RNQ_LEAST_LOADED] <= budget and most[RNQ_INT4] <= budget
     assert most[EPLB_EXTRA] <= 1.125 * budget
 
 
@@ -54,4 +59,29 @@ def test_tiny_bench_prints_a_row_per_configuration(capsys):
             "--tokens", "16", "--steps", "1", "--ranks", "2"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert all(f"| {name} |" in out for name in (PLAIN, EPLB_EXTRA, "R&Q, least-loaded routing", "R&Q, hash routing"))
+    assert all(f"| {name} |" in out for name in (PLAIN, EPLB_EXTRA, RNQ_LEAST_LOADED, RNQ_HASH, RNQ_INT4))
+
+
+def _write_loads(path, counts):
+    path.write_text(json.dumps({"counts": counts, "num_experts": 8, "top_k": 2, "layer_ids": [3, 9]}))
+
+
+def test_skewed_layers_rank_every_layer_by_plain_ep_max_over_mean(tmp_path):
+    _write_loads(tmp_path / "mixtral-8x7b_even.json", [[10] * 8, [10] * 8])
+    _write_loads(tmp_path / "mixtral-8x7b_skewed.json", [[10] * 8, [50, 30] + [10] * 6])
+    _write_loads(tmp_path / "unknown-model_x.json", [[100] + [1] * 7, [10] * 8])  # no config: skipped
+    layers = skewed_layers(4, folders=(tmp_path,))
+    assert len(layers) == 4
+    top = layers[0]
+    assert (top.path.name, top.position, top.layer_id, top.model) == ("mixtral-8x7b_skewed.json", 1, 9, "mixtral-8x7b")
+    assert top.plain_ep_balancedness == pytest.approx(80 / (140 / 4))
+
+
+def test_single_layer_keeps_one_row_and_its_decoder_layer_id():
+    one = single_layer(LOADS, 1)
+    assert one.counts == [LOADS.counts[1]] and one.layers == [LOADS.layers[1]]
+
+
+def test_most_skewed_refuses_an_explicit_load_file():
+    with pytest.raises(SystemExit, match="--most-skewed chooses the load file"):
+        main(["--most-skewed", "--loads", str(MIXTRAL_LOADS)])

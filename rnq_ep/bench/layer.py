@@ -10,6 +10,13 @@ it understates imbalance, because ranks that finish early hand their core to the
 `critical` sums over layers the largest per-rank CPU time in local experts (each rank's fastest
 timed step, as load from other processes only adds time): the expert compute of a step when
 every rank has a core (or GPU) of its own.
+
+No placement can make a step faster than plain EP's max/mean tokens per rank (the "ceiling"): a
+perfectly balanced layer. Averaged over a file's layers that is ~1.2x at 4 ranks, so `--most-skewed`
+runs the one layer where the gap is largest instead: over every real load file whose model has a
+config (configs/loads and ../shared/data/expert-loads), the (file, layer) with the largest plain-EP
+max/mean at --ranks ranks, by that rule alone. `--repeats` reruns the whole interleaved run and
+reports the median of each figure.
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 
-from rnq_ep.bench.planner import EPLB_EXTRA, PLAIN, SHIPPED_LOADS, BenchTable, publish, with_budget
+from rnq_ep.bench.planner import EPLB_EXTRA, PLAIN, SHARED_LOADS, SHIPPED_LOADS, BenchTable, publish, with_budget
+from rnq_ep.bench.skew import single_layer, skewed_layers
 from rnq_ep.layer import EPMoE
 from rnq_ep.memory import plain_ep_budget
 from rnq_ep.metrics import gpu_bytes, layer_tables
@@ -38,9 +46,12 @@ from rnq_ep.planner import plan_eplb, plan_plain_ep, plan_rnq
 from rnq_ep.runtime.worker import (
     StepStats, layer_counts, leave_group, make_batch, random_layer_weights, run_step,
 )
-from rnq_ep.specs import ModelSpec, Plan, PlanOptions, load_cluster, load_model, load_stats
+from rnq_ep.specs import LoadStats, ModelSpec, Plan, PlanOptions, load_cluster, load_model, load_stats
 
 DEFAULT_LOADS = SHIPPED_LOADS / "olmoe-1b-7b-0924_olmoe-repo_arxiv.json"  # the most skewed real file
+DEFAULT_MODEL = "olmoe-1b-7b"
+RNQ_LEAST_LOADED, RNQ_HASH = "R&Q, least-loaded routing", "R&Q, hash routing"
+RNQ_INT4 = "R&Q bf16+int8+int4, least-loaded routing"
 RANK_TIMEOUT_S = 1200.0
 
 
@@ -64,18 +75,18 @@ class Measured:
     mb_sent_no_dedupe: float
 
 
-def configs(model: ModelSpec, cluster_name: str, num_ranks: int, loads_path: Path) -> list[Config]:
-    """Plain EP, EPLB-equivalent with +12.5 % memory (even split over replicas), R&Q least-loaded and hash."""
+def configs(model: ModelSpec, cluster_name: str, num_ranks: int, loads: LoadStats) -> list[Config]:
+    """Plain EP, EPLB-equivalent with +12.5 % memory (even split over replicas), R&Q (bf16+int8) least-loaded and
+    hash, R&Q with int4 too (least-loaded): the planner's default options but for the formats."""
     cluster = msgspec.structs.replace(load_cluster(cluster_name), nodes=1, gpus_per_node=num_ranks)
-    loads = load_stats(loads_path)
-    options = PlanOptions()
-    cluster = with_budget(cluster, model, options)
-    rnq = plan_rnq(model, cluster, loads, options)
+    cluster = with_budget(cluster, model, PlanOptions())
+    rnq = plan_rnq(model, cluster, loads, PlanOptions())
     return [
         Config(PLAIN, plan_plain_ep(model, cluster, loads), "least-loaded"),
         Config(EPLB_EXTRA, plan_eplb(model, cluster, loads, extra_memory=0.125), "static"),
-        Config("R&Q, least-loaded routing", rnq, "least-loaded"),
-        Config("R&Q, hash routing", rnq, "hash"),
+        Config(RNQ_LEAST_LOADED, rnq, "least-loaded"),
+        Config(RNQ_HASH, rnq, "hash"),
+        Config(RNQ_INT4, plan_rnq(model, cluster, loads, PlanOptions(formats=("bf16", "int8", "int4"))), "least-loaded"),
     ]
 
 
@@ -164,27 +175,45 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def bench_table(rows: list[tuple[Config, Measured]], model: ModelSpec, num_ranks: int, args: argparse.Namespace) -> BenchTable:
-    """Markdown-ready table; speedups are plain EP's time over the row's."""
+def bench_table(rows: list[tuple[Config, list[Measured]]], model: ModelSpec, num_ranks: int, args: argparse.Namespace,
+                source: str) -> BenchTable:
+    """Markdown-ready table of median figures over repeats [config][repeat]; speedups are plain EP's time over the
+    row's, taken within each repeat."""
     base = rows[0][1]
     budget = plain_ep_budget(model, num_ranks)
     header = ("configuration", "memory / plain EP", "wall step (s)", "wall speedup", "critical step (s)",
-              "critical speedup", "max/mean tokens per rank", "MB sent (dedupe / none)")
+              "critical speedup", "max/mean tokens per rank", "ceiling (time ∝ max tokens)", "MB sent (dedupe / none)")
+
+    def median(values) -> float:
+        return float(np.median(list(values)))
+
+    def speedup(runs: list[Measured], key: str) -> str:
+        ratios = [getattr(b, key) / getattr(m, key) for b, m in zip(base, runs)]
+        spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
+        return f"{median(ratios):.2f}x{spread}"
+
+    plain_balancedness = median(m.balancedness for m in base)
     table_rows = []
-    for config, m in rows:
+    for config, runs in rows:
         memory = max(int(gpu_bytes(model, table).max()) for table in layer_tables(config.plan)) / budget
+        balancedness = median(m.balancedness for m in runs)
         table_rows.append((
-            config.name, f"{memory:.3f}", f"{m.wall_s:.3f}", f"{base.wall_s / m.wall_s:.2f}x",
-            f"{m.critical_s:.3f}", f"{base.critical_s / m.critical_s:.2f}x", f"{m.balancedness:.2f}",
-            f"{m.mb_sent:.1f} / {m.mb_sent_no_dedupe:.1f}",
+            config.name, f"{memory:.3f}", f"{median(m.wall_s for m in runs):.3f}", speedup(runs, "wall_s"),
+            f"{median(m.critical_s for m in runs):.3f}", speedup(runs, "critical_s"), f"{balancedness:.2f}",
+            f"{plain_balancedness / balancedness:.2f}x", f"{median(m.mb_sent for m in runs):.1f} / "
+            f"{median(m.mb_sent_no_dedupe for m in runs):.1f}",
         ))
     title = (f"EP layer, {num_ranks} CPU gloo ranks, {model.name} ({model.num_experts} experts, top-{model.top_k}, "
              f"H {model.hidden_size}, I {model.moe_intermediate_size}), {args.tokens} tokens per rank, "
-             f"{len(rows[0][0].plan.layers)} layers, routing drawn from {Path(args.loads).name}")
-    note = (f"wall: barrier to barrier, {num_ranks} ranks sharing {os.cpu_count()} cores (and the host's other "
-            "load), so it hides imbalance; critical: per layer the slowest rank's expert CPU time, summed, i.e. the "
-            "step with one core per rank. The best critical speedup any placement can reach is plain EP's max/mean "
-            f"tokens per rank ({base.balancedness:.2f}x here).")
+             f"{len(rows[0][0].plan.layers)} layers, routing drawn from {source}")
+    repeats = f"median of {args.repeats} runs (range in brackets), " if args.repeats > 1 else ""
+    note = (f"{repeats}configurations interleaved step by step in each run. wall: barrier to barrier, {num_ranks} "
+            f"ranks sharing {os.cpu_count()} cores (and the host's other load), so it hides imbalance; critical: per "
+            "layer the slowest rank's expert CPU time (its fastest step), summed, i.e. the step with one core per rank. "
+            "ceiling: the critical speedup if expert time were proportional to a rank's tokens, plain EP's max/mean "
+            f"over the row's; no placement can beat plain EP's max/mean ({plain_balancedness:.2f}x in this run). "
+            "Quantized copies compute from fp32 dequantised weights on CPU (docs/kernels.md, torch backend), so they "
+            "run as fast as bf16 ones and memory is the plan's bytes, as on a GPU at large batch.")
     return BenchTable(title, header, table_rows, note)
 
 
@@ -192,35 +221,63 @@ def build_parser() -> argparse.ArgumentParser:
     """Options of `rnq-ep bench layer`."""
     p = argparse.ArgumentParser(prog="rnq-ep bench layer", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--loads", type=Path, default=DEFAULT_LOADS, help="real load file (plans and routing)")
-    p.add_argument("--model", default="olmoe-1b-7b", help="model whose experts/top-k match the load file")
+    p.add_argument("--loads", type=Path, help=f"real load file (plans and routing) [{DEFAULT_LOADS.name}]")
+    p.add_argument("--model", help=f"model whose experts/top-k match the load file [{DEFAULT_MODEL}]")
+    p.add_argument("--most-skewed", action="store_true",
+                   help="run the one layer of all real load files with the largest plain-EP max/mean at --ranks "
+                        "(chooses --loads and --model)")
     p.add_argument("--hidden", type=int, default=512, help="expert hidden size (scaled down for CPU)")
     p.add_argument("--inter", type=int, default=1024, help="expert intermediate size (scaled down for CPU)")
     p.add_argument("--ranks", type=int, default=4, help="gloo worker processes")
     p.add_argument("--cluster", default="cpu4", help="cluster whose links the plans assume; resized to --ranks")
     p.add_argument("--tokens", type=int, default=256, help="tokens per rank per step")
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration (plus one warm-up)")
+    p.add_argument("--repeats", type=int, default=1, help="whole interleaved runs; the table shows medians")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--markdown", type=Path, help="also write the table as a markdown fragment")
     return p
 
 
+def workload(args: argparse.Namespace) -> tuple[str, LoadStats, str]:
+    """(model name, load stats, where the routing comes from) that the options ask for."""
+    if not args.most_skewed:
+        loads = args.loads or DEFAULT_LOADS
+        return args.model or DEFAULT_MODEL, load_stats(loads), loads.name
+    if args.loads or args.model:
+        raise SystemExit("rnq-ep bench layer: --most-skewed chooses the load file and model; drop --loads/--model")
+    candidates = skewed_layers(args.ranks)
+    if not candidates:
+        raise SystemExit(f"rnq-ep bench layer: no real load file in {SHIPPED_LOADS} or {SHARED_LOADS}")
+    top = candidates[0]
+    source = (f"{top.path.name}, decoder layer {top.layer_id}: the largest plain-EP max/mean at {args.ranks} ranks "
+              f"({top.plain_ep_balancedness:.2f} on the file's counts) of {len(candidates)} layers in "
+              f"{len({c.path.name for c in candidates})} real load files (rule: --most-skewed)")
+    return top.model, single_layer(load_stats(top.path), top.position), source
+
+
 def main(argv: list[str] | None = None) -> int:
     """Plan every configuration, run each on spawned gloo ranks, print a markdown table; 0 on success."""
     args = build_parser().parse_args(argv)
-    base = load_model(args.model)
+    if args.repeats < 1 or args.steps < 1:
+        raise SystemExit(f"rnq-ep bench layer: --repeats and --steps must be >= 1, got {args.repeats}, {args.steps}")
+    model_name, loads, source = workload(args)
+    base = load_model(model_name)
     model = msgspec.structs.replace(base, name=f"{base.name}@{args.hidden}x{args.inter}",
                                     hidden_size=args.hidden, moe_intermediate_size=args.inter)
     console = Console(highlight=False)
-    runs = configs(model, args.cluster, args.ranks, args.loads)
+    runs = configs(model, args.cluster, args.ranks, loads)
     kwargs = dict(plans=[c.plan for c in runs], policies=[c.policy for c in runs],
-                  counts=layer_counts(runs[0].plan, load_stats(args.loads)),
-                  tokens=args.tokens, steps=args.steps, seed=args.seed)
-    with console.status(f"running {len(runs)} configurations interleaved on {args.ranks} gloo ranks"):
-        per_rank = spawn_ranks(args.ranks, kwargs)  # [rank][config][step]
-    rows = [(config, summarise([rank[c] for rank in per_rank])) for c, config in enumerate(runs)]
+                  counts=layer_counts(runs[0].plan, loads), tokens=args.tokens, steps=args.steps, seed=args.seed)
+    measured: list[list[Measured]] = [[] for _ in runs]  # [config][repeat]
+    for repeat in range(args.repeats):
+        with console.status(f"run {repeat + 1}/{args.repeats}: {len(runs)} configurations interleaved on "
+                            f"{args.ranks} gloo ranks"):
+            per_rank = spawn_ranks(args.ranks, kwargs)  # [rank][config][step]
+        for c, out in enumerate(measured):
+            out.append(summarise([rank[c] for rank in per_rank]))
     command = "rnq-ep bench layer " + " ".join(argv if argv is not None else sys.argv[1:])
-    publish([bench_table(rows, model, args.ranks, args)], command, console, args.markdown)
+    table = bench_table(list(zip(runs, measured)), model, args.ranks, args, source)
+    publish([table], command, console, args.markdown)
     return 0
 
 
