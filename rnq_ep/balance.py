@@ -109,8 +109,8 @@ def water_fill(table: SlotTable, counts: np.ndarray) -> np.ndarray:
     GPUs up to a common water level, then re-poured given everyone else's load until a sweep changes
     nothing (at most MAX_REFINE_PASSES). At equal load bf16 copies win, then lower GPU index.
     Quotas of an expert sum to its count. Loads are exact Python ints and each pour touches a
-    handful of copies, where numpy's per-call overhead would dominate; an expert whose GPUs nobody
-    touched since its last pour is skipped (a re-pour would give the same split).
+    handful of copies, where numpy's per-call overhead would dominate; an expert whose GPUs no other
+    pour changed since its last pour is skipped (a re-pour would give the same split).
     """
     counts = _check_counts(table, counts)
     copy_count = table.copy_count()
@@ -123,29 +123,36 @@ def water_fill(table: SlotTable, counts: np.ndarray) -> np.ndarray:
     # each expert's slots in tie order (bf16 first, then GPU index), so a stable sort by level decides the rest
     by_tie = np.lexsort((np.arange(table.num_slots), table.gpu, table.fmt, table.expert))
     first = np.searchsorted(table.expert[by_tie], multi)
-    pours = [  # (amount, slots, gpus, part, sum of its GPUs' versions when poured)
-        [int(counts[e]), slots, table.gpu[slots].tolist(), [0] * len(slots), -1]
+    pours = [  # (amount, slots, gpus)
+        (int(counts[e]), slots, table.gpu[slots].tolist())
         for e, f in zip(multi.tolist(), first.tolist())
         for slots in [by_tie[f : f + int(copy_count[e])].tolist()]
     ]
-    version = [0] * table.num_gpus  # bumped whenever a pour changes a GPU's load
+    touching = [[] for _ in range(table.num_gpus)]  # pours with a copy on GPU g
+    for p, (_, _, gpus) in enumerate(pours):
+        for g in gpus:
+            touching[g].append(p)
+    dirty = [True] * len(pours)  # someone changed one of its GPUs since it was last poured
+    parts = [[0] * len(slots) for _, slots, _ in pours]
     for _ in range(MAX_REFINE_PASSES + 1):
         changed = False
-        for pour in pours:
-            amount, _, gpus, old, seen = pour
-            if sum([version[g] for g in gpus]) == seen:
+        for p, (amount, _, gpus) in enumerate(pours):
+            if not dirty[p]:
                 continue
+            old = parts[p]
             level = [load[g] - q for g, q in zip(gpus, old)]
             part = _pour(amount, level)
             for g, lv, q, q_old in zip(gpus, level, part, old):
                 load[g] = lv + q
                 if q != q_old:
-                    version[g] += 1
+                    for other in touching[g]:
+                        dirty[other] = True
                     changed = True
-            pour[3], pour[4] = part, sum([version[g] for g in gpus])
+            dirty[p] = False
+            parts[p] = part
         if not changed:
             break
-    for _, slots, _, part, _ in pours:
+    for (_, slots, _), part in zip(pours, parts):
         quotas[slots] = part
     return quotas
 
