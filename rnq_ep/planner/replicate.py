@@ -164,22 +164,22 @@ def _pour_to_existing(
 
 def _sink_order(
     state: LayerCopies, limits: Limits, open_gpus: np.ndarray, source: int, target: float, want: float
-) -> np.ndarray:
-    """The first TRIED_SINKS candidate GPUs, least loaded first; with prefer_node, same-node GPUs that can
-    take `want` lead. Only GPUs that can be among the first are sorted."""
-    load = state.load[open_gpus]
-    same_node = open_gpus // limits.gpus_per_node == source // limits.gpus_per_node
+) -> list[int]:
+    """The first TRIED_SINKS candidate GPUs, least loaded first (ties: lower GPU); with prefer_node,
+    same-node GPUs that can take `want` lead. Only GPUs that can be among the first are sorted."""
+    node = source // limits.gpus_per_node
     if open_gpus.size > TRIED_SINKS:
+        load = state.load[open_gpus]
         keep = load <= np.partition(load, TRIED_SINKS - 1)[TRIED_SINKS - 1]
         if limits.prefer_node:
-            keep |= same_node
-        open_gpus, load, same_node = open_gpus[keep], load[keep], same_node[keep]
-    order = np.argsort(load, kind="stable")
-    open_gpus, load, same_node = open_gpus[order], load[order], same_node[order]
+            keep |= open_gpus // limits.gpus_per_node == node
+        open_gpus = open_gpus[keep]
+    load = state.load
+    order = sorted(open_gpus.tolist(), key=load.__getitem__)
     if limits.prefer_node:
-        lead = same_node & (target - load >= want)
-        open_gpus = np.concatenate([open_gpus[lead], open_gpus[~lead]])
-    return open_gpus[:TRIED_SINKS]
+        lead = [g for g in order if g // limits.gpus_per_node == node and target - load[g] >= want]
+        order = lead + [g for g in order if g not in lead]
+    return order[:TRIED_SINKS]
 
 
 def _room_plans(state: LayerCopies, limits: Limits, sink: int) -> list:
