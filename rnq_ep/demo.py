@@ -2,16 +2,17 @@
 
 No GPU, no download. The `demo-olmoe` model has OLMoE-1B-7B's routing shape with small experts
 (configs/models/demo-olmoe.toml). Both plans are made for the `cpu4` cluster at plain-EP memory
-from the shipped arXiv load file; both runs draw their routing from the GitHub load file (another
-text domain, so the plans are tested on loads they were not made from) with the same seed, hence
-the same batches. Outputs are checked against the unsharded model computed on the driver.
+from the shipped arXiv load file and run in one Ray job, interleaved step by step in the same
+workers: the driver feeds each step one batch, routed from the GitHub load file (another text
+domain, so the plans are tested on loads they were not made from), and both plans run it, taking
+turns at going first. Outputs are checked against the unsharded model computed on the driver.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,15 +25,14 @@ from rnq_ep.planner import plan_plain_ep, plan_rnq
 from rnq_ep.report import console
 from rnq_ep.runtime.ray_cli import run_live
 from rnq_ep.runtime.ray_cluster import ClusterError, connect
-from rnq_ep.runtime.ray_driver import JobResult, WorkerFailed, make_job
-from rnq_ep.runtime.worker import derive_seed, draw_routing, layer_counts, random_layer_weights
+from rnq_ep.runtime.ray_driver import WorkerFailed, make_job
+from rnq_ep.runtime.worker import StepStats, derive_seed, draw_routing, layer_counts, random_layer_weights
 from rnq_ep.specs import CONFIG_DIR, LoadStats, ModelSpec, Plan, PlanOptions, encode_json, load_cluster, load_model, load_stats, write_atomic
 
 MODEL = "demo-olmoe"
 CLUSTER = "cpu4"
 PLAN_LOADS = CONFIG_DIR / "loads" / "olmoe-1b-7b-0924_olmoe-repo_arxiv.json"
 RUN_LOADS = CONFIG_DIR / "loads" / "olmoe-1b-7b-0924_olmoe-repo_github.json"
-RUN_ORDER = ("plain EP", "R&Q", "R&Q", "plain EP")
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("rnq-ep-demo"), metavar="DIR",
                         help="folder for the plans and the PNG (created)")
     parser.add_argument("--tokens", type=int, default=512, metavar="N", help="tokens per worker per step")
-    parser.add_argument("--steps", type=int, default=4, metavar="S", help="steps per policy")
+    parser.add_argument("--steps", type=int, default=8, metavar="S", help="steps, each run by both plans")
     parser.add_argument("--seed", type=int, default=0, metavar="K", help="seed of weights and batches")
     parser.add_argument("--num-cpus", type=int, metavar="N", help="CPUs of the local Ray cluster (default: all)")
     parser.add_argument("--timeout", type=float, default=300.0, metavar="S", help="bound on each phase of a run")
@@ -75,21 +75,21 @@ def demo_main(args: argparse.Namespace) -> int:
         paths[name] = args.out / f"plan_{'rnq' if name == 'R&Q' else 'plain_ep'}.json"
         write_atomic(paths[name], encode_json(plan))
     out.print(f"[bold]2/4 starting[/] a local Ray cluster; routing drawn from {RUN_LOADS.name}")
-    results = {name: [] for name in plans}
     try:
         connect(None, args.num_cpus)
-        for name in RUN_ORDER:  # A B B A cancels a drift between jobs (the second of two jobs ran slower here)
-            job = make_job(str(paths[name]), str(RUN_LOADS), tokens=args.tokens, steps=args.steps, seed=args.seed,
-                           backend="torch", keep_outputs=True, timeout_s=args.timeout)
-            out.print(f"[bold]3/4 running[/] {name} (run {len(results[name]) + 1} of 2): {args.steps} steps of "
-                      f"{args.tokens} tokens per worker")
-            results[name].append(run_live(job, 0, None, out, label=name))
+        # one job, both plans in the same workers step by step: separate jobs ran at different speeds whatever the plan
+        job = make_job(str(paths["plain EP"]), str(RUN_LOADS), interleave=[str(paths["R&Q"])], tokens=args.tokens,
+                       steps=args.steps, seed=args.seed, backend="torch", keep_outputs=True, timeout_s=args.timeout)
+        out.print(f"[bold]3/4 running[/] plain EP and R&Q in the same workers: {args.steps} steps of {args.tokens} "
+                  "tokens per worker, each step's batch through both plans")
+        result = run_live(job, 0, None, out, label="plain EP + R&Q")
     except (ClusterError, WorkerFailed) as err:
         sys.stderr.write(f"rnq-ep demo: error: {err}\n")
         return 1
     out.print("[bold]4/4 checking[/] outputs against the unsharded model on the driver")
     reference = unsharded_outputs(plans["plain EP"], model, run_loads, cluster.num_gpus, args.tokens, args.steps, args.seed)
-    runs = [_mean_times([summarize(name, plans[name], result, reference) for result in results[name]]) for name in plans]
+    runs = [summarize(name, plans[name], [[s for s in rank_stats if s.plan == index] for rank_stats in result.stats], reference)
+            for index, name in enumerate(plans)]
     out.print(comparison_table(runs))
     png = args.out / "tokens_per_worker.png"
     plot_tokens(runs, png)
@@ -134,21 +134,21 @@ def dense_moe(x: torch.Tensor, ids: torch.Tensor, gate: torch.Tensor, w_gate_up:
     return out
 
 
-def summarize(name: str, plan: Plan, result: JobResult, reference: list[list[torch.Tensor]]) -> PolicyRun:
-    """PolicyRun of a finished job: rank 0's global counters, every rank's outputs and expert CPU time."""
+def summarize(name: str, plan: Plan, stats: list[list[StepStats]], reference: list[list[torch.Tensor]]) -> PolicyRun:
+    """PolicyRun of one plan's stats [rank][step]: rank 0's global counters, every rank's outputs and expert CPU time."""
     tables = [SlotTable.from_layer(layer, plan.cluster.num_gpus, plan.model.num_experts) for layer in plan.layers]
-    steps = result.stats[0]
+    steps = stats[0]
     per_copy = [  # (table, rows per copy [S]) of every step and layer, from every rank's local copies
-        (table, _global_copy_rows(table, [rank_stats[i].layers[j] for rank_stats in result.stats]))
+        (table, _global_copy_rows(table, [rank_stats[i].layers[j] for rank_stats in stats]))
         for i in range(len(steps)) for j, table in enumerate(tables)
     ]
     rows = sum(float(copy_rows.sum()) for _, copy_rows in per_copy)
     quantized = sum(float(copy_rows[table.fmt != 0].sum()) for table, copy_rows in per_copy)
     diffs = [(s.output - ref).abs().max().item() for rank, ref_steps in enumerate(reference)
-             for s, ref in zip(result.stats[rank], ref_steps)]
+             for s, ref in zip(stats[rank], ref_steps)]
     timed = range(1 if len(steps) > 1 else 0, len(steps))  # step 0 warms up allocators and caches
     # every layer waits for its busiest worker (one all-to-all each way), so the critical path sums per-layer maxima
-    critical = [sum(max(rank_stats[i].layers[j].expert_cpu_seconds for rank_stats in result.stats) for j in range(len(tables)))
+    critical = [sum(max(rank_stats[i].layers[j].expert_cpu_seconds for rank_stats in stats) for j in range(len(tables)))
                 for i in timed]
     return PolicyRun(
         name=name,
@@ -161,13 +161,6 @@ def summarize(name: str, plan: Plan, result: JobResult, reference: list[list[tor
         critical_cpu_seconds=float(np.median(critical)),
         max_output_diff=max(diffs),
     )
-
-
-def _mean_times(runs: list[PolicyRun]) -> PolicyRun:
-    """One PolicyRun of repeated runs of a plan: times averaged, everything else (deterministic) from the first."""
-    return replace(runs[0], step_seconds=float(np.mean([r.step_seconds for r in runs])),
-                   critical_cpu_seconds=float(np.mean([r.critical_cpu_seconds for r in runs])),
-                   max_output_diff=max(r.max_output_diff for r in runs))
 
 
 def _global_copy_rows(table: SlotTable, rank_layers: list) -> np.ndarray:
@@ -183,7 +176,7 @@ def comparison_table(runs: list[PolicyRun]) -> Table:
     base = runs[0]
     table = Table(title="plain EP vs R&Q on 4 CPU workers (same batches, same memory)", title_justify="left",
                   caption="ratios are baseline / R&Q (> 1: R&Q faster); times are medians over steps 1.. (step 0 warms up), "
-                  "averaged over two runs per policy in A-B-B-A order; "
+                  "both plans run every step in the same workers, taking turns at going first; "
                   "critical path = sum over layers of the busiest worker's expert CPU time, what one worker per core "
                   "would wait for; steadier than wall time on a shared or oversubscribed CPU",
                   caption_justify="left")

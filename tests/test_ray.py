@@ -77,7 +77,7 @@ def job_of(tmp_path: Path, num_gpus: int):
 def kill_rank_once(rank: int, when: str = "running"):
     """An event sink that kills `rank`'s actor once, in the first attempt: when it runs, or when step 0 is done ("step")."""
     def on_event(event):
-        if event.kind == when and event.attempt == 0 and (when != "step" or event.step_stats[0].step == 0):
+        if event.kind == when and event.attempt == 0 and (when != "step" or event.step_stats[0][0].step == 0):
             ray.kill(event.actors[rank])
     return on_event
 
@@ -91,7 +91,7 @@ def test_workers_produce_the_unsharded_outputs_and_report_each_step_live(local_r
     assert result.restarts == 0 and [w.rank for w in result.workers] == list(range(workers))
     assert_matches_unsharded(result.stats, plan, loads)
     live = [event for event in events if event.kind == "step"]
-    assert [[s.step for s in event.step_stats] for event in live] == [[step] * workers for step in range(STEPS)]
+    assert [[s.step for s in event.step_stats[0]] for event in live] == [[step] * workers for step in range(STEPS)]
     assert events[-1].kind == "done"
 
 

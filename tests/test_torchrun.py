@@ -148,6 +148,15 @@ def test_given_batches_replace_the_drawn_ones_and_each_step_is_reported(tmp_path
     assert torch.equal(fed[0].output, drawn[1].output) and torch.equal(fed[1].output, drawn[1].output)
 
 
+def test_interleaved_plans_run_every_step_on_the_same_batch_taking_turns(tmp_path):
+    plan, loads = write_plan(tmp_path / "plan.json", 1), skewed_loads(tmp_path / "loads.json")
+    alone = run_worker(0, 1, plan, tokens=8, steps=2, loads=loads, backend="torch", keep_outputs=True)
+    both = run_worker(0, 1, plan, tokens=8, steps=2, loads=loads, backend="torch", keep_outputs=True, interleave=[plan])
+    assert [(s.step, s.plan) for s in both] == [(0, 0), (0, 1), (1, 1), (1, 0)]
+    for s in both:
+        assert torch.equal(s.output, alone[s.step].output)
+
+
 def _runs_by_policy(rank: int, world: int, plan: str, loads: str) -> dict[str, list]:
     """This rank's per-step stats (outputs kept) under least-loaded and hash routing, one process group."""
     return {

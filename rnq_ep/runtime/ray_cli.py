@@ -86,7 +86,7 @@ def run_live(job: RayJob, max_restarts: int, cpus_per_worker: float | None, out:
 
         def show(event: Event) -> None:
             if event.kind == "step":
-                finished.append(event.step_stats)
+                finished.extend(event.step_stats)
             else:
                 style = {"failed": "red", "restarting": "yellow", "done": "green"}.get(event.kind)
                 live.console.print(f"{label} attempt {event.attempt}: {event.message}", style=style, markup=False)
@@ -97,16 +97,18 @@ def run_live(job: RayJob, max_restarts: int, cpus_per_worker: float | None, out:
 
 
 def steps_table(steps: list[list[StepStats]], title: str) -> Table:
-    """Per step ([step][rank] stats): time (rank 0, barrier to barrier), balancedness, tokens per worker, bytes sent by all ranks."""
+    """A row per step (and plan, if several) of [row][rank] stats: rank 0's time, balancedness, tokens per worker; all ranks' bytes."""
     rebalancing = any(s[0].rebalance is not None for s in steps)
+    plans = any(s[0].plan for s in steps)
     table = Table(title=title, title_justify="left")
-    columns = ["step", "seconds", "balancedness", "tokens per worker", "bytes sent (all ranks)"]
+    columns = ["step"] + (["plan"] if plans else []) + ["seconds", "balancedness", "tokens per worker", "bytes sent (all ranks)"]
     for column in columns + (REBALANCE_COLUMNS if rebalancing else []):
         table.add_column(column, justify="right")
     for by_rank in steps:
         first = by_rank[0]
-        row = [str(first.step), f"{first.seconds:.4f}", f"{first.balancedness:.3f}",
-               " ".join(map(str, first.tokens_per_gpu.tolist())), f"{sum(s.bytes_sent for s in by_rank):,}"]
+        row = [str(first.step)] + ([str(first.plan)] if plans else []) + [
+            f"{first.seconds:.4f}", f"{first.balancedness:.3f}", " ".join(map(str, first.tokens_per_gpu.tolist())),
+            f"{sum(s.bytes_sent for s in by_rank):,}"]
         table.add_row(*row, *(rebalance_cells(first) if rebalancing else []))
     return table
 

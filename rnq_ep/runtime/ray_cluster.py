@@ -60,6 +60,7 @@ class RayJob:
     loads_after: LoadStats | None = None  # routing counts from step drift_step on (a drift scenario)
     drift_step: int = 0
     rebalance: dict[str, float] = field(default_factory=dict)  # run_worker's rebalance_* / replan_timeout_s keywords
+    interleave: tuple[bytes, ...] = ()  # more plan JSONs of the same layers, run on the same batches at every step
 
     @property
     def plan_spec(self) -> Plan:
@@ -126,10 +127,11 @@ class EPWorker:
         """Set the torchrun env and run steps first_step.. on the batches fed through `channel`, reporting each step there."""
         os.environ.update(env)
         with tempfile.TemporaryDirectory(prefix="rnq-ep-") as folder:
-            plan_path = Path(folder, "plan.json")
-            plan_path.write_bytes(job.plan)
+            paths = [Path(folder, f"plan{index}.json") for index in range(1 + len(job.interleave))]
+            for path, plan in zip(paths, (job.plan, *job.interleave)):
+                path.write_bytes(plan)
             run_worker(
-                self.rank, int(env["WORLD_SIZE"]), str(plan_path), model=job.model, tokens=job.tokens, steps=job.steps,
+                self.rank, int(env["WORLD_SIZE"]), str(paths[0]), interleave=[str(path) for path in paths[1:]], model=job.model, tokens=job.tokens, steps=job.steps,
                 seed=job.seed, policy=job.policy, backend=job.backend, keep_outputs=job.keep_outputs,
                 timeout_s=job.timeout_s, batches=rank_batches(channel, self.rank, job.tokens, job.timeout_s),
                 first_step=first_step, on_step=reporter(channel, self.rank), **job.rebalance,

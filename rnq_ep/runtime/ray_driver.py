@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import ray
@@ -59,7 +59,7 @@ class Event:
     attempt: int
     message: str
     actors: list = field(default_factory=list)
-    step_stats: list = field(default_factory=list)  # kind "step": every rank's StepStats of the step all ranks finished
+    step_stats: list = field(default_factory=list)  # kind "step": [plan][rank] StepStats of the step every rank finished
 
 
 EventSink = Callable[[Event], None]
@@ -67,16 +67,21 @@ EventSink = Callable[[Event], None]
 
 def make_job(
     plan_path: str, loads_path: str | None = None, model: str | None = None, hf: str | None = None,
-    loads_after: str | None = None, **options,
+    loads_after: str | None = None, interleave: Sequence[str] = (), **options,
 ) -> RayJob:
-    """RayJob from files on the driver, checked here so a bad plan or load file fails before any actor starts."""
+    """RayJob from files on the driver, checked here so a bad plan or load file fails before any actor starts.
+
+    `interleave`: more plans of the same layers that every step also runs, on the same batch (stats tagged `plan`).
+    """
     if model and hf:
         raise SpecError(f"--model {model} and --hf {hf}: give one (--hf runs a transformers model, --model the bare layers)")
-    load_plan(plan_path)
-    with open(plan_path, "rb") as f:
-        plan = f.read()
+    plans = []
+    for path in (plan_path, *interleave):
+        load_plan(path)
+        with open(path, "rb") as f:
+            plans.append(f.read())
     loads = {flag: _read_loads(flag, path) for flag, path in (("--loads", loads_path), ("--loads-after", loads_after))}
-    return RayJob(plan=plan, loads=loads["--loads"], loads_after=loads["--loads-after"],
+    return RayJob(plan=plans[0], interleave=tuple(plans[1:]), loads=loads["--loads"], loads_after=loads["--loads-after"],
                   model=load_model(model) if model else None, hf=hf, **options)
 
 
@@ -100,7 +105,7 @@ def run_job(
     if max_restarts < 0:
         raise SpecError(f"--max-restarts must be >= 0, got {max_restarts}")
     emit = on_event or (lambda event: None)
-    log = StepLog(job.plan_spec.cluster.num_gpus, job.steps)
+    log = StepLog(job.plan_spec.cluster.num_gpus, 1 + len(job.interleave))
     first_steps = []
     attempt = 0
     while True:
@@ -140,7 +145,7 @@ def _attempt(job: RayJob, attempt: int, log: StepLog, cpus_per_worker: float | N
             stats = _gather(refs, job.timeout_s, workers, "running")
         else:
             channel = StepChannel.remote()
-            feeder = _Feeder(job, channel, log, lambda done: emit(Event("step", attempt, f"step {done[0].step} done", actors, done)))
+            feeder = _Feeder(job, channel, log, lambda done: emit(Event("step", attempt, f"step {done[0][0].step} done", actors, done)))
             refs = [actor.run.remote(job, env, channel, feeder.first_step) for actor, env in zip(actors, envs)]
             emit(Event("running", attempt, f"{world} workers running steps {feeder.first_step}..{job.steps - 1} of "
                        f"{job.tokens} tokens per worker, batches fed by the driver", actors))

@@ -103,21 +103,21 @@ def reporter(channel, rank: int) -> Callable[[StepStats], None]:
 
 
 class StepLog:
-    """Every rank's finished steps across attempts; a step counts once all ranks finished it in one attempt."""
+    """Every rank's finished steps across attempts; a step counts once all ranks finished it, every plan, in one attempt."""
 
-    def __init__(self, world: int, steps: int) -> None:
-        self.world, self.steps = world, steps
-        self.done: list[list[StepStats]] = []  # [step][rank], the steps 0..len-1 every rank finished
-        self._partial: dict[int, dict[int, StepStats]] = {}  # step -> rank -> stats, this attempt
+    def __init__(self, world: int, plans: int = 1) -> None:
+        self.world, self.plans = world, plans
+        self.done: list[list[list[StepStats]]] = []  # [step][plan][rank], the steps 0..len-1 every rank finished
+        self._partial: dict[int, dict[tuple[int, int], StepStats]] = {}  # step -> (plan, rank) -> stats, this attempt
 
-    def add(self, reports: list[tuple[int, StepStats]]) -> list[list[StepStats]]:
-        """Take (rank, stats) reports; the steps they complete, [step][rank] in step order."""
+    def add(self, reports: list[tuple[int, StepStats]]) -> list[list[list[StepStats]]]:
+        """Take (rank, stats) reports; the steps they complete, [step][plan][rank] in step order."""
         for rank, stats in reports:
-            self._partial.setdefault(stats.step, {})[rank] = stats
+            self._partial.setdefault(stats.step, {})[stats.plan, rank] = stats
         finished = []
-        while len(self._partial.get(len(self.done), {})) == self.world:
-            by_rank = self._partial.pop(len(self.done))
-            self.done.append([by_rank[rank] for rank in range(self.world)])
+        while len(self._partial.get(len(self.done), {})) == self.world * self.plans:
+            by_key = self._partial.pop(len(self.done))
+            self.done.append([[by_key[plan, rank] for rank in range(self.world)] for plan in range(self.plans)])
             finished.append(self.done[-1])
         return finished
 
@@ -127,5 +127,5 @@ class StepLog:
         return len(self.done)
 
     def by_rank(self) -> list[list[StepStats]]:
-        """[rank][step] stats of every finished step."""
-        return [[by_rank[rank] for by_rank in self.done] for rank in range(self.world)]
+        """[rank][run] stats of every finished step, step by step, plan by plan within a step."""
+        return [[by_plan[rank] for step in self.done for by_plan in step] for rank in range(self.world)]

@@ -13,7 +13,7 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 
@@ -43,6 +43,7 @@ class StepStats:
     output: torch.Tensor | None = None  # this rank's last hidden states [T, H] (keep_outputs=True)
     rebalance_seconds: float = 0.0  # spent after the step on recording, re-plan polling or migrating one layer
     rebalance: RebalanceHealth | None = None  # counters after the step (rebalance_interval > 0)
+    plan: int = 0  # which plan ran the step: 0 run_worker's plan_path, i its interleave[i - 1]
 
     @property
     def balancedness(self) -> float:
@@ -242,6 +243,7 @@ def run_worker(
     batches: BatchSource | None = None,
     first_step: int = 0,
     on_step: Callable[[StepStats], None] | None = None,
+    interleave: Sequence[str] = (),
 ) -> list[StepStats]:
     """Run steps first_step..steps-1 of `tokens` tokens per rank through every plan layer; this rank's per-step stats.
 
@@ -252,13 +254,21 @@ def run_worker(
     the routing distribution to another load file from step drift_step on (a drift scenario).
     batches(step) gives this rank's batch (a Ray driver feeds them; default make_batch from the
     load files and seed), and on_step gets each step's stats as soon as the step is done.
+    interleave: more plans of the same layers run on the same batches, every step through each plan
+    (order rotating by step, so none always runs first); stats in run order, tagged with `plan`.
     """
-    plan = load_plan(plan_path)
-    if plan.cluster.num_gpus != world_size:
-        raise SpecError(
-            f"{plan_path}: the plan has {plan.cluster.num_gpus} GPUs but the world size is {world_size}; "
-            f"launch with --nproc-per-node={plan.cluster.num_gpus} or plan for {world_size} GPUs"
-        )
+    plans = [load_plan(path) for path in (plan_path, *interleave)]
+    plan = plans[0]
+    for path, other in zip((plan_path, *interleave), plans):
+        if other.cluster.num_gpus != world_size:
+            raise SpecError(
+                f"{path}: the plan has {other.cluster.num_gpus} GPUs but the world size is {world_size}; "
+                f"launch with --nproc-per-node={other.cluster.num_gpus} or plan for {world_size} GPUs"
+            )
+        if [layer.layer for layer in other.layers] != [layer.layer for layer in plan.layers]:
+            raise SpecError(f"{path}: interleaved plans must have the layers of {plan_path}")
+    if interleave and rebalance_interval:
+        raise SpecError("online rebalancing runs one plan; got interleaved plans too")
     if tokens < 1 or steps < 1:
         raise SpecError(f"tokens and steps must be >= 1, got tokens={tokens}, steps={steps}")
     if not 0 <= first_step < steps:
@@ -266,6 +276,8 @@ def run_worker(
     if policy not in POLICIES:
         raise SpecError(f"unknown routing policy {policy!r}, expected one of {POLICIES}")
     spec = _resolve_model(plan, model)
+    for other in plans[1:]:
+        _resolve_model(other, spec)
     if min(rebalance_interval, rebalance_window, rebalance_horizon) < 0:
         raise SpecError(
             "rebalance_interval, rebalance_window and rebalance_horizon must be >= 0, got "
@@ -276,14 +288,13 @@ def run_worker(
     device = _device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     group, created = join_group(rank, world_size, device, timeout_s)
-    layers, rebalancer = [], None
+    layer_sets, rebalancer = [], None
     try:
-        layers = build_layers(plan, spec, rank, group, seed, policy, backend, device)
-        rebalancer = None
+        layer_sets = [build_layers(p, spec, rank, group, seed, policy, backend, device) for p in plans]
         if rebalance_interval:
-            loaders = [checkpoint_loader(spec, index, seed, device) for index in range(len(layers))]
+            loaders = [checkpoint_loader(spec, index, seed, device) for index in range(len(plan.layers))]
             rebalancer = Rebalancer(
-                layers, plan, rebalance_interval, rebalance_window or rebalance_interval, tokens, replan_timeout_s,
+                layer_sets[0], plan, rebalance_interval, rebalance_window or rebalance_interval, tokens, replan_timeout_s,
                 rebalance_horizon or None, load_expert=loaders, copies_per_step=rebalance_copies_per_step,
             )
         batch_of = batches or (
@@ -292,22 +303,24 @@ def run_worker(
         stats = []
         for step in range(first_step, steps):
             hidden, routing = batch_of(step)
-            stats.append(run_step(step, layers, hidden.to(device, dtype), routing, group, keep_outputs))
-            if rebalancer is not None:
-                seconds = rebalancer.after_step(step)
-                stats[-1] = replace(stats[-1], rebalance_seconds=seconds, rebalance=copy.deepcopy(rebalancer.health))
+            for index in [(step + i) % len(plans) for i in range(len(plans))]:
+                stats.append(replace(run_step(step, layer_sets[index], hidden.to(device, dtype), routing, group, keep_outputs),
+                                     plan=index))
+                if rebalancer is not None:
+                    seconds = rebalancer.after_step(step)
+                    stats[-1] = replace(stats[-1], rebalance_seconds=seconds, rebalance=copy.deepcopy(rebalancer.health))
+                    if rank == 0:
+                        log.info("step %d rebalance: %.4f s after the step; %s", step, seconds, rebalancer.health.summary())
                 if rank == 0:
-                    log.info("step %d rebalance: %.4f s after the step; %s", step, seconds, rebalancer.health.summary())
-            if rank == 0:
-                log.info(
-                    "step %d: %.4f s, balancedness %.3f, tokens per GPU %s",
-                    step, stats[-1].seconds, stats[-1].balancedness, stats[-1].tokens_per_gpu.tolist(),
-                )
-            if on_step is not None:
-                on_step(stats[-1])
+                    log.info(
+                        "step %d, plan %d: %.4f s, balancedness %.3f, tokens per GPU %s",
+                        step, index, stats[-1].seconds, stats[-1].balancedness, stats[-1].tokens_per_gpu.tolist(),
+                    )
+                if on_step is not None:
+                    on_step(stats[-1])
         return stats
     finally:
-        layers = rebalancer = None  # noqa: F841  (drop the group's users before leaving it)
+        layer_sets = rebalancer = None  # noqa: F841  (drop the group's users before leaving it)
         leave_group(created)
 
 
