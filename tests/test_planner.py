@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rnq_ep.balance import SlotTable, water_fill
 from rnq_ep.memory import expert_bytes, plain_ep_budget
@@ -15,6 +18,7 @@ from rnq_ep.planner.eplb import replicate_experts
 from rnq_ep.planner.place import copy_counts
 from rnq_ep.planner.routed import drop_until_within, routed_quantized, table_of
 from rnq_ep.planner.quantize import cheapest_conversions, cheapest_conversions_by_gpu
+from rnq_ep.planner.replicate import TRIED_SINKS, _sink_order
 from rnq_ep.specs import ClusterSpec, LoadStats, ModelSpec, PlanOptions, SpecError, load_cluster, load_model, load_stats
 
 SHIPPED = Path(__file__).resolve().parent.parent / "configs" / "loads"
@@ -189,3 +193,18 @@ def test_dropping_quantized_copies_brings_routing_within_budget():
     assert routed_quantized(table_of(copies, 2, 2), counts, 10.0)[0] == 50
     gpu, expert, fmt, tokens = drop_until_within(copies, counts, 10.0, 2)
     assert (fmt == 0).all() and tokens.tolist() == [100.0, 0.0]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 2**31), st.integers(2, 40), st.integers(1, 8), st.booleans())
+def test_sink_order_is_the_head_of_a_full_stable_sort(seed, num_gpus, gpus_per_node, prefer_node):
+    rng = np.random.default_rng(seed)
+    state = SimpleNamespace(load=rng.integers(0, 6, num_gpus).astype(np.float64))  # small ints: many ties
+    limits = SimpleNamespace(gpus_per_node=gpus_per_node, prefer_node=prefer_node)
+    open_gpus = np.flatnonzero(rng.random(num_gpus) < 0.7)
+    source, target, want = int(rng.integers(num_gpus)), 4.0, float(rng.integers(0, 4))
+    order = open_gpus[np.argsort(state.load[open_gpus], kind="stable")].tolist()
+    if prefer_node:
+        lead = [g for g in order if g // gpus_per_node == source // gpus_per_node and target - state.load[g] >= want]
+        order = lead + [g for g in order if g not in lead]
+    assert _sink_order(state, limits, open_gpus, source, target, want) == order[:TRIED_SINKS]

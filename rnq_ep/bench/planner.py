@@ -46,6 +46,7 @@ EPLB_SAME = "EPLB-equivalent, same memory"
 EPLB_EXTRA = "EPLB-equivalent, +12.5 % memory"
 PLAIN = "plain EP"
 SUMMARY_KEYS = {PLAIN: "plain_ep", EPLB_SAME: "eplb_same_memory", EPLB_EXTRA: "eplb_extra_12_5pct", RNQ: "rnq"}
+WITH_INT4 = ("bf16", "int8", "int4")  # the balance table's second R&Q column
 SHIPPED_LOADS = CONFIG_DIR / "loads"
 SHARED_LOADS = CONFIG_DIR.parent.parent / "shared" / "data" / "expert-loads"
 # (model, plan-on file, score-on file); the same file twice means scored in sample
@@ -233,22 +234,28 @@ def scaled_cluster(base: ClusterSpec, num_gpus: int) -> ClusterSpec:
 
 
 def balance_table(cluster: ClusterSpec, options: PlanOptions, pairs: list[tuple[str, Path, Path]]) -> BenchTable:
-    """Best-split balancedness (median over layers) and predicted speedup on real load files."""
-    header = ("model", "planned on -> scored on", PLAIN, EPLB_SAME, EPLB_EXTRA, RNQ, "R&Q vs its LP bound",
-              "R&Q / EPLB +12.5 %", "R&Q speedup vs plain EP")
+    """Best-split balancedness (median over layers) and predicted speedup on real load files; R&Q also
+    with int4 allowed (`WITH_INT4`), the EPLB-equivalent +12.5 % of the same run as the baseline."""
+    header = ("model", "planned on -> scored on", "layers", PLAIN, EPLB_SAME, EPLB_EXTRA, RNQ, "R&Q vs its LP bound",
+              "R&Q / EPLB +12.5 %", "same, mean over layers", f"R&Q {'+'.join(WITH_INT4)}",
+              "R&Q +int4 / EPLB +12.5 %", "R&Q speedup vs plain EP")
+    with_int4 = msgspec.structs.replace(options, formats=WITH_INT4)
     rows = []
     for model_name, plan_file, eval_file in pairs:
         model = load_model(model_name)
         loads, target = load_stats(plan_file, model), load_stats(eval_file, model)
         results = {r.name: r for r in compare_policies(model, cluster, loads, options, eval_loads=target)}
         best = {n: float(np.median(r.score.balancedness_best)) if r.score else math.nan for n, r in results.items()}
-        rnq = results[RNQ].score
+        rnq, eplb = results[RNQ].score, results[EPLB_EXTRA].score
         gap = float(np.max(rnq.best_loads.max(axis=1) / rnq.lp_max_load - 1.0))
         speedup = float(results[PLAIN].layer_s.sum() / results[RNQ].layer_s.sum()) if results[PLAIN].score else math.nan
+        int4 = float(np.median(score_plan(plan_rnq(model, cluster, loads, with_int4), target).balancedness_best))
         rows.append((
-            model_name, f"{short(plan_file.name)} -> {short(eval_file.name)}",
+            model_name, f"{short(plan_file.name)} -> {short(eval_file.name)}", str(len(loads.counts)),
             *(f"{best[n]:.3f}" for n in (PLAIN, EPLB_SAME, EPLB_EXTRA, RNQ)),
-            f"+{100 * gap:.2f} %", f"{best[RNQ] / best[EPLB_EXTRA]:.3f}", f"{speedup:.2f}x",
+            f"+{100 * gap:.2f} %", f"{best[RNQ] / best[EPLB_EXTRA]:.3f}",
+            f"{rnq.balancedness_best.mean() / eplb.balancedness_best.mean():.3f}",
+            f"{int4:.3f}", f"{int4 / best[EPLB_EXTRA]:.3f}", f"{speedup:.2f}x",
         ))
     title = f"Balance on real loads (configs/loads, shared/data/expert-loads), {cluster.name}, memory as plain EP, best-split balancedness median over layers"
     return BenchTable(title, header, rows)
