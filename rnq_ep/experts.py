@@ -2,8 +2,10 @@
 
 Rows arrive sorted by local copy (this rank's slots in table order). Copies of one format may be
 interleaved with copies of another, so each format's rows are gathered, run through one grouped
-SwiGLU call, and scattered back in place. The kernels live in `rnq_ep.kernels`; nothing here
-computes a SwiGLU itself.
+SwiGLU call, and scattered back in place. The torch backend (CPU) computes every copy from fp32
+weights dequantised once at load (docs/kernels.md: torch's packed CPU kernels measured slower), so
+it runs all copies in one call in copy order, with no gather or scatter. The kernels live in
+`rnq_ep.kernels`; nothing here computes a SwiGLU itself.
 """
 
 from __future__ import annotations
@@ -21,14 +23,22 @@ BACKENDS = ("auto", "triton", "torch")
 
 
 @dataclass(frozen=True)
+class DenseCopies:
+    """Every local copy's weights dequantised to fp32, in local copy order: what the torch backend computes with."""
+
+    w_gate_up: torch.Tensor  # [C, 2I, H]
+    w_down: torch.Tensor  # [C, H, I]
+    gate_up_bias: torch.Tensor | None  # [C, 2I]
+    down_bias: torch.Tensor | None  # [C, H]
+
+
+@dataclass(frozen=True)
 class FormatGroup:
     """The local copies stored in one format, stacked in local copy order."""
 
     fmt: str
     copies: torch.Tensor  # [G] int64 local copy indices
-    w_gate_up: QuantWeight | torch.Tensor  # [G, 2I, H]; fp32 dequantised for the torch backend
-    w_down: QuantWeight | torch.Tensor  # [G, H, I]
-    stored_gate_up: QuantWeight  # [G, 2I, H] the bytes a copy is made of (migration sends these)
+    stored_gate_up: QuantWeight  # [G, 2I, H] the bytes a copy is made of (kernels read them, migration sends them)
     stored_down: QuantWeight  # [G, H, I]
     gate_up_bias: torch.Tensor | None = None  # [G, 2I] fp32, never quantized (GPT-OSS)
     down_bias: torch.Tensor | None = None  # [G, H] fp32
@@ -79,6 +89,7 @@ class LocalExperts:
         ]
         if gate_up_bias is not None or down_bias is not None:
             self.groups = [self._with_biases(group, gate_up_bias, down_bias) for group in self.groups]
+        self.dense = self._dense() if self.backend == "torch" else None
 
     def _with_biases(
         self, group: FormatGroup, gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None
@@ -116,7 +127,8 @@ class LocalExperts:
                     raise ValueError(f"local copy {j} is stored as {copies[j][0].fmt}, the table says {FORMATS[code]}")
             gate_up = _stack([copies[j][0] for j in members])
             down = _stack([copies[j][1] for j in members])
-            experts.groups.append(experts._group(FORMATS[code], members, gate_up, down))
+            experts.groups.append(FormatGroup(FORMATS[code], torch.as_tensor(members, dtype=torch.int64), gate_up, down))
+        experts.dense = experts._dense() if experts.backend == "torch" else None
         return experts
 
     def _place(self, table: SlotTable, rank: int, backend: str, hidden: int, on_gpu: bool) -> None:
@@ -146,14 +158,28 @@ class LocalExperts:
         experts = torch.as_tensor(self.experts[copies], device=w_gate_up.device)
         gate_up = quantize(w_gate_up[experts], fmt)  # [G, 2I, H]
         down = quantize(w_down[experts], fmt)  # [G, H, I]
-        return self._group(fmt, copies, gate_up, down)
+        return FormatGroup(fmt, torch.as_tensor(copies, dtype=torch.int64), gate_up, down)
 
-    def _group(self, fmt: str, copies: np.ndarray, gate_up: QuantWeight, down: QuantWeight) -> FormatGroup:
-        """A format group from stacked stored weights; the torch backend also keeps them dequantised."""
-        compute_gate_up, compute_down = gate_up, down
-        if self.backend == "torch":
-            compute_gate_up, compute_down = dequantize(gate_up), dequantize(down)
-        return FormatGroup(fmt, torch.as_tensor(copies, dtype=torch.int64), compute_gate_up, compute_down, gate_up, down)
+    def _dense(self) -> DenseCopies | None:
+        """Every group's copies dequantised into one fp32 stack in local copy order (the torch backend's
+        weights); None without copies."""
+        if not self.groups:
+            return None
+
+        def stacked(parts: list[torch.Tensor | None]) -> torch.Tensor | None:  # each group's [G, ...] -> [C, ...] fp32
+            if parts[0] is None:
+                return None
+            out = parts[0].new_empty(self.num_copies, *parts[0].shape[1:], dtype=torch.float32)
+            for group, part in zip(self.groups, parts):
+                out[group.copies.to(out.device)] = part.float()
+            return out
+
+        return DenseCopies(
+            stacked([dequantize(g.stored_gate_up) for g in self.groups]),
+            stacked([dequantize(g.stored_down) for g in self.groups]),
+            stacked([g.gate_up_bias for g in self.groups]),
+            stacked([g.down_bias for g in self.groups]),
+        )
 
     def forward(self, recv: torch.Tensor, local_offsets: torch.Tensor, row_weight: torch.Tensor | None) -> torch.Tensor:
         """[N, H] rows sorted by local copy (local_offsets [C+1]) -> row_weight-scaled SwiGLU outputs [N, H]."""
@@ -165,6 +191,13 @@ class LocalExperts:
         if recv.shape[0] == 0:
             return out
         offsets = local_offsets.to(device=recv.device, dtype=torch.int64)
+        if self.dense is not None:
+            from rnq_ep.kernels.reference import grouped_swiglu_reference  # kernels pull in triton: import late
+
+            d = self.dense
+            return grouped_swiglu_reference(
+                recv, d.w_gate_up, d.w_down, offsets, row_weight, self.activation, d.gate_up_bias, d.down_bias
+            ).to(recv.dtype)
         rows_per_copy = offsets.diff()  # [C]
         if len(self.groups) == 1:
             return self._run(self.groups[0], recv, offsets, row_weight)
@@ -183,17 +216,10 @@ class LocalExperts:
     __call__ = forward
 
     def _run(self, group: FormatGroup, x: torch.Tensor, offsets: torch.Tensor, row_weight: torch.Tensor | None) -> torch.Tensor:
-        """One grouped SwiGLU call over a format's copies: x [n, H] -> [n, H] in x's dtype."""
-        # imported here: rnq_ep.kernels pulls in triton, which the CPU torch path does not need
-        if self.backend == "torch":
-            from rnq_ep.kernels.reference import grouped_swiglu_reference
+        """One Triton grouped SwiGLU call over a format's copies: x [n, H] -> [n, H] in x's dtype."""
+        from rnq_ep.kernels import grouped_swiglu  # imported here: it pulls in triton, which the torch backend does not need
 
-            return grouped_swiglu_reference(
-                x, group.w_gate_up, group.w_down, offsets, row_weight, self.activation, group.gate_up_bias, group.down_bias
-            ).to(x.dtype)
-        from rnq_ep.kernels import grouped_swiglu
-
-        return grouped_swiglu(x, group.w_gate_up, group.w_down, offsets.to(torch.int32), row_weight).to(x.dtype)
+        return grouped_swiglu(x, group.stored_gate_up, group.stored_down, offsets.to(torch.int32), row_weight).to(x.dtype)
 
 
 def _torch_only(backend: str, activation: str) -> str:
