@@ -149,7 +149,12 @@ def _attempt(job: RayJob, attempt: int, log: StepLog, cpus_per_worker: float | N
             refs = [actor.run.remote(job, env, channel, feeder.first_step) for actor, env in zip(actors, envs)]
             emit(Event("running", attempt, f"{world} workers running steps {feeder.first_step}..{job.steps - 1} of "
                        f"{job.tokens} tokens per worker, batches fed by the driver", actors))
-            _gather(refs, job.timeout_s, workers, "running", feeder)
+            try:
+                _gather(refs, job.timeout_s, workers, "running", feeder)
+            except WorkerFailed as err:
+                if len(log.done) < job.steps:
+                    raise
+                emit(Event("failed", attempt, f"{err}; every rank had finished every step: nothing to replay"))
             stats = log.by_rank()
         emit(Event("done", attempt, "all workers finished", actors))
         return stats, workers
