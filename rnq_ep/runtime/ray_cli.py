@@ -16,6 +16,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.spinner import Spinner
 from rich.table import Table
+from rich.text import Text
 
 from rnq_ep.rebalance.options import rebalance_flags_given, rebalance_kwargs
 from rnq_ep.report import console
@@ -89,7 +90,7 @@ def run_live(job: RayJob, max_restarts: int, cpus_per_worker: float | None, out:
                 finished.extend(event.step_stats)
             else:
                 style = {"failed": "red", "restarting": "yellow", "done": "green"}.get(event.kind)
-                live.console.print(f"{label} attempt {event.attempt}: {event.message}", style=style, markup=False)
+                live.console.print(Text(f"{label} attempt {event.attempt}: {event.message}", style=style or ""))
                 phase[0] = f"{label}: {event.kind}"
             live.refresh()
 
