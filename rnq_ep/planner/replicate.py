@@ -80,9 +80,10 @@ def spread_load(state: LayerCopies, limits: Limits, give_up_at: float = np.inf) 
     stuck = _hopeless(state, limits, target, tol)
     floor = state.load[stuck].max() if stuck.any() else -np.inf
     for _ in range(MAX_STEPS_PER_COPY * len(state.gpu)):
-        excess = np.where(stuck, -np.inf, state.load - target)
-        source = int(np.argmax(excess))
-        if excess[source] <= tol or floor >= give_up_at or state.load[source] <= floor + tol:
+        source = int(np.argmax(state.load))
+        if stuck[source]:
+            source = int(np.argmax(np.where(stuck, -np.inf, state.load)))
+        if stuck[source] or state.load[source] - target <= tol or floor >= give_up_at or state.load[source] <= floor + tol:
             return
         if not _shift_from(state, limits, source, target, tol):
             if not _pour_to_existing(state, limits, source, state.slots_on(source), -np.inf, target * HALVING_TOL):
@@ -170,7 +171,9 @@ def _sink_order(
     node = source // limits.gpus_per_node
     if open_gpus.size > TRIED_SINKS:
         load = state.load[open_gpus]
-        keep = load <= np.partition(load, TRIED_SINKS - 1)[TRIED_SINKS - 1]
+        cut = np.partition(load, TRIED_SINKS - 1)[TRIED_SINKS - 1]
+        keep = load < cut
+        keep[np.flatnonzero(load == cut)[:TRIED_SINKS]] = True  # of many equal loads the lowest GPUs suffice
         if limits.prefer_node:
             keep |= open_gpus // limits.gpus_per_node == node
         open_gpus = open_gpus[keep]
