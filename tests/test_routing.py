@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rnq_ep.balance import SlotTable, gpu_loads, water_fill
-from rnq_ep.routing import POLICIES, copy_quotas, rank_copy_counts, route
+from rnq_ep.routing import POLICIES, copy_quotas, rank_copy_counts, route, slot_index
 from routing_cases import draw_topk, random_table
 
 # water_fill is a greedy heuristic; balance.py guarantees it within 2 % (+1 token) of any share split
@@ -167,3 +167,17 @@ def test_static_routing_rejects_shares_that_do_not_sum_to_one():
     table = SlotTable.from_arrays(np.array([0, 1]), np.array([0, 0]), np.zeros(2), np.array([0.5, 0.4]), 2, 1)
     with pytest.raises(ValueError, match="shares of expert 0 sum to 0.9, expected 1"):
         copy_quotas(np.array([[10]]), table, "static")
+
+
+@settings(max_examples=60, deadline=None)
+@given(routing_instances())
+def test_slot_index_numbers_copies_within_their_expert_and_within_their_gpu(instance):
+    table, _ = instance
+    index = slot_index(table)
+    for e, slots in enumerate(table.copies_of()):
+        assert index.copy_index[slots].tolist() == list(range(len(slots)))
+        assert (index.copies[slots] == len(slots)).all()
+    for g in range(table.num_gpus):
+        on_gpu = np.flatnonzero(table.gpu == g)
+        assert index.local_copy_t[on_gpu].tolist() == list(range(len(on_gpu)))
+    assert np.array_equal(index.on_gpu.argmax(axis=1), table.gpu)
