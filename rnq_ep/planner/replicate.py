@@ -65,6 +65,16 @@ class Limits:
         """Format codes that some expert may use."""
         return np.flatnonzero(np.isfinite(self.cost).any(axis=0)).tolist()
 
+    @cached_property
+    def cost_rows(self) -> list[list[float]]:
+        """`cost` as Python lists [E][3], for the per-step code that works on a few copies."""
+        return self.cost.tolist()
+
+    @cached_property
+    def sizes(self) -> list[int]:
+        """`fmt_bytes` as a Python list [3]."""
+        return self.fmt_bytes.tolist()
+
 
 def spread_load(state: LayerCopies, limits: Limits, give_up_at: float = np.inf) -> None:
     """Add or move copies until every GPU is at the mean load or no allowed step helps (in place).
@@ -190,10 +200,10 @@ def _room_plans(state: LayerCopies, limits: Limits, sink: int) -> list:
     (also None for a format no expert may use)."""
     room = limits.budget - state.used[sink]
     slots = state.slots_on(sink)
-    sink_cost = limits.cost[[state.expert[s] for s in slots]].tolist()
-    needs = [int(limits.fmt_bytes[code]) - room for code in limits.allowed_codes]
+    sink_cost = [limits.cost_rows[state.expert[s]] for s in slots]
+    needs = [limits.sizes[code] - room for code in limits.allowed_codes]
     freed_by_code = conversions_for_needs(
-        [state.fmt[s] for s in slots], [state.tokens[s] for s in slots], sink_cost, limits.fmt_bytes.tolist(), needs
+        [state.fmt[s] for s in slots], [state.tokens[s] for s in slots], sink_cost, limits.sizes, needs
     )
     plans: list = [None] * limits.fmt_bytes.size
     for code, freed in zip(limits.allowed_codes, freed_by_code):
@@ -208,7 +218,7 @@ def _cheapest_format(
     expert = state.expert[slot]
     leaves_quantized = amount if state.fmt[slot] else 0.0
     best = None
-    for code, per_token in enumerate(limits.cost[expert].tolist()):
+    for code, per_token in enumerate(limits.cost_rows[expert]):
         if room_plans[code] is None or not math.isfinite(per_token):
             continue
         sink_slots, new_fmt, cost, tokens = room_plans[code]
