@@ -211,7 +211,8 @@ def bench_table(rows: list[tuple[Config, list[Measured]]], model: ModelSpec, num
             f"ranks sharing {os.cpu_count()} cores (and the host's other load), so it hides imbalance; critical: per "
             "layer the slowest rank's expert CPU time (its fastest step), summed, i.e. the step with one core per rank. "
             "ceiling: the critical speedup if expert time were proportional to a rank's tokens, plain EP's max/mean "
-            f"over the row's; no placement can beat plain EP's max/mean ({plain_balancedness:.2f}x in this run). "
+            f"over the row's; no placement can beat plain EP's max/mean ({plain_balancedness:.2f}x in this run). A "
+            "copy also costs a pass over its weights whatever its rows, which the ceiling ignores: extra copies pay it. "
             "Quantized copies compute from fp32 dequantised weights on CPU (docs/kernels.md, torch backend), so they "
             "run as fast as bf16 ones and memory is the plan's bytes, as on a GPU at large batch.")
     return BenchTable(title, header, table_rows, note)
