@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -26,8 +27,8 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rnq_ep.hf import GenerationReport, run_on_rank
-from rnq_ep.runtime.ray_steps import rank_batches, reporter, step_batches
-from rnq_ep.runtime.worker import BatchSource, leave_group, run_worker
+from rnq_ep.runtime.ray_steps import SharedBatch, rank_batches, reporter, step_batches
+from rnq_ep.runtime.worker import leave_group, run_worker
 from rnq_ep.specs import LoadStats, ModelSpec, Plan, SpecError
 
 PLACE_TIMEOUT_S = 30.0  # a placement group not ready by then cannot be placed (we do not wait for autoscaling)
@@ -67,7 +68,7 @@ class RayJob:
         """The decoded plan."""
         return msgspec.json.decode(self.plan, type=Plan)
 
-    def batches(self) -> BatchSource:
+    def batches(self) -> Callable[[int], SharedBatch]:
         """step -> the whole step's batch the driver feeds: hidden [R*T, H], routing [R*T, k] per layer."""
         plan = self.plan_spec
         return step_batches(plan, self.model or plan.model, self.loads, self.loads_after, self.drift_step, self.tokens, self.seed)

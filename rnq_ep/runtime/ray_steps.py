@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+import numpy as np
 import ray
 import torch
 
@@ -70,17 +71,20 @@ class StepChannel:
             self._changed.notify_all()
 
 
+SharedBatch = tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]  # a whole step in numpy: Ray reads it in place
+
+
 def step_batches(plan: Plan, model: ModelSpec, loads: LoadStats | None, loads_after: LoadStats | None,
-                 drift_step: int, tokens: int, seed: int) -> BatchSource:
+                 drift_step: int, tokens: int, seed: int) -> Callable[[int], SharedBatch]:
     """step -> the whole step's batch: every rank's make_batch stacked, hidden [R*T, H], routing [R*T, k] per layer."""
     counts = layer_counts(plan, loads)
     counts_after = counts if loads_after is None else layer_counts(plan, loads_after)
 
-    def whole(step: int) -> Batch:
+    def whole(step: int) -> SharedBatch:
         step_counts = counts_after if step >= drift_step else counts
         parts = [make_batch(model, step_counts, tokens, seed, rank, step) for rank in range(plan.cluster.num_gpus)]
-        routing = [tuple(torch.cat([part[1][layer][i] for part in parts]) for i in (0, 1)) for layer in range(len(counts))]
-        return torch.cat([hidden for hidden, _ in parts]), routing
+        routing = [tuple(torch.cat([part[1][layer][i] for part in parts]).numpy() for i in (0, 1)) for layer in range(len(counts))]
+        return torch.cat([hidden for hidden, _ in parts]).numpy(), routing
 
     return whole
 
@@ -89,10 +93,13 @@ def rank_batches(channel, rank: int, tokens: int, timeout_s: float) -> BatchSour
     """step -> this rank's rows [rank*T, (rank+1)*T) of the batch the driver fed `channel`."""
     rows = slice(rank * tokens, (rank + 1) * tokens)
 
+    def own(array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array[rows].copy())  # the shared object is read-only: copy this rank's rows only
+
     def mine(step: int) -> Batch:
         (ref,) = ray.get(channel.batch.remote(step, timeout_s))
         hidden, routing = ray.get(ref)
-        return hidden[rows], [(ids[rows], weights[rows]) for ids, weights in routing]
+        return own(hidden), [(own(ids), own(weights)) for ids, weights in routing]
 
     return mine
 
