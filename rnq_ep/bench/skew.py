@@ -13,6 +13,7 @@ import msgspec
 import numpy as np
 
 from rnq_ep.bench.planner import SHARED_LOADS, SHIPPED_LOADS
+from rnq_ep.metrics import balancedness
 from rnq_ep.specs import CONFIG_DIR, LoadStats, load_model, load_stats
 
 
@@ -30,7 +31,7 @@ class SkewedLayer:
 def skewed_layers(num_ranks: int, folders: tuple[Path, ...] = (SHIPPED_LOADS, SHARED_LOADS)) -> list[SkewedLayer]:
     """Every layer of every real load file whose model has a config, most skewed under plain EP first."""
     models = sorted((p.stem for p in (CONFIG_DIR / "models").glob("*.toml")), key=len, reverse=True)
-    files = {p.name: p for folder in reversed(folders) if folder.is_dir() for p in folder.glob("*.json")}
+    files = {p.name: p for folder in reversed(folders) if folder.is_dir() for p in folder.glob("*.json")}  # first folder wins
     found = []
     for name, path in sorted(files.items()):
         model = next((m for m in models if name.startswith(m)), None)
@@ -40,7 +41,7 @@ def skewed_layers(num_ranks: int, folders: tuple[Path, ...] = (SHIPPED_LOADS, SH
         per_gpu = -(-stats.num_experts // num_ranks)  # plain EP: contiguous blocks of experts
         for position, row in enumerate(stats.counts):
             loads = np.bincount(np.arange(stats.num_experts) // per_gpu, weights=row, minlength=num_ranks)
-            found.append(SkewedLayer(model, path, position, stats.layers[position], float(loads.max() / loads.mean())))
+            found.append(SkewedLayer(model, path, position, stats.layers[position], balancedness(loads)))
     return sorted(found, key=lambda layer: -layer.plain_ep_balancedness)
 
 
