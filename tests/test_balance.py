@@ -52,7 +52,8 @@ def test_water_fill_equals_its_reference_on_a_wide_replicated_layer():
     copies = rng.integers(1, 9, num_experts)
     expert = np.repeat(np.arange(num_experts), copies)
     gpu = np.concatenate([rng.choice(num_gpus, c, replace=False) for c in copies])
-    table = SlotTable.from_arrays(gpu, expert, rng.integers(0, 3, expert.size), 1.0 / copies[expert], num_gpus, num_experts)
+    fmt = rng.integers(0, 3, expert.size)
+    table = SlotTable.from_arrays(gpu, expert, fmt, 1.0 / copies[expert], num_gpus, num_experts)
     counts = rng.zipf(1.5, num_experts).clip(max=10**6) * 37
     assert np.array_equal(water_fill(table, counts), water_fill_reference(table, counts))
 

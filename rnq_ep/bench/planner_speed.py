@@ -60,8 +60,8 @@ def speed_table(
                 f"{rnq_s / eplb_s:.2f}x", SPEED_TARGETS.get(gpus, "-"), str(replicas) if replicas else "0 (none fit)",
                 f"{np.median(score_plan(rnq, loads).balancedness_best):.3f}", eplb_balance,
             ))
-    title = (f"Planner speed, {model.name} scale, synthetic Zipf loads (max/mean 5-10x, seed {seed}), {base.name} nodes, "
-             "memory as plain EP, CPU seconds of one run")
+    title = (f"Planner speed, {model.name} scale, synthetic Zipf loads (max/mean 5-10x, seed {seed}), "
+             f"{base.name} nodes, memory as plain EP, CPU seconds of one run")
     note = ("No replica fits (plain EP is the only plan) on: " + "; ".join(stuck) +
             ": one bf16 expert per GPU leaves no room for a second copy unless int4 is allowed.") if stuck else ""
     return BenchTable(title, header, rows, note)

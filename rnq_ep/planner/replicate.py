@@ -93,7 +93,8 @@ def spread_load(state: LayerCopies, limits: Limits, give_up_at: float = np.inf) 
         source = int(np.argmax(state.load))
         if stuck[source]:
             source = int(np.argmax(np.where(stuck, -np.inf, state.load)))
-        if stuck[source] or state.load[source] - target <= tol or floor >= give_up_at or state.load[source] <= floor + tol:
+        load = state.load[source]
+        if stuck[source] or load - target <= tol or floor >= give_up_at or load <= floor + tol:
             return
         if not _shift_from(state, limits, source, target, tol):
             if not _pour_to_existing(state, limits, source, state.slots_on(source), -np.inf, target * HALVING_TOL):

@@ -71,7 +71,7 @@ def plan_rnq(model: ModelSpec, cluster: ClusterSpec, loads: LoadStats, options: 
 
 def plan_layer(weight: np.ndarray, num_gpus: int, limits: Limits, layer: int, options: PlanOptions) -> Copies:
     """Copies (gpu, expert, fmt, tokens) [S] of one layer whose least-loaded routing of weight [E] keeps
-    the quality budget: a layer over it is re-planned with the budget scaled down by the overshoot
+    the quality budget: a layer over it is re-planned with the tokens it spent scaled down by the overshoot
     (REPLANS times), then quantized copies are dropped (`routed.py`)."""
     counts = np.rint(weight).astype(np.int64)
     planning, copies, chosen = limits, None, None
@@ -88,7 +88,8 @@ def plan_layer(weight: np.ndarray, num_gpus: int, limits: Limits, layer: int, op
         routed, _ = routed_quantized(table_of(copies, num_gpus, weight.size), counts, limits.token_budget)
         if routed <= limits.token_budget:
             return copies
-        planning = replace(planning, token_budget=planning.token_budget * limits.token_budget / routed)
+        planned = float(copies[3][copies[2] > 0].sum())  # what the plan spent, at most its budget
+        planning = replace(planning, token_budget=min(planning.token_budget, planned) * limits.token_budget / routed)
     return drop_until_within(copies, counts, limits.token_budget, num_gpus)
 
 
