@@ -100,13 +100,16 @@ def run(command: list[str], log: list[str]) -> bool:
     return _run(command, log).returncode == 0
 
 
-def bench_section(name: str, title: str, skip: set[str], log: list[str]) -> list[str]:
-    """Heading + markdown of `python -m rnq_ep.bench.<name> --markdown bench/<name>.md`, or why it is missing."""
-    heading = [f"## {title} (`python -m rnq_ep.bench.{name}`)", ""]
+def bench_section(
+    name: str, title: str, skip: set[str], log: list[str], extra: tuple[str, ...] = (), stem: str = ""
+) -> list[str]:
+    """Heading + markdown of `python -m rnq_ep.bench.<name> [extra] --markdown bench/<stem>.md`, or why it is missing."""
+    stem = stem or name
+    heading = [f"## {title} (`python -m rnq_ep.bench.{name}{''.join(' ' + a for a in extra)}`)", ""]
     if name in skip:
         return [*heading, "_not measured in this run (skipped)_\n"]
-    run([sys.executable, "-m", f"rnq_ep.bench.{name}", "--markdown", f"bench/{name}.md"], log)
-    return [*heading, fragment(BENCH / f"{name}.md", "run failed")]
+    run([sys.executable, "-m", f"rnq_ep.bench.{name}", *extra, "--markdown", f"bench/{stem}.md"], log)
+    return [*heading, fragment(BENCH / f"{stem}.md", "run failed")]
 
 
 def stdout_of(command: list[str], log: list[str]) -> str:
@@ -211,6 +214,8 @@ def build(skip: set[str]) -> str:
             losses += [f"{stem.removeprefix('simulate-')}, {loss}" for loss in rnq_losses(text)]
             summary += summary_rows(stem.removeprefix("simulate-"), text)
     parts += bench_section("layer", "EP layer on CPU gloo ranks", skip, log)
+    parts += bench_section("layer", "EP layer, the most skewed real layer, on CPU gloo ranks", skip, log,
+                           extra=("--most-skewed", "--repeats", "3"), stem="layer-skewed")
     parts += bench_section("e2e", "Every policy end to end on 4 CPU workers, spawned and Ray", skip, log)
     parts += ["## Online rebalancing: the stall of a switch (`python -m rnq_ep.bench.rebalance`)", ""]
     if "rebalance" in skip:
