@@ -27,7 +27,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rnq_ep.hf import GenerationReport, run_on_rank
-from rnq_ep.runtime.ray_steps import SharedBatch, rank_batches, reporter, step_batches
+from rnq_ep.runtime.ray_steps import SharedBatch, rank_batches, step_batches
 from rnq_ep.runtime.worker import leave_group, run_worker
 from rnq_ep.specs import LoadStats, ModelSpec, Plan, SpecError
 
@@ -131,12 +131,15 @@ class EPWorker:
             paths = [Path(folder, f"plan{index}.json") for index in range(1 + len(job.interleave))]
             for path, plan in zip(paths, (job.plan, *job.interleave)):
                 path.write_bytes(plan)
+            sent = []  # reports in flight; the run is finished once the channel holds every one
             run_worker(
-                self.rank, int(env["WORLD_SIZE"]), str(paths[0]), interleave=[str(path) for path in paths[1:]], model=job.model, tokens=job.tokens, steps=job.steps,
-                seed=job.seed, policy=job.policy, backend=job.backend, keep_outputs=job.keep_outputs,
-                timeout_s=job.timeout_s, batches=rank_batches(channel, self.rank, job.tokens, job.timeout_s),
-                first_step=first_step, on_step=reporter(channel, self.rank), **job.rebalance,
+                self.rank, int(env["WORLD_SIZE"]), str(paths[0]), interleave=[str(path) for path in paths[1:]],
+                model=job.model, tokens=job.tokens, steps=job.steps, seed=job.seed, policy=job.policy,
+                backend=job.backend, keep_outputs=job.keep_outputs, timeout_s=job.timeout_s,
+                batches=rank_batches(channel, self.rank, job.tokens, job.timeout_s), first_step=first_step,
+                on_step=lambda stats: sent.append(channel.report.remote(self.rank, stats)), **job.rebalance,
             )
+            ray.get(sent)
 
     def generate(self, job: RayJob, env: dict[str, str]) -> GenerationReport:
         """Set the torchrun env and run this rank's greedy generation of the hf model."""

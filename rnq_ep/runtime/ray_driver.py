@@ -132,6 +132,7 @@ def _attempt(job: RayJob, attempt: int, log: StepLog, cpus_per_worker: float | N
     pg = reserve(placement)
     actors, channel = [], None
     try:
+        channel = None if job.hf else StepChannel.remote()  # created first: its process starts alongside the workers'
         actors = start_actors(pg, placement, world)
         workers = _gather([a.where.remote() for a in actors], job.timeout_s, None, "starting")
         port = _gather([actors[0].free_port.remote()], job.timeout_s, workers, "starting")[0]
@@ -144,7 +145,6 @@ def _attempt(job: RayJob, attempt: int, log: StepLog, cpus_per_worker: float | N
                        f"prompt with {job.hf}", actors))
             stats = _gather(refs, job.timeout_s, workers, "running")
         else:
-            channel = StepChannel.remote()
             feeder = _Feeder(job, channel, log, lambda done: emit(Event("step", attempt, f"step {done[0][0].step} done", actors, done)))
             refs = [actor.run.remote(job, env, channel, feeder.first_step) for actor, env in zip(actors, envs)]
             emit(Event("running", attempt, f"{world} workers running steps {feeder.first_step}..{job.steps - 1} of "

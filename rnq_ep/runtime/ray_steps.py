@@ -104,11 +104,6 @@ def rank_batches(channel, rank: int, tokens: int, timeout_s: float) -> BatchSour
     return mine
 
 
-def reporter(channel, rank: int) -> Callable[[StepStats], None]:
-    """on_step for run_worker: send each finished step to the driver (waits, so none is in flight at the end)."""
-    return lambda stats: ray.get(channel.report.remote(rank, stats))
-
-
 class StepLog:
     """Every rank's finished steps across attempts; a step counts once all ranks finished it, every plan, in one attempt."""
 
