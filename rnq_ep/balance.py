@@ -140,10 +140,12 @@ def water_fill(table: SlotTable, counts: np.ndarray) -> np.ndarray:
             if not dirty[p]:
                 continue
             old = parts[p]
-            level = [load[g] - q for g, q in zip(gpus, old)]
-            part = _pour(amount, level)
-            for g, lv, q, q_old in zip(gpus, level, part, old):
-                load[g] = lv + q
+            for g, q in zip(gpus, old):  # all old parts first: a GPU may hold two copies of one expert (EPLB)
+                load[g] -= q
+            part = _pour(amount, [load[g] for g in gpus])
+            for g, q in zip(gpus, part):
+                load[g] += q
+            for g, q, q_old in zip(gpus, part, old):
                 if q != q_old:
                     for other in touching[g]:
                         dirty[other] = True

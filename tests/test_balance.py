@@ -10,15 +10,16 @@ from water_fill_reference import water_fill_reference
 
 
 @st.composite
-def layer_instances(draw, max_experts=10, max_gpus=5):
-    """A random layer: every expert has 1..G copies on distinct GPUs, counts skewed."""
+def layer_instances(draw, max_experts=10, max_gpus=5, duplicates=False):
+    """A random layer: every expert has 1..G copies on distinct GPUs (or, with duplicates, any GPUs, as EPLB
+    may place two copies of an expert on one GPU), counts skewed."""
     num_experts = draw(st.integers(1, max_experts))
     num_gpus = draw(st.integers(1, max_gpus))
     rng = np.random.default_rng(draw(st.integers(0, 2**31)))
     gpu, expert, fmt = [], [], []
     for e in range(num_experts):
         copies = rng.integers(1, num_gpus + 1)
-        for g in rng.choice(num_gpus, copies, replace=False):
+        for g in rng.choice(num_gpus, copies, replace=duplicates):
             gpu.append(g)
             expert.append(e)
             fmt.append(rng.integers(0, 3))
@@ -43,6 +44,13 @@ def test_water_fill_quotas_sum_to_each_experts_count(instance):
 def test_water_fill_equals_its_reference_exactly(instance, scale):
     table, counts = instance
     counts = counts // 10**scale  # small counts make ties and one-token remainders common
+    assert np.array_equal(water_fill(table, counts), water_fill_reference(table, counts))
+
+
+@settings(max_examples=200, deadline=None)
+@given(layer_instances(duplicates=True))
+def test_water_fill_equals_its_reference_when_a_gpu_holds_two_copies_of_an_expert(instance):
+    table, counts = instance
     assert np.array_equal(water_fill(table, counts), water_fill_reference(table, counts))
 
 
