@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ def int4pack(q: QuantWeight, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Te
     return torch._convert_weight_to_int4pack_for_cpu(nibbles, 1), torch.stack((scale, torch.zeros_like(scale)), -1)
 
 
-def cpu_seconds(fn, repeats: int) -> float:
+def cpu_seconds(fn: Callable[[], object], repeats: int) -> float:
     """Median over 5 rounds of fn's thread CPU time per call, after one warm-up call."""
     fn()
     rounds = []
@@ -73,7 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m rnq_ep.bench.cpu_weight_only", description=__doc__.splitlines()[0])
     p.add_argument("--rows", default="1,8,32,128,512", help="comma list of rows per call")
     args = p.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        print_rows([int(r) for r in args.rows.split(",")])
+    finally:
+        torch.set_num_threads(threads)  # a caller in the same process (the tests) keeps its own setting
+    return 0
+
+
+def print_rows(row_counts: list[int]) -> None:
+    """Measure and print the markdown table: per activation dtype, shape and rows per call."""
     gen = torch.Generator().manual_seed(0)
     console = Console(highlight=False, markup=False, width=200)
     console.print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, 1 thread\n")
@@ -81,11 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     console.print("|---|---|---|---|---|---|---|---|---|")
     for dtype in (torch.float32, torch.bfloat16):
         for n, k in SHAPES:
-            for rows in (int(r) for r in args.rows.split(",")):
+            for rows in row_counts:
                 m = measure(n, k, rows, dtype, gen)
                 console.print(f"| {str(dtype)[6:]} | {n} x {k} | {rows} | {m['fp32 us']:.0f} | {m['bf16 matmul']:.2f}x | "
                       f"{m['int8pack']:.2f}x | {m['int4pack']:.2f}x | {m['int8 error']:.1e} | {m['int4 error']:.1e} |")
-    return 0
 
 
 if __name__ == "__main__":

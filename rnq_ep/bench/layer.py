@@ -48,7 +48,7 @@ from rnq_ep.runtime.worker import (
 )
 from rnq_ep.specs import LoadStats, ModelSpec, Plan, PlanOptions, load_cluster, load_model, load_stats
 
-DEFAULT_LOADS = SHIPPED_LOADS / "olmoe-1b-7b-0924_olmoe-repo_arxiv.json"  # the most skewed real file
+DEFAULT_LOADS = SHIPPED_LOADS / "olmoe-1b-7b-0924_olmoe-repo_arxiv.json"  # shipped OLMoE file with the largest median plain-EP max/mean at 4 ranks
 DEFAULT_MODEL = "olmoe-1b-7b"
 RNQ_LEAST_LOADED, RNQ_HASH = "R&Q, least-loaded routing", "R&Q, hash routing"
 RNQ_INT4 = "R&Q bf16+int8+int4, least-loaded routing"
