@@ -172,6 +172,14 @@ def test_ray_main_passes_rebalancing_flags_and_prints_the_step_and_worker_tables
 
 
 @pytest.mark.slow
+def test_a_load_file_for_other_layers_is_refused_before_any_worker_starts(tmp_path):
+    plan, _ = write_job_files(tmp_path, 2)
+    other = tmp_path / "other.json"
+    other.write_bytes(encode_json(LoadStats(counts=[[1] * 8] * 3, num_experts=8, top_k=2, layer_ids=[4, 5, 6])))
+    with pytest.raises(SpecError, match=f"--loads-after {other}: loads: has layers"):
+        make_job(plan, None, loads_after=str(other), tokens=TOKENS, steps=STEPS)
+
+
 def test_an_unreachable_address_fails_fast_with_a_clear_error(tmp_path):
     plan, _ = write_job_files(tmp_path, 2)
     done = subprocess.run(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from rnq_ep.runtime.ray_steps import StepLog
+import asyncio
+
+from rnq_ep.runtime.ray_steps import StepChannel, StepLog
 from rnq_ep.runtime.worker import StepStats
 
 
@@ -33,3 +35,17 @@ def test_steps_reported_out_of_order_finish_in_step_order():
     assert log.add([(0, stats(1))]) == []
     assert [step[0][0].step for step in log.add([(0, stats(0))])] == [0, 1]
     assert [s.step for s in log.by_rank()[0]] == [0, 1]
+
+
+def test_the_channel_hands_over_queued_reports_without_waiting():
+    channel = StepChannel.__ray_metadata__.modified_class()  # the actor's own class, run in this process
+
+    async def exchange() -> list:
+        await channel.report(0, stats(0))
+        queued = await channel.reports(0.0)  # the driver's final sweep asks with no wait
+        await channel.report(1, stats(0))
+        await channel.close()
+        return [queued, await channel.reports(0.0), await channel.reports(0.0)]
+
+    queued, after_close, empty = asyncio.run(exchange())
+    assert [rank for rank, _ in queued] == [0] and [rank for rank, _ in after_close] == [1] and empty == []

@@ -124,7 +124,7 @@ class EPWorker:
             sock.bind(("", 0))
             return sock.getsockname()[1]
 
-    def run(self, job: RayJob, env: dict[str, str], channel, first_step: int) -> None:
+    def run(self, job: RayJob, env: dict[str, str], channel: ray.actor.ActorHandle, first_step: int) -> None:
         """Set the torchrun env and run steps first_step.. on the batches fed through `channel`, reporting each step there."""
         os.environ.update(env)
         with tempfile.TemporaryDirectory(prefix="rnq-ep-") as folder:

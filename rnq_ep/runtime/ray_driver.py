@@ -31,6 +31,7 @@ from rnq_ep.runtime.ray_cluster import (
     torchrun_env,
 )
 from rnq_ep.runtime.ray_steps import FEED_AHEAD, StepChannel, StepLog
+from rnq_ep.runtime.worker import layer_counts
 from rnq_ep.specs import LoadStats, SpecError, load_model, load_plan, load_stats
 
 FAILURE_GRACE_S = 3.0
@@ -81,6 +82,11 @@ def make_job(
         with open(path, "rb") as f:
             plans.append(f.read())
     loads = {flag: _read_loads(flag, path) for flag, path in (("--loads", loads_path), ("--loads-after", loads_after))}
+    for (flag, stats), path in zip(loads.items(), (loads_path, loads_after)):
+        try:
+            layer_counts(load_plan(plan_path), stats)  # experts and layer ids must match the plan's
+        except SpecError as err:
+            raise SpecError(f"{flag} {path}: {err}") from None
     return RayJob(plan=plans[0], interleave=tuple(plans[1:]), loads=loads["--loads"], loads_after=loads["--loads-after"],
                   model=load_model(model) if model else None, hf=hf, **options)
 
@@ -155,6 +161,9 @@ def _attempt(job: RayJob, attempt: int, log: StepLog, cpus_per_worker: float | N
                 if len(log.done) < job.steps:
                     raise
                 emit(Event("failed", attempt, f"{err}; every rank had finished every step: nothing to replay"))
+            if len(log.done) < job.steps:  # every worker returned, yet a step was not reported by all ranks
+                raise WorkerFailed(f"running: the workers returned but steps {len(log.done)}..{job.steps - 1} were not "
+                                   "reported by every rank")
             stats = log.by_rank()
         emit(Event("done", attempt, "all workers finished", actors))
         return stats, workers
@@ -167,7 +176,7 @@ def _attempt(job: RayJob, attempt: int, log: StepLog, cpus_per_worker: float | N
 class _Feeder:
     """The driver's side of one attempt's StepChannel: feeds batches FEED_AHEAD steps ahead, logs finished steps."""
 
-    def __init__(self, job: RayJob, channel, log: StepLog, on_step: Callable[[list], None]) -> None:
+    def __init__(self, job: RayJob, channel: ray.actor.ActorHandle, log: StepLog, on_step: Callable[[list], None]) -> None:
         self.channel, self.log, self.on_step, self.steps = channel, log, on_step, job.steps
         self.whole_batch = job.batches()
         self.first_step = self.next_feed = len(log.done)
@@ -180,7 +189,7 @@ class _Feeder:
             self.channel.feed.remote(self.next_feed, [ray.put(self.whole_batch(self.next_feed))], len(self.log.done))
             self.next_feed += 1
 
-    def listen(self):
+    def listen(self) -> ray.ObjectRef:
         """The pending call for step reports (a new one once the last has answered)."""
         if self.listening is None:
             self.listening = self.channel.reports.remote(LISTEN_S)
@@ -217,22 +226,24 @@ def _gather(refs: list, timeout_s: float, workers: list[WorkerInfo] | None, phas
     pending = {ref: rank for rank, ref in enumerate(refs)}
     deadline = time.monotonic() + timeout_s
     failures: dict[int, BaseException] = {}
-    while pending and not failures:
-        listening = [feeder.listen()] if feeder else []
-        ready, _ = ray.wait(list(pending) + listening, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-        if not ready:
-            late = sorted(pending.values())
-            raise WorkerFailed(f"{phase}: ranks {late} did not finish within {timeout_s:g} s (--timeout); stopped the job")
-        if listening and ready[0] == listening[0]:
-            if feeder.heard():
-                deadline = time.monotonic() + timeout_s
-            continue
-        failures.update(_failures(ready, pending))
-    if failures:
-        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=FAILURE_GRACE_S)
-        failures.update(_failures(ready, pending))
-    if feeder:  # before naming a failure too: steps every rank finished before it are kept
-        feeder.drain()
+    try:
+        while pending and not failures:
+            listening = [feeder.listen()] if feeder else []
+            ready, _ = ray.wait(list(pending) + listening, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                late = sorted(pending.values())
+                raise WorkerFailed(f"{phase}: ranks {late} did not finish within {timeout_s:g} s (--timeout); stopped the job")
+            if listening and ready[0] == listening[0]:
+                if feeder.heard():
+                    deadline = time.monotonic() + timeout_s
+                continue
+            failures.update(_failures(ready, pending))
+        if failures:
+            ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=FAILURE_GRACE_S)
+            failures.update(_failures(ready, pending))
+    finally:
+        if feeder:  # on a failure or a timeout too: steps every rank finished before it are kept
+            feeder.drain()
     if failures:
         rank, err = min(failures.items(), key=lambda item: (_is_secondary(item[1]), item[0]))
         if isinstance(err, SpecError):  # bad input fails the same way on every try: no restart

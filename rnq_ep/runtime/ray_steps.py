@@ -57,10 +57,11 @@ class StepChannel:
     async def reports(self, wait_s: float) -> list[tuple[int, StepStats]]:
         """(rank, stats) reported since the last call, waiting up to `wait_s` for the first one (not once closed)."""
         async with self._changed:
-            try:
-                await asyncio.wait_for(self._changed.wait_for(lambda: bool(self._reports) or self._closed), wait_s)
-            except asyncio.TimeoutError:
-                return []
+            if not (self._reports or self._closed):  # wait_for(..., 0) would cancel before looking: look first
+                try:
+                    await asyncio.wait_for(self._changed.wait_for(lambda: bool(self._reports) or self._closed), wait_s)
+                except asyncio.TimeoutError:
+                    return []
             taken, self._reports = self._reports, []
             return taken
 
@@ -89,7 +90,7 @@ def step_batches(plan: Plan, model: ModelSpec, loads: LoadStats | None, loads_af
     return whole
 
 
-def rank_batches(channel, rank: int, tokens: int, timeout_s: float) -> BatchSource:
+def rank_batches(channel: ray.actor.ActorHandle, rank: int, tokens: int, timeout_s: float) -> BatchSource:
     """step -> this rank's rows [rank*T, (rank+1)*T) of the batch the driver fed `channel`."""
     rows = slice(rank * tokens, (rank + 1) * tokens)
 

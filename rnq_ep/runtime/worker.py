@@ -12,7 +12,9 @@ import functools
 import gc
 import logging
 import os
+import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -192,8 +194,12 @@ def leave_group(created: bool) -> None:
     """Collect unreachable modules (they hold the group), then destroy the group if this process created it.
 
     Modules in reference cycles (transformers models) otherwise outlive the run and free the gloo group during
-    interpreter shutdown, which aborts the process ("terminate called without an active exception").
+    interpreter shutdown, which aborts the process ("terminate called without an active exception"). On the
+    way out of an error, the traceback's finished frames would keep the modules alive: their locals are cleared.
     """
+    error = sys.exc_info()[1]
+    if error is not None:
+        traceback.clear_frames(error.__traceback__)  # frames still running (ours, the callers') are left as they are
     gc.collect()
     if created:
         dist.destroy_process_group()
