@@ -77,14 +77,7 @@ def load_model(source: str, seed: int = 0) -> tuple[nn.Module, Any | None, str]:
     """(model in eval mode, tokenizer or None, name) from `tiny-<family>` or a save_pretrained folder."""
     if source.startswith(TINY_PREFIX):
         return tiny_model(source[len(TINY_PREFIX):], seed), None, source
-    folder = Path(source)
-    if not folder.is_dir():
-        raise SpecError(
-            f"model {source!r}: no such folder, expected a save_pretrained folder or "
-            f"{TINY_PREFIX}<family> with family one of {sorted(FAMILIES)}"
-        )
-    if not (folder / "config.json").is_file():
-        raise SpecError(f"{folder}: no config.json, expected a save_pretrained folder")
+    folder = _model_folder(source)
     if not any(any(folder.glob(pattern)) for pattern in _WEIGHT_FILES):
         raise SpecError(
             f"{folder}: no weights (*.safetensors or pytorch_model*.bin), expected a save_pretrained folder"
@@ -99,6 +92,19 @@ def load_model(source: str, seed: int = 0) -> tuple[nn.Module, Any | None, str]:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SpecError(f"{folder}: transformers cannot load it: {first_line}") from None
     return model, tokenizer, folder.name
+
+
+def _model_folder(source: str) -> Path:
+    """`source` as a save_pretrained folder with a config.json, or a SpecError saying what it is not."""
+    folder = Path(source)
+    if not folder.is_dir():
+        raise SpecError(
+            f"model {source!r}: no such folder, expected a save_pretrained folder or "
+            f"{TINY_PREFIX}<family> with family one of {sorted(FAMILIES)}"
+        )
+    if not (folder / "config.json").is_file():
+        raise SpecError(f"{folder}: no config.json, expected a save_pretrained folder")
+    return folder
 
 
 def is_experts_module(module: nn.Module) -> bool:
@@ -310,17 +316,35 @@ def generate_greedy(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> 
     )
 
 
+def prompt_rows(source: str, rows: int, prompt_len: int, seed: int = 0) -> torch.Tensor:
+    """Prompts [rows, S] from the builtin text, cut as run_on_rank's ranks take them (rank r: rows r*B..(r+1)*B)."""
+    if source.startswith(TINY_PREFIX):
+        vocab_size, tokenizer = tiny_model(source[len(TINY_PREFIX):], seed).config.vocab_size, None
+    else:  # the config and tokenizer only: the driver needs no weights
+        folder = _model_folder(source)
+        from transformers import AutoConfig, AutoTokenizer
+
+        vocab_size = AutoConfig.from_pretrained(folder).vocab_size
+        has_tokenizer = any((folder / name).is_file() for name in _TOKENIZER_FILES)
+        tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
+    ids = tokenize(builtin_text(), vocab_size, tokenizer)
+    return token_batches(ids, rows, prompt_len, rows * prompt_len)[0]
+
+
 def run_on_rank(
     source: str, plan: Plan, rank: int, world_size: int, group: Any = None, batch: int = 1, prompt_len: int = 32,
     new_tokens: int = 16, seed: int = 0, policy: str = "least-loaded", device: torch.device | None = None,
-    backend: str = "auto",
+    backend: str = "auto", prompt: torch.Tensor | None = None,
 ) -> GenerationReport:
-    """`rnq-ep run --hf`: load `source`, convert for this rank, greedy-generate from its rows of the builtin text."""
+    """`rnq-ep run --hf`: load `source`, convert for this rank, greedy-generate from `prompt` [B, S] (default: this
+    rank's rows of the builtin text)."""
     model, tokenizer, _ = load_model(source, seed)
     device = device or torch.device("cpu")
     convert(model.to(device), plan, rank, world_size, group, policy, backend)
-    ids = tokenize(builtin_text(), model.config.vocab_size, tokenizer)
-    rows = token_batches(ids, batch * world_size, prompt_len, batch * world_size * prompt_len)[0]  # [R*B, S]
+    if prompt is None:
+        ids = tokenize(builtin_text(), model.config.vocab_size, tokenizer)
+        rows = token_batches(ids, batch * world_size, prompt_len, batch * world_size * prompt_len)[0]  # [R*B, S]
+        prompt = rows[rank * batch : (rank + 1) * batch]
     if dist.is_initialized():
         dist.barrier(group)  # start every rank's clock together: a slower load elsewhere is not generation time
-    return generate_greedy(model, rows[rank * batch : (rank + 1) * batch].to(device), new_tokens)
+    return generate_greedy(model, prompt.to(device), new_tokens)

@@ -97,3 +97,13 @@ def test_saved_tiny_model_loads_with_the_same_weights(tiny, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
 
+
+
+def test_driver_prompts_are_the_rows_each_rank_would_cut_itself(tmp_path):
+    from rnq_ep.textdata import builtin_text, token_batches, tokenize
+
+    rows = hf.prompt_rows("tiny-mixtral", rows=3, prompt_len=8)
+    ids = tokenize(builtin_text(), hf.tiny_model("mixtral").config.vocab_size)
+    assert torch.equal(rows, token_batches(ids, 3, 8, 24)[0]) and rows.shape == (3, 8)
+    with pytest.raises(SpecError, match="no config.json"):
+        hf.prompt_rows(str(tmp_path), rows=2, prompt_len=8)

@@ -19,6 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import msgspec
+import numpy as np
 import ray
 import ray.exceptions
 import torch
@@ -141,21 +142,21 @@ class EPWorker:
             )
             ray.get(sent)
 
-    def generate(self, job: RayJob, env: dict[str, str]) -> GenerationReport:
-        """Set the torchrun env and run this rank's greedy generation of the hf model."""
+    def generate(self, job: RayJob, env: dict[str, str], prompts: np.ndarray) -> GenerationReport:
+        """Set the torchrun env and greedy-generate the hf model from this rank's row of the driver's prompts [R, S]."""
         os.environ.update(env)
-        return _generate(self.rank, int(env["WORLD_SIZE"]), job)
+        return _generate(self.rank, int(env["WORLD_SIZE"]), job, torch.from_numpy(prompts[self.rank : self.rank + 1].copy()))
 
 
-def _generate(rank: int, world_size: int, job: RayJob) -> GenerationReport:
-    """Join the process group from the env and run hf.run_on_rank: this rank's greedy generation."""
+def _generate(rank: int, world_size: int, job: RayJob, prompt: torch.Tensor) -> GenerationReport:
+    """Join the process group from the env and run hf.run_on_rank on `prompt` [1, S]: this rank's greedy generation."""
     device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu")
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=job.timeout_s))
     try:
         return run_on_rank(
             job.hf, job.plan_spec, rank, world_size, dist.group.WORLD, batch=1, prompt_len=job.tokens,
-            new_tokens=job.steps, seed=job.seed, policy=job.policy, device=device, backend=job.backend,
+            new_tokens=job.steps, seed=job.seed, policy=job.policy, device=device, backend=job.backend, prompt=prompt,
         )
     finally:
         leave_group(created=True)

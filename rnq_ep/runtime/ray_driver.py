@@ -30,6 +30,7 @@ from rnq_ep.runtime.ray_cluster import (
     start_actors,
     torchrun_env,
 )
+from rnq_ep.hf import prompt_rows
 from rnq_ep.runtime.ray_steps import FEED_AHEAD, StepChannel, StepLog
 from rnq_ep.runtime.worker import layer_counts
 from rnq_ep.specs import LoadStats, SpecError, load_model, load_plan, load_stats
@@ -146,7 +147,8 @@ def _attempt(job: RayJob, attempt: int, log: StepLog, cpus_per_worker: float | N
         emit(Event("started", attempt, _placement_text(workers), actors))
         envs = torchrun_env(workers, port, gpu_ids)
         if job.hf:
-            refs = [actor.generate.remote(job, env) for actor, env in zip(actors, envs)]
+            prompts = ray.put(prompt_rows(job.hf, world, job.tokens, job.seed).numpy())  # [R, S], one row per rank
+            refs = [actor.generate.remote(job, env, prompts) for actor, env in zip(actors, envs)]
             emit(Event("running", attempt, f"{world} workers generating {job.steps} tokens after a {job.tokens}-token "
                        f"prompt with {job.hf}", actors))
             stats = _gather(refs, job.timeout_s, workers, "running")
