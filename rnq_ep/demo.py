@@ -26,7 +26,8 @@ from rnq_ep.report import console
 from rnq_ep.runtime.ray_cli import run_live
 from rnq_ep.runtime.ray_cluster import ClusterError, connect
 from rnq_ep.runtime.ray_driver import WorkerFailed, make_job
-from rnq_ep.runtime.worker import StepStats, derive_seed, draw_routing, layer_counts, random_layer_weights
+from rnq_ep.runtime.inputs import derive_seed, draw_routing, layer_counts, random_layer_weights
+from rnq_ep.runtime.worker import StepStats
 from rnq_ep.specs import CONFIG_DIR, LoadStats, ModelSpec, Plan, PlanOptions, encode_json, load_cluster, load_model, load_stats, write_atomic
 
 MODEL = "demo-olmoe"

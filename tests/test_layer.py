@@ -15,7 +15,7 @@ import torch.distributed as dist
 from gloo import run_ranks
 from rnq_ep.layer import EPMoE, LayerStats, route_topk
 from rnq_ep.quant import dequantize, quantize
-from rnq_ep.runtime.worker import random_layer_weights
+from rnq_ep.runtime.inputs import random_layer_weights
 from rnq_ep.specs import LayerPlan, Slot, load_model
 
 MODEL = load_model("tiny")  # H 96, I 160, 8 experts, top-2

@@ -13,7 +13,7 @@ from rnq_ep.balance import SlotTable, gpu_loads, water_fill
 from rnq_ep.planner import plan_rnq
 from rnq_ep.rebalance.recorder import LoadRecorder
 from rnq_ep.rebalance.replan import keep_in_place, replan
-from rnq_ep.runtime.worker import draw_routing
+from rnq_ep.runtime.inputs import draw_routing
 from rnq_ep.specs import PlanOptions, load_cluster, load_model, load_stats
 
 MODEL = load_model("olmoe-1b-7b")  # 64 experts, top-8

@@ -18,7 +18,7 @@ from rnq_ep.layer import EPMoE
 from rnq_ep.quant import quantize
 from rnq_ep.rebalance.migrate import LayerMigration, migrate_layer
 from rnq_ep.rebalance.moves import copy_moves
-from rnq_ep.runtime.worker import random_layer_weights
+from rnq_ep.runtime.inputs import random_layer_weights
 from rnq_ep.specs import FORMATS, LayerPlan, Slot, load_model
 
 MODEL = load_model("tiny")  # H 96, I 160, 8 experts, top-2

@@ -16,7 +16,8 @@ from gloo import run_ranks
 from rnq_ep.planner import plan_rnq
 from rnq_ep.rebalance.rebalancer import Rebalancer
 from rnq_ep.rebalance.replan import plan_from_window
-from rnq_ep.runtime.worker import build_layers, make_batch, run_step, run_worker
+from rnq_ep.runtime.inputs import make_batch
+from rnq_ep.runtime.worker import build_layers, run_step, run_worker
 from rnq_ep.specs import LoadStats, PlanOptions, encode_json, load_cluster, load_model, write_atomic
 
 MODEL = load_model("tiny")  # H 96, I 160, 8 experts, top-2, 2 layers

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from gloo import run_ranks
-from rnq_ep.runtime.worker import draw_routing, inclusion_probabilities, layer_counts, make_batch, run_worker
+from rnq_ep.runtime.inputs import draw_routing, inclusion_probabilities, layer_counts, make_batch
+from rnq_ep.runtime.worker import run_worker
 from rnq_ep.specs import (
     LayerPlan,
     LoadStats,

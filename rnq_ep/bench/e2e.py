@@ -38,7 +38,8 @@ from rnq_ep.planner import plan_eplb, plan_plain_ep, plan_rnq
 from rnq_ep.policies import HASH, LEAST_LOADED, LLEP, PLAIN_EP, POLICIES, Policy, PolicyRun, run_all
 from rnq_ep.runtime.ray_cluster import connect
 from rnq_ep.runtime.ray_driver import make_job, run_job
-from rnq_ep.runtime.worker import StepStats, layer_counts, run_worker
+from rnq_ep.runtime.inputs import layer_counts
+from rnq_ep.runtime.worker import StepStats, run_worker
 from rnq_ep.specs import ClusterSpec, LoadStats, ModelSpec, Plan, PlanOptions, SpecError, encode_json, load_cluster, load_model, load_stats, write_atomic
 
 LAUNCHERS = ("spawn", "ray")

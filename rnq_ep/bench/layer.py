@@ -43,9 +43,8 @@ from rnq_ep.layer import EPMoE
 from rnq_ep.memory import plain_ep_budget
 from rnq_ep.metrics import gpu_bytes, layer_tables
 from rnq_ep.planner import plan_eplb, plan_plain_ep, plan_rnq
-from rnq_ep.runtime.worker import (
-    StepStats, layer_counts, leave_group, make_batch, random_layer_weights, run_step,
-)
+from rnq_ep.runtime.inputs import layer_counts, make_batch, random_layer_weights
+from rnq_ep.runtime.worker import StepStats, leave_group, run_step
 from rnq_ep.specs import LoadStats, ModelSpec, Plan, PlanOptions, load_cluster, load_model, load_stats
 
 DEFAULT_LOADS = SHIPPED_LOADS / "olmoe-1b-7b-0924_olmoe-repo_arxiv.json"  # shipped OLMoE file with the largest median plain-EP max/mean at 4 ranks

@@ -33,7 +33,8 @@ from rnq_ep.planner import plan_rnq
 from rnq_ep.rebalance.migrate import LayerMigration
 from rnq_ep.rebalance.moves import copy_moves, moved_bytes
 from rnq_ep.rebalance.replan import keep_in_place
-from rnq_ep.runtime.worker import build_layers, checkpoint_loader, leave_group, make_batch, run_step
+from rnq_ep.runtime.inputs import checkpoint_loader, make_batch
+from rnq_ep.runtime.worker import build_layers, leave_group, run_step
 from rnq_ep.specs import ModelSpec, Plan, PlanOptions, load_cluster, load_model
 from rnq_ep.synthetic import ZipfLoads, window_stats, zipf_windows
 

@@ -32,7 +32,7 @@ from rnq_ep.runtime.ray_cluster import (
 )
 from rnq_ep.hf import prompt_rows
 from rnq_ep.runtime.ray_steps import FEED_AHEAD, StepChannel, StepLog
-from rnq_ep.runtime.worker import layer_counts
+from rnq_ep.runtime.inputs import layer_counts
 from rnq_ep.specs import LoadStats, SpecError, load_model, load_plan, load_stats
 
 FAILURE_GRACE_S = 3.0

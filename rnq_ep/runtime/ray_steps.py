@@ -18,7 +18,8 @@ import numpy as np
 import ray
 import torch
 
-from rnq_ep.runtime.worker import Batch, BatchSource, StepStats, layer_counts, make_batch
+from rnq_ep.runtime.inputs import Batch, BatchSource, layer_counts, make_batch
+from rnq_ep.runtime.worker import StepStats
 from rnq_ep.specs import LoadStats, ModelSpec, Plan
 
 FEED_AHEAD = 2  # batches fed beyond the last step every rank finished: workers rarely wait on the driver

@@ -1,0 +1,121 @@
+"""What a worker runs on: seeded random expert weights (identical on every rank) and batches whose
+routing follows a load file's distribution (`make_batch`, drawn per (seed, rank, step))."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from rnq_ep.specs import LoadStats, ModelSpec, Plan, SpecError
+
+Routing = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: expert ids, router weights [T, k]
+Batch = tuple[torch.Tensor, Routing]  # hidden [T, H] and its routing
+BatchSource = Callable[[int], Batch]  # step -> this rank's batch
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed from a tuple of non-negative ints (same tuple, same seed, on every host)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def random_layer_weights(
+    model: ModelSpec, layer: int, seed: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded bf16 weights of one layer on `device`, fan-in scaled: w_gate_up [E, 2I, H], w_down [E, H, I], router [E, H].
+
+    Identical on every rank of one device type; a GPU draws with its own generator, directly in
+    bf16 (a DeepSeek-V3 layer holds 11 G expert weights), so its weights differ from the CPU's.
+    """
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(derive_seed(seed, layer))
+    draw_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    e, h, i = model.num_experts, model.hidden_size, model.moe_intermediate_size
+
+    def draw(*shape: int, fan_in: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, device=device, dtype=draw_dtype) * fan_in**-0.5).to(torch.bfloat16)
+
+    return draw(e, 2 * i, h, fan_in=h), draw(e, h, i, fan_in=i), draw(e, h, fan_in=h)
+
+
+def inclusion_probabilities(counts: np.ndarray, top_k: int) -> np.ndarray:
+    """Probability [E] that a token picks each expert: top_k * counts / sum, capped at 1 (sums to top_k)."""
+    counts = np.asarray(counts, np.float64)
+    if len(counts) < top_k:
+        raise SpecError(f"cannot draw top-{top_k} distinct experts out of {len(counts)}")
+    prob = np.zeros_like(counts)
+    capped = np.zeros(len(counts), dtype=bool)
+    for _ in range(len(counts)):  # each pass caps at least one more expert, or stops
+        free_mass = counts * ~capped
+        if free_mass.sum() == 0:  # fewer experts with tokens than top_k: spread the rest evenly
+            free_mass = (~capped).astype(np.float64)
+        prob = np.where(capped, 1.0, (top_k - capped.sum()) * free_mass / free_mass.sum())
+        if (prob <= 1.0).all():
+            break
+        capped |= prob > 1.0
+    return prob
+
+
+def draw_routing(counts: np.ndarray, tokens: int, top_k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token, top_k distinct experts, expert e with probability inclusion_probabilities(counts)[e]: ids, weights [T, k].
+
+    Systematic sampling over a random expert order per token: the cumulative probabilities tile
+    (0, k]; the points u, u+1, ..., u+k-1 land in k different experts (each probability <= 1), so
+    every expert's expected count matches the load file exactly, heavy ones included.
+    """
+    prob = torch.as_tensor(inclusion_probabilities(counts, top_k))  # [E] float64
+    order = torch.argsort(torch.rand(tokens, len(prob), generator=gen), dim=1)  # [T, E] random permutation
+    cumulative = prob[order].cumsum(dim=1)  # [T, E], ends at k
+    cumulative[:, -1] = top_k  # exact end, so rounding cannot drop the last point
+    points = (1.0 - torch.rand(tokens, 1, generator=gen, dtype=torch.float64)) + torch.arange(top_k)  # [T, k] in (0, k]
+    picked = torch.searchsorted(cumulative, points).clamp(max=len(prob) - 1)  # [T, k] positions in the order
+    ids = order.gather(1, picked)  # [T, k]
+    weights = torch.softmax(torch.randn(tokens, top_k, generator=gen), dim=-1)  # [T, k] fp32
+    return ids, weights
+
+
+def layer_counts(plan: Plan, stats: LoadStats | None) -> list[np.ndarray]:
+    """Per plan layer, the expert counts [E] to draw routing from (uniform without a load file)."""
+    num_experts = plan.model.num_experts
+    if stats is None:
+        return [np.ones(num_experts) for _ in plan.layers]
+    if stats.num_experts != num_experts:
+        raise SpecError(f"loads: num_experts={stats.num_experts} but the plan's model has {num_experts}")
+    rows = {layer_id: row for layer_id, row in zip(stats.layers, stats.counts)}
+    if all(layer.layer in rows for layer in plan.layers):
+        return [np.asarray(rows[layer.layer], np.float64) for layer in plan.layers]
+    if len(stats.counts) == len(plan.layers):
+        return [np.asarray(row, np.float64) for row in stats.counts]
+    raise SpecError(
+        f"loads: has layers {stats.layers}, the plan has layers {[layer.layer for layer in plan.layers]}; "
+        "expected the same layer ids or the same number of layers"
+    )
+
+
+def checkpoint_loader(
+    model: ModelSpec, layer: int, seed: int, device: torch.device
+) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """Expert e's full (gate_up [2I, H], down [H, I]) of one layer, as a migration reloads it from the checkpoint.
+
+    The layer is drawn once on first use, on `device` (a GPU draws its own bf16 weights, unlike the CPU),
+    and kept by the loader: a whole layer outside the staging bound. A real checkpoint loader reads one expert.
+    """
+
+    @functools.cache
+    def full_layer() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return random_layer_weights(model, layer, seed, device)
+
+    def load(expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w_gate_up, w_down, _ = full_layer()
+        return w_gate_up[expert], w_down[expert]
+
+    return load
+
+
+def make_batch(model: ModelSpec, counts: list[np.ndarray], tokens: int, seed: int, rank: int, step: int) -> Batch:
+    """This rank's tokens [T, H] fp32 and, per layer, routing (ids, weights) [T, k]; seeded by (seed, rank, step)."""
+    gen = torch.Generator().manual_seed(derive_seed(seed, rank, step))
+    hidden = torch.randn(tokens, model.hidden_size, generator=gen)  # [T, H]
+    return hidden, [draw_routing(c, tokens, model.top_k, gen) for c in counts]
