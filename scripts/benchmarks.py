@@ -82,8 +82,8 @@ run; this paragraph is not):
   LLEP's spill rule on top of R&Q's placement and least-loaded routing and send the spilled copies
   int4: in the run of 2026-11-25 23:21 it is faster than LLEP in every row of the summary (1.35x at
   DeepSeek-V3 64 GPUs, 2.2-2.4x at 256 and 1024, 2.1x at 1024 GPUs with drift 0.5, 1.1-1.2x on the
-  real OLMoE pair at 32 and 64 GPUs), because most steps need no move and a move costs a quarter of
-  LLEP's bytes. Its price is quality: spilled tokens are quantized, so its quantized-token fraction
+  real OLMoE pair at 32 and 64 GPUs), because it spills only what R&Q's replicas could not absorb
+  and a move costs a quarter of LLEP's bytes. Its price is quality: spilled tokens are quantized, so its quantized-token fraction
   passes the planner's 25 % budget (36 % at DeepSeek-V3 256 GPUs, 42 % on OLMoE at 64 GPUs). The
   runtime cannot yet move a copy inside a step; docs/policies.md says what it would take.
 """
