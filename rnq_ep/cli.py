@@ -60,47 +60,35 @@ def _run(args: argparse.Namespace) -> int:
     return run_main(args)
 
 
+def _module_command(
+    module: str, add_arguments: str, main: str, description: str | None = None
+) -> Callable[[argparse.ArgumentParser], None]:
+    """A subcommand whose flags come from `module.add_arguments` and whose run is `module.main`, both imported
+    only when that subcommand is parsed; description: given, or the first paragraph of the module's docstring."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        owner = importlib.import_module(module)
+        p.description = description or (owner.__doc__ or "").split("\n\n")[0]
+        getattr(owner, add_arguments)(p)
+        p.set_defaults(run=_lazy(module, main))
+
+    return add
+
+
 CALIBRATE_HELP = "record expert loads and quantization sensitivity of a HF MoE model"
-
-
-def add_calibrate(p: argparse.ArgumentParser) -> None:
-    """Flags of `rnq-ep calibrate`."""
-    from rnq_ep.calibration import add_calibrate_arguments
-
-    p.description = (
-        "Run a transformers MoE model over calibration text and write the LoadStats JSON that "
-        "`rnq-ep plan --loads` reads: routed counts, gate mass, co-activation, per-format sensitivity."
-    )
-    add_calibrate_arguments(p)
-    p.set_defaults(run=_lazy("rnq_ep.calibration", "calibrate_main"))
-
-
+add_calibrate = _module_command(
+    "rnq_ep.calibration", "add_calibrate_arguments", "calibrate_main",
+    "Run a transformers MoE model over calibration text and write the LoadStats JSON that "
+    "`rnq-ep plan --loads` reads: routed counts, gate mass, co-activation, per-format sensitivity.",
+)
 SIMULATE_HELP = "cost-model scale study of every policy from 8 to 1024 GPUs"
-
-
-def add_simulate(p: argparse.ArgumentParser) -> None:
-    """Flags of `rnq-ep simulate`."""
-    from rnq_ep import simulate
-    from rnq_ep.simulate import add_simulate_arguments
-
-    p.description = (simulate.__doc__ or "").split("\n\n")[0]
-    add_simulate_arguments(p)
-    p.set_defaults(run=_lazy("rnq_ep.simulate", "simulate_main"))
-
-
+add_simulate = _module_command("rnq_ep.simulate", "add_simulate_arguments", "simulate_main")
 DEMO_HELP = "plain EP vs R&Q on a local Ray cluster of 4 CPU workers (no GPU)"
-
-
-def add_demo(p: argparse.ArgumentParser) -> None:
-    """Flags of `rnq-ep demo`."""
-    from rnq_ep.demo import add_demo_arguments
-
-    p.description = (
-        "Plan for the cpu4 cluster at plain-EP memory from real OLMoE loads, run plain EP and R&Q "
-        "on a local Ray cluster of 4 CPU workers on the same batches, print them side by side, save a PNG."
-    )
-    add_demo_arguments(p)
-    p.set_defaults(run=_lazy("rnq_ep.demo", "demo_main"))
+add_demo = _module_command(
+    "rnq_ep.demo", "add_demo_arguments", "demo_main",
+    "Plan for the cpu4 cluster at plain-EP memory from real OLMoE loads, run plain EP and R&Q "
+    "on a local Ray cluster of 4 CPU workers on the same batches, print them side by side, save a PNG.",
+)
 
 
 BENCH_HELP = "benchmarks that print ratios against a baseline run alongside"
