@@ -77,15 +77,16 @@ def make_job(
     """
     if model and hf:
         raise SpecError(f"--model {model} and --hf {hf}: give one (--hf runs a transformers model, --model the bare layers)")
+    paths = (plan_path, *interleave)
+    first_plan = [load_plan(path) for path in paths][0]  # every plan checked here; the workers decode the bytes
     plans = []
-    for path in (plan_path, *interleave):
-        load_plan(path)
+    for path in paths:
         with open(path, "rb") as f:
             plans.append(f.read())
     loads = {flag: _read_loads(flag, path) for flag, path in (("--loads", loads_path), ("--loads-after", loads_after))}
     for (flag, stats), path in zip(loads.items(), (loads_path, loads_after)):
         try:
-            layer_counts(load_plan(plan_path), stats)  # experts and layer ids must match the plan's
+            layer_counts(first_plan, stats)  # experts and layer ids must match the plan's
         except SpecError as err:
             raise SpecError(f"{flag} {path}: {err}") from None
     return RayJob(plan=plans[0], interleave=tuple(plans[1:]), loads=loads["--loads"], loads_after=loads["--loads-after"],
@@ -147,7 +148,7 @@ def _attempt(job: RayJob, attempt: int, log: StepLog, cpus_per_worker: float | N
         emit(Event("started", attempt, _placement_text(workers), actors))
         envs = torchrun_env(workers, port, gpu_ids)
         if job.hf:
-            prompts = ray.put(prompt_rows(job.hf, world, job.tokens, job.seed).numpy())  # [R, S], one row per rank
+            prompts = ray.put(prompt_rows(job.hf, world, job.tokens).numpy())  # [R, S], one row per rank
             refs = [actor.generate.remote(job, env, prompts) for actor, env in zip(actors, envs)]
             emit(Event("running", attempt, f"{world} workers generating {job.steps} tokens after a {job.tokens}-token "
                        f"prompt with {job.hf}", actors))
