@@ -53,14 +53,21 @@ _WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.jso
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def tiny_model(family: str, seed: int = 0) -> nn.Module:
-    """A small random-weight causal LM of `family` (fp32 holding bf16-exact values, eval mode); seeded."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def tiny_config(family: str) -> Any:
+    """The transformers config of `tiny-<family>` (no weights)."""
+    from transformers import AutoConfig
 
     if family not in FAMILIES:
         raise SpecError(f"unknown model family {family!r}, expected one of {sorted(FAMILIES)}")
     model_type, overrides = FAMILIES[family]
-    config = AutoConfig.for_model(model_type, **{**_COMMON, **overrides})
+    return AutoConfig.for_model(model_type, **{**_COMMON, **overrides})
+
+
+def tiny_model(family: str, seed: int = 0) -> nn.Module:
+    """A small random-weight causal LM of `family` (fp32 holding bf16-exact values, eval mode); seeded."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(family)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():  # bf16-exact values, like a bf16 checkpoint loaded in fp32
@@ -316,17 +323,21 @@ def generate_greedy(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> 
     )
 
 
-def prompt_rows(source: str, rows: int, prompt_len: int, seed: int = 0) -> torch.Tensor:
-    """Prompts [rows, S] from the builtin text, cut as run_on_rank's ranks take them (rank r: rows r*B..(r+1)*B)."""
+def prompt_rows(source: str, rows: int, prompt_len: int) -> torch.Tensor:
+    """Prompts [rows, S] from the builtin text, cut as run_on_rank's ranks take them (rank r: rows r*B..(r+1)*B);
+    reads the config and tokenizer only (the driver needs no weights)."""
     if source.startswith(TINY_PREFIX):
-        vocab_size, tokenizer = tiny_model(source[len(TINY_PREFIX):], seed).config.vocab_size, None
-    else:  # the config and tokenizer only: the driver needs no weights
-        folder = _model_folder(source)
-        from transformers import AutoConfig, AutoTokenizer
+        return _builtin_prompts(tiny_config(source[len(TINY_PREFIX):]).vocab_size, None, rows, prompt_len)
+    folder = _model_folder(source)
+    from transformers import AutoConfig, AutoTokenizer
 
-        vocab_size = AutoConfig.from_pretrained(folder).vocab_size
-        has_tokenizer = any((folder / name).is_file() for name in _TOKENIZER_FILES)
-        tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
+    has_tokenizer = any((folder / name).is_file() for name in _TOKENIZER_FILES)
+    tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
+    return _builtin_prompts(AutoConfig.from_pretrained(folder).vocab_size, tokenizer, rows, prompt_len)
+
+
+def _builtin_prompts(vocab_size: int, tokenizer: Any | None, rows: int, prompt_len: int) -> torch.Tensor:
+    """The first [rows, S] batch of the builtin text's tokens."""
     ids = tokenize(builtin_text(), vocab_size, tokenizer)
     return token_batches(ids, rows, prompt_len, rows * prompt_len)[0]
 
@@ -342,8 +353,7 @@ def run_on_rank(
     device = device or torch.device("cpu")
     convert(model.to(device), plan, rank, world_size, group, policy, backend)
     if prompt is None:
-        ids = tokenize(builtin_text(), model.config.vocab_size, tokenizer)
-        rows = token_batches(ids, batch * world_size, prompt_len, batch * world_size * prompt_len)[0]  # [R*B, S]
+        rows = _builtin_prompts(model.config.vocab_size, tokenizer, batch * world_size, prompt_len)  # [R*B, S]
         prompt = rows[rank * batch : (rank + 1) * batch]
     if dist.is_initialized():
         dist.barrier(group)  # start every rank's clock together: a slower load elsewhere is not generation time
