@@ -8,7 +8,6 @@ split sizes) or a hang past `timeout` fails instead of blocking the test run.
 
 from __future__ import annotations
 
-import gc
 import os
 import socket
 import time
@@ -18,6 +17,8 @@ from typing import Any, Callable
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from rnq_ep.runtime.worker import leave_group
 
 DEFAULT_TIMEOUT_S = 120.0
 
@@ -80,9 +81,7 @@ def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, address: str,
     except BaseException:
         conn.send((False, traceback.format_exc()))
     conn.recv()
-    gc.collect()  # free cycles holding the group now, not during interpreter shutdown (that aborts gloo)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave_group(created=dist.is_initialized())
 
 
 def _free_port() -> int:
