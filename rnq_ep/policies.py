@@ -192,17 +192,34 @@ class PolicyRun:
     error: str = ""
 
 
-def run_policy(policy: Policy, model: ModelSpec, cluster: ClusterSpec, windows: Windows, tokens_per_gpu: int) -> PolicyRun:
-    """Plan on each window's first loads, route and time the second: the policy's averaged PolicyRun."""
+Placements = dict[tuple, tuple[list[SlotTable] | SpecError, float]]  # (placement key, window) -> (tables or error, s)
+
+
+def run_policy(
+    policy: Policy, model: ModelSpec, cluster: ClusterSpec, windows: Windows, tokens_per_gpu: int,
+    placements: Placements | None = None,
+) -> PolicyRun:
+    """Plan on each window's first loads, route and time the second: the policy's averaged PolicyRun.
+
+    `placements`: plans already made for these windows, shared by policies that place alike (R&Q + spill plans as
+    R&Q does); a reused plan reports the planner time it took when it was made.
+    """
     g = cluster.num_gpus
+    placements = {} if placements is None else placements
     parts, balance, quantized, peak, planner_s, simulation_s = [], [], [], 0, 0.0, 0.0
-    for plan_on, score_on in windows:
-        start = time.perf_counter()
-        try:
-            tables = place(policy, model, cluster, plan_on)
-        except SpecError as err:
-            return PolicyRun(policy.name, g, error=str(err))
-        planner_s += time.perf_counter() - start
+    for window, (plan_on, score_on) in enumerate(windows):
+        key = (policy.placement, policy.extra_memory, policy.formats, window)
+        if key not in placements:
+            start = time.perf_counter()
+            try:
+                placed: list[SlotTable] | SpecError = place(policy, model, cluster, plan_on)
+            except SpecError as err:
+                placed = err
+            placements[key] = (placed, time.perf_counter() - start)
+        tables, seconds = placements[key]
+        if isinstance(tables, SpecError):
+            return PolicyRun(policy.name, g, error=str(tables))
+        planner_s += seconds
         start = time.perf_counter()
         loads = []
         for table, row in zip(tables, score_on.counts):
@@ -234,8 +251,10 @@ def synthetic_windows(model: ModelSpec, loads: ZipfLoads, num_layers: int, windo
 def run_all(
     model: ModelSpec, cluster: ClusterSpec, windows: Windows, tokens_per_gpu: int, policies: tuple[Policy, ...] = POLICIES
 ) -> list[PolicyRun]:
-    """Every policy at one GPU count, plain EP first (the baseline of the ratios)."""
-    return [run_policy(p, model, cluster, windows, tokens_per_gpu) for p in (PLAIN_EP, *(p for p in policies if p != PLAIN_EP))]
+    """Every policy at one GPU count, plain EP first (the ratios' baseline); policies that place alike share plans."""
+    placements: Placements = {}
+    ordered = (PLAIN_EP, *(p for p in policies if p != PLAIN_EP))
+    return [run_policy(p, model, cluster, windows, tokens_per_gpu, placements) for p in ordered]
 
 
 def expert_skew(windows: Windows) -> float:
