@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import msgspec
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -120,14 +121,7 @@ def test_feasible_whenever_one_copy_of_each_expert_fits_in_bf16(problem):
 @given(planning_problems())
 def test_refined_plan_satisfies_invariants(problem):
     model, cluster, loads, options = problem
-    refined = PlanOptions(
-        formats=options.formats,
-        quality_budget=options.quality_budget,
-        max_copies=options.max_copies,
-        memory_budget=options.memory_budget,
-        refine=True,
-        refine_time_limit=0.2,
-    )
+    refined = msgspec.structs.replace(options, refine=True, refine_time_limit=0.2)
     try:
         plan = plan_rnq(model, cluster, loads, refined)
     except InfeasiblePlan:
