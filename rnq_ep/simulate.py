@@ -2,7 +2,8 @@
 
 For each GPU count (a cluster scaled from a config: its node size, budget as plain EP) every policy
 of `rnq_ep.policies` plans on one window of loads and is scored on the next (synthetic Zipf
-windows whose hot sets drift, or two load files; one file twice is labelled in-sample). Tables give
+windows whose hot sets drift; two load files, a shift of domain; windows drawn from one load
+file, stationary traffic; one file twice is labelled in-sample). Tables give
 each policy's time per layer as a ratio to plain EP and to the best other policy of the same GPU
 count in the same run, the time parts, balance, quantized tokens, memory, and planner and
 simulation seconds. A Zipf-exponent sweep at one GPU count shows the skew at which each policy wins.
@@ -18,6 +19,7 @@ import shlex
 import sys
 from pathlib import Path
 
+import msgspec
 import numpy as np
 
 from rnq_ep.bench.planner import BenchTable, scaled_cluster, to_markdown
@@ -26,13 +28,14 @@ from rnq_ep.memory import plain_ep_budget
 from rnq_ep.policies import (
     PLAIN_EP, SIMULATED_POLICIES, PolicyRun, Windows, expert_skew, run_all, synthetic_windows,
 )
-from rnq_ep.specs import ModelSpec, SpecError, load_cluster, load_model, load_stats, write_atomic
-from rnq_ep.synthetic import DEFAULT_DRIFT, ZipfLoads, parse_zipf
+from rnq_ep.specs import LoadStats, ModelSpec, SpecError, load_cluster, load_model, load_stats, write_atomic
+from rnq_ep.synthetic import DEFAULT_DRIFT, ZipfLoads, parse_zipf, sampled_windows, window_stats
 
 DEFAULT_GPUS = "8,32,64,256,1024"
 DEFAULT_CLUSTER = "h100x32"  # node size and links that --gpus scales
 DEFAULT_LOADS = "zipf:0.6"
 DEFAULT_SWEEP = "0.2,0.4,0.6,0.8,1.0,1.2,1.4,1.6"
+SAMPLED = "sampled"  # --eval-loads: stationary windows drawn from the --loads file
 SWEEP_LAYERS = 4  # synthetic layers are drawn alike, so a few stand for all in the sweep
 SCALE_NOTE = (
     "MoE us/layer: cost model, the slowest GPU's max(FLOP, HBM) time + all-to-all, plus LLEP's weight moves (not "
@@ -96,8 +99,12 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus", metavar="G,G", help=f"GPU counts, comma separated (default: {DEFAULT_GPUS}, or the --cluster's own size)")
     p.add_argument("--loads", default=DEFAULT_LOADS, metavar="FILE|zipf:S[:drift=D]",
                    help=f"load file to plan on, or seeded Zipf windows with exponent S whose hot sets drift by D (default drift {DEFAULT_DRIFT})")
-    p.add_argument("--eval-loads", type=Path, metavar="FILE", help="load file to score on (default: the --loads file, in sample)")
-    p.add_argument("--windows", type=int, default=2, metavar="W", help="synthetic windows: plan on each, score on the next")
+    p.add_argument("--eval-loads", metavar=f"FILE|{SAMPLED}",
+                   help="load file to score on (default: the --loads file, in sample); "
+                        f"{SAMPLED}: windows of GPUs x --tokens-per-gpu tokens drawn from the --loads file's per-layer "
+                        "frequencies, plan on each, score on the next (stationary traffic of that domain)")
+    p.add_argument("--windows", type=int, default=2, metavar="W",
+                   help=f"synthetic or {SAMPLED} windows: plan on each, score on the next")
     p.add_argument("--layers", type=int, default=0, metavar="N",
                    help="synthetic layers per window (0: the model's; load files use all of theirs)")
     p.add_argument("--tokens-per-gpu", type=int, default=DEFAULT_TOKENS_PER_GPU, metavar="N", help="tokens per GPU in one step")
@@ -151,18 +158,29 @@ def simulate_main(args: argparse.Namespace) -> int:
     exponents = parse_sweep(args.sweep)
     layers = args.layers or model.num_layers
     synthetic = parse_zipf(args.loads) if args.loads.startswith("zipf") else None
-    real = None if synthetic else real_windows(model, Path(args.loads), args.eval_loads)
+    sampled = args.eval_loads == SAMPLED
+    if synthetic and args.eval_loads:
+        raise SpecError(f"--eval-loads {args.eval_loads}: needs --loads FILE, got the generator {args.loads!r}")
+    eval_path = None if sampled or not args.eval_loads else Path(args.eval_loads)
+    real = None if synthetic or sampled else real_windows(model, Path(args.loads), eval_path)
+    recorded = load_stats(Path(args.loads), model) if sampled else None
     show = console()
     runs_by_gpus = {}
     for cluster in clusters:
         g = cluster.num_gpus
-        windows = real or synthetic_windows(model, synthetic, layers, args.windows, g * args.tokens_per_gpu, args.seed)
+        if sampled:
+            windows = drawn_windows(recorded, args.windows, g * args.tokens_per_gpu, args.seed)
+        else:
+            windows = real or synthetic_windows(model, synthetic, layers, args.windows, g * args.tokens_per_gpu, args.seed)
         with show.status(f"{model.name}: {len(windows)} window(s) on {g} GPUs"):
             runs_by_gpus[g] = run_all(model, cluster, windows, args.tokens_per_gpu, SIMULATED_POLICIES)
     if synthetic:
         source = f"{synthetic.label}, {layers} layers, {args.windows} windows (plan on one, score on the next)"
-    elif args.eval_loads:
-        source = f"planned on {Path(args.loads).name}, scored on {args.eval_loads.name}"
+    elif sampled:
+        source = (f"{args.windows} windows of GPUs x {args.tokens_per_gpu} tokens drawn from {Path(args.loads).name} "
+                  "(stationary: plan on one, score on the next)")
+    elif eval_path:
+        source = f"planned on {Path(args.loads).name}, scored on {eval_path.name}"
     else:
         source = f"{Path(args.loads).name} (in sample: planned and scored on the same file)"
     tables = [scale_table(runs_by_gpus, model, f"rnq-ep simulate: {model.name} on {base.name}-like nodes, {source}, "
@@ -206,6 +224,15 @@ def real_windows(model: ModelSpec, loads: Path, eval_loads: Path | None) -> Wind
     if len(score_on.counts) != len(plan_on.counts):
         raise SpecError(f"{eval_loads}: has {len(score_on.counts)} layers but {loads} has {len(plan_on.counts)}; layers are matched by position")
     return [(plan_on, score_on)]
+
+
+def drawn_windows(recorded: LoadStats, windows: int, tokens: int, seed: int) -> Windows:
+    """Consecutive (plan on, score on) pairs of `windows` windows of `tokens` tokens drawn from `recorded`."""
+    counts = sampled_windows(recorded, windows, tokens, seed)
+    name = recorded.model or "load file"
+    stats = [msgspec.structs.replace(window_stats(c, recorded.top_k, f"{name}, sampled window {w}"), layer_ids=recorded.layer_ids)
+             for w, c in enumerate(counts)]
+    return list(zip(stats[:-1], stats[1:]))
 
 
 def plot_study(runs_by_gpus: dict[int, list[PolicyRun]], sweep: dict, path: Path, model_name: str) -> None:

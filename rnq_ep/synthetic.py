@@ -6,7 +6,8 @@ next. Per layer, a random ranking of the experts gets Zipf weights `rank ** -exp
 Between windows a fraction `drift` of the rank positions, drawn at random, swap their experts, so
 part of the hot set moves. Counts are multinomial draws of `tokens * top_k` assignments.
 Rankings come from `seed` and the draws from `seed + 1`, so the same seed gives the same hot
-sets at every token count.
+sets at every token count. `sampled_windows` draws windows from a load file's own per-layer
+frequencies instead: stationary traffic of one domain, where windows differ by sampling only.
 """
 
 from __future__ import annotations
@@ -94,6 +95,18 @@ def zipf_windows(
             prob[rankings[w, layer]] = by_rank
             counts[w, layer] = rng.multinomial(tokens * top_k, prob)
     return counts
+
+
+def sampled_windows(stats: LoadStats, windows: int, tokens: int, seed: int) -> np.ndarray:
+    """Counts per window [W, L, E] int64: `tokens * top_k` assignments per layer, multinomial on `stats`' frequencies."""
+    if windows < 1 or tokens < 1:
+        raise SpecError(f"sampled windows need windows and tokens >= 1, got {windows}, {tokens}")
+    counts = np.asarray(stats.counts, dtype=np.float64)  # [L, E]
+    totals = counts.sum(axis=1, keepdims=True)
+    if (totals <= 0).any():
+        raise SpecError(f"{stats.model or 'load file'}: a layer with no tokens has no frequencies to sample from")
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(tokens * stats.top_k, counts / totals, size=(windows, counts.shape[0]))
 
 
 def window_stats(counts: np.ndarray, top_k: int, name: str) -> LoadStats:

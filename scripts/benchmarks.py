@@ -28,11 +28,15 @@ BENCH = ROOT / "bench"
 SIMULATE = [sys.executable, "-m", "rnq_ep.simulate"]
 SYNTHETIC_MODELS = ("deepseek-v3", "qwen3-235b-a22b", "gpt-oss-120b", "mixtral-8x22b")
 LOADS = "configs/loads"  # relative to ROOT, where the programs run
-# (label, model, plan-on file, score-on file): the most and the least skewed real loads shipped
+# (label, fragment stem, model, plan-on file, score-on file | "sampled" | None): the most and the least skewed
+# real loads shipped; "sampled": 4 windows drawn from the plan-on file (stationary traffic of its domain)
 REAL_LOADS = (
-    ("OLMoE, arxiv -> github (most skewed)", "olmoe-1b-7b", "olmoe-1b-7b-0924_olmoe-repo_arxiv.json",
-     "olmoe-1b-7b-0924_olmoe-repo_github.json"),
-    ("Mixtral-8x7B, github, in sample (least skewed)", "mixtral-8x7b", "mixtral-8x7b-v0.1_olmoe-repo_github.json", None),
+    ("OLMoE, arxiv -> github (most skewed, a shift of domain)", "olmoe-1b-7b-real", "olmoe-1b-7b",
+     "olmoe-1b-7b-0924_olmoe-repo_arxiv.json", "olmoe-1b-7b-0924_olmoe-repo_github.json"),
+    ("OLMoE, arxiv, stationary: windows drawn from the file (most skewed, no shift)", "olmoe-1b-7b-stationary",
+     "olmoe-1b-7b", "olmoe-1b-7b-0924_olmoe-repo_arxiv.json", "sampled"),
+    ("Mixtral-8x7B, github, in sample (least skewed)", "mixtral-8x7b-real", "mixtral-8x7b",
+     "mixtral-8x7b-v0.1_olmoe-repo_github.json", None),
 )
 RNQ_PREFIX, SIM_SUFFIX = "R&Q", "(sim.)"  # R&Q variants; simulated-only policies (the runtime cannot spill)
 PLAIN, EPLB_HASH, EPLB_LEAST, LLEP = "plain EP", "EPLB +12.5 % mem, hash", "EPLB +12.5 % mem, least-loaded", "LLEP spill"
@@ -96,10 +100,13 @@ def simulate_runs() -> list[tuple[str, list[str], str, bool]]:
     for drift, label in (("0", "no hot-set drift (scored on the hot sets it was planned on)"), ("0.5", "hot-set drift 0.5")):
         runs.append((f"deepseek-v3, {label}", ["--model", "deepseek-v3", "--loads", f"zipf:0.6:drift={drift}",
                      "--gpus", "32,256,1024", "--sweep", "none"], f"simulate-deepseek-v3-drift{drift}", False))
-    for label, model, plan_on, score_on in REAL_LOADS:
+    for label, stem, model, plan_on, score_on in REAL_LOADS:
         args = ["--model", model, "--gpus", "8,32,64", "--loads", f"{LOADS}/{plan_on}", "--sweep", "none"]
-        args += ["--eval-loads", f"{LOADS}/{score_on}"] if score_on else []
-        runs.append((f"Real loads: {label}", args, f"simulate-{model}-real", True))
+        if score_on == "sampled":
+            args += ["--eval-loads", "sampled", "--windows", "4"]
+        elif score_on:
+            args += ["--eval-loads", f"{LOADS}/{score_on}"]
+        runs.append((f"Real loads: {label}", args, f"simulate-{stem}", True))
     return runs
 
 

@@ -50,6 +50,20 @@ def test_cli_labels_one_load_file_as_in_sample(tmp_path, capsys):
     assert code == 0 and "in sample" in capsys.readouterr().out
 
 
+def test_cli_scores_sampled_windows_of_one_load_file_as_stationary_traffic(tmp_path, capsys):
+    loads = SHIPPED / "olmoe-1b-7b-0924_olmoe-repo_arxiv.json"
+    md = tmp_path / "sim.md"
+    code = main(["--model", "olmoe-1b-7b", "--gpus", "8", "--loads", str(loads), "--eval-loads", "sampled",
+                 "--windows", "3", "--tokens-per-gpu", "512", "--sweep", "none", "--markdown", str(md)])
+    assert code == 0 and "3 windows of GPUs x 512 tokens drawn from" in capsys.readouterr().out
+    assert sum(line.startswith("| 8 | ") for line in md.read_text().splitlines()) == len(SIMULATED_POLICIES)
+
+
+def test_cli_refuses_eval_loads_with_a_synthetic_generator(capsys):
+    code = main([*TINY, "--eval-loads", "sampled", "--sweep", "none"])
+    assert code == 2 and "needs --loads FILE" in capsys.readouterr().err
+
+
 def test_cli_rejects_a_malformed_generator_with_exit_code_2(capsys):
     code = main([*TINY, "--loads", "zipf:steep", "--sweep", "none"])
     assert code == 2 and "zipf:steep" in capsys.readouterr().err

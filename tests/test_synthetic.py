@@ -3,8 +3,10 @@
 import numpy as np
 import pytest
 
-from rnq_ep.specs import SpecError
-from rnq_ep.synthetic import ZipfLoads, capped_zipf, hot_set_rankings, parse_zipf, window_stats, zipf_windows
+from rnq_ep.specs import LoadStats, SpecError
+from rnq_ep.synthetic import (
+    ZipfLoads, capped_zipf, hot_set_rankings, parse_zipf, sampled_windows, window_stats, zipf_windows,
+)
 
 
 def test_same_seed_gives_the_same_windows():
@@ -66,3 +68,28 @@ def test_parse_zipf_reads_exponent_and_drift(text, expected):
 def test_parse_zipf_rejects_malformed_text_naming_it(text):
     with pytest.raises(SpecError, match="--loads"):
         parse_zipf(text)
+
+
+RECORDED = LoadStats(counts=[[600, 300, 100, 0], [250, 250, 250, 250]], num_experts=4, top_k=2)
+
+
+def test_sampled_windows_hold_tokens_times_top_k_assignments_per_layer():
+    counts = sampled_windows(RECORDED, windows=3, tokens=500, seed=0)
+    assert counts.shape == (3, 2, 4) and (counts.sum(axis=2) == 1000).all()
+
+
+def test_sampled_windows_follow_the_file_frequencies_and_never_draw_an_unseen_expert():
+    counts = sampled_windows(RECORDED, windows=2, tokens=200_000, seed=1)
+    assert (counts[:, 0, 3] == 0).all()
+    assert np.allclose(counts[:, 0, :3] / 400_000, [0.6, 0.3, 0.1], atol=0.005)
+
+
+def test_sampled_windows_differ_by_window_and_repeat_by_seed():
+    one, two = sampled_windows(RECORDED, 2, 1000, seed=3), sampled_windows(RECORDED, 2, 1000, seed=3)
+    assert np.array_equal(one, two) and not np.array_equal(one[0], one[1])
+
+
+def test_sampled_windows_refuse_a_layer_without_tokens():
+    empty = LoadStats(counts=[[0, 0], [1, 1]], num_experts=2, top_k=1, model="m.json")
+    with pytest.raises(SpecError, match="no tokens"):
+        sampled_windows(empty, 2, 10, seed=0)
