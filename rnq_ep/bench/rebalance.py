@@ -6,8 +6,8 @@ layer migrates between two steps. A step during a switch costs its own time plus
 after it (on CPU the ranks do both in turn: no side stream); the rounds interleave steady and
 switching steps so the host's other load falls on both alike. Bytes moved per step is the
 deterministic proxy of the stall.
-Cost-model part: DeepSeek-V3 on 64-1024 H200s, a Zipf load whose hot set drifts; per layer the
-moves' link time (cost model), staged (one layer per step) vs all layers at once.
+Cost-model part (`rebalance_cost.py`): DeepSeek-V3 on 64-1024 H200s, the layers the rebalancer would
+move, staged (one layer per step) vs all layers at once.
 """
 
 from __future__ import annotations
@@ -26,12 +26,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from rich.console import Console
 
-from rnq_ep.balance import SlotTable, water_fill
+from rnq_ep.balance import SlotTable
 from rnq_ep.bench.planner import BenchTable, to_markdown
-from rnq_ep.costmodel import predict_layer_time, scale_counts, weight_move_time
+from rnq_ep.bench.rebalance_cost import cost_model_table
 from rnq_ep.planner import plan_rnq
 from rnq_ep.rebalance.migrate import LayerMigration
-from rnq_ep.rebalance.moves import copy_moves, moved_bytes
 from rnq_ep.rebalance.replan import keep_in_place
 from rnq_ep.runtime.inputs import checkpoint_loader, make_batch
 from rnq_ep.runtime.worker import build_layers, leave_group, run_step
@@ -148,40 +147,6 @@ def cpu_table(model: ModelSpec, ranks: int, rounds: int, tokens: int, copies_per
             f"{ranks} ranks share {os.cpu_count()} cores with the host's other load: wall times are noisy, "
             "MB moved per step (all ranks, peer + checkpoint) is the deterministic proxy.")
     header = ("phase", "MB moved in the step (max)", "step ms (median / worst)", "vs steady (median / worst)", "steps")
-    return BenchTable(title, header, rows, note)
-
-
-def cost_model_table(gpu_counts: list[int], layers: int, tokens_per_gpu: int, seed: int) -> BenchTable:
-    """DeepSeek-V3 on H200 nodes: per-step link time of one layer's moves vs all layers' moves, cost model."""
-    model, base = load_model("deepseek-v3"), load_cluster("h200x64")
-    rows = []
-    for g in gpu_counts:
-        cluster = msgspec.structs.replace(base, name=f"h200x{g}", nodes=g // base.gpus_per_node)
-        windows = zipf_windows(ZipfLoads(1.0, drift=0.5), layers, model.num_experts, model.top_k, 2, tokens_per_gpu * g, seed)
-        plans = [plan_rnq(model, cluster, window_stats(w, model.top_k, model.name), PlanOptions()) for w in windows]
-        step_s, move_s, moved, if_bf16 = 0.0, [], 0, 0
-        for old, new, row in zip(plans[0].layers, plans[1].layers, windows[1]):
-            new = keep_in_place(old, new, model, cluster)
-            old_t, new_t = (SlotTable.from_layer(x, g, model.num_experts) for x in (old, new))
-            scaled = scale_counts(row.astype(np.float64), model, g, tokens_per_gpu)
-            step_s += predict_layer_time(model, cluster, new_t, water_fill(new_t, scaled)).total_s
-            moves = copy_moves(old_t, new_t, model)
-            move_s.append(weight_move_time(model, cluster, [(m.src, m.dst, m.fmt) for m in moves if m.kind == "peer"]))
-            sizes = moved_bytes(moves, model)
-            moved, if_bf16 = moved + sizes[0], if_bf16 + sizes[1]
-        scale = model.num_layers / layers  # the sampled layers stand for all of the model's layers
-        step_s *= scale
-        world_s = float(np.mean(move_s)) * model.num_layers
-        rows.append((str(g), f"{moved / layers / 1e9:.2f} ({if_bf16 / layers / 1e9:.2f})", f"{step_s * 1e3:.1f}",
-                     f"{max(move_s) * 1e3:.2f}", f"{(step_s + max(move_s)) / step_s:.2f}",
-                     f"{world_s * 1e3:.1f}", f"{(step_s + world_s) / step_s:.2f}"))
-    title = (f"Cost model: {model.name} ({model.num_layers} MoE layers) on H200 nodes, {tokens_per_gpu} tokens per GPU "
-             f"per step, Zipf s=1 load whose hot set drifts by half; {layers} layers planned, scaled to all")
-    note = ("staged: one layer's moves per step, not overlapped with the step (upper bound; on a side stream it "
-            "overlaps); stop-the-world: every layer's moves between two steps. Peer moves only (links), "
-            "reloads from the checkpoint excluded.")
-    header = ("GPUs", "GB moved / layer (if bf16)", "step (ms)", "staged: worst extra (ms)", "staged vs step",
-              "stop-the-world pause (ms)", "stop-the-world vs step")
     return BenchTable(title, header, rows, note)
 
 
