@@ -199,12 +199,18 @@ def test_dropping_quantized_copies_brings_routing_within_budget():
 @given(st.integers(0, 2**31), st.integers(2, 40), st.integers(1, 8), st.booleans())
 def test_sink_order_is_the_head_of_a_full_stable_sort(seed, num_gpus, gpus_per_node, prefer_node):
     rng = np.random.default_rng(seed)
-    state = SimpleNamespace(load=rng.integers(0, 6, num_gpus).astype(np.float64))  # small ints: many ties
-    limits = SimpleNamespace(gpus_per_node=gpus_per_node, prefer_node=prefer_node)
-    open_gpus = np.flatnonzero(rng.random(num_gpus) < 0.7)
+    load = rng.integers(0, 6, num_gpus).astype(np.float64)  # small ints: many ties
+    held, max_held, open_below = rng.integers(0, 3, num_gpus), 2, 4.5
+    holders = sorted(rng.choice(num_gpus, int(rng.integers(0, num_gpus)), replace=False).tolist())  # GPUs with the expert
+    state = SimpleNamespace(
+        loads=load.tolist(), held=held, open_below=open_below, gpus_of=[holders],
+        open=sorted((x, g) for g, x in enumerate(load.tolist()) if x < open_below and held[g] < max_held),
+    )
+    limits = SimpleNamespace(gpus_per_node=gpus_per_node, prefer_node=prefer_node, max_held=max_held)
+    open_gpus = np.flatnonzero((load < open_below) & (held < max_held) & ~np.isin(np.arange(num_gpus), holders))
     source, target, want = int(rng.integers(num_gpus)), 4.0, float(rng.integers(0, 4))
-    order = open_gpus[np.argsort(state.load[open_gpus], kind="stable")].tolist()
+    order = open_gpus[np.argsort(load[open_gpus], kind="stable")].tolist()
     if prefer_node:
-        lead = [g for g in order if g // gpus_per_node == source // gpus_per_node and target - state.load[g] >= want]
+        lead = [g for g in order if g // gpus_per_node == source // gpus_per_node and target - load[g] >= want]
         order = lead + [g for g in order if g not in lead]
-    assert _sink_order(state, limits, open_gpus, source, target, want) == order[:TRIED_SINKS]
+    assert _sink_order(state, limits, 0, source, target, want) == order[:TRIED_SINKS]

@@ -41,6 +41,9 @@ class LayerCopies:
     held: np.ndarray  # [G] copies per GPU
     quantized_tokens: float
     room_cache: dict[int, list] = field(default_factory=dict)  # gpu -> _room_plans, dropped when it changes
+    loads: list[float] = field(default_factory=list)  # `load` as Python floats, for the per-step reads
+    open_below: float = -math.inf  # a GPU below this load with a free slot can take a new copy
+    open: list[tuple[float, int]] = field(default_factory=list)  # (load, gpu) of those GPUs, ascending
 
     def slots_on(self, gpu: int) -> list[int]:
         """Slot indices held by `gpu`, by expert -> [c]."""
@@ -87,6 +90,9 @@ def spread_load(state: LayerCopies, limits: Limits, give_up_at: float = np.inf) 
     """
     target = state.load.sum() / state.load.size
     tol = max(target * 1e-9, 1e-12)
+    state.loads = state.load.tolist()
+    state.open_below = target - tol
+    state.open = sorted((x, g) for g, x in enumerate(state.loads) if x < state.open_below and state.held[g] < limits.max_held)
     stuck = _hopeless(state, limits, target, tol)
     floor = state.load[stuck].max() if stuck.any() else -np.inf
     for _ in range(MAX_STEPS_PER_COPY * len(state.gpu)):
@@ -119,13 +125,12 @@ def _shift_from(state: LayerCopies, limits: Limits, source: int, target: float, 
     slots = sorted(state.slots_on(source), key=lambda s: -state.tokens[s])  # heaviest first, ties by expert
     if _pour_to_existing(state, limits, source, slots, target, tol):
         return True
-    open_to_any = (state.load < target - tol) & (state.held < limits.max_held)  # [G]
+    loads = state.loads
     for slot in slots:
         expert, held = state.expert[slot], state.tokens[slot]
-        open_gpus = np.flatnonzero(open_to_any & (state.slot_of[expert] < 0))
-        want = min(state.load[source] - target, held)
-        for sink in _sink_order(state, limits, open_gpus, source, target, want):
-            amount = min(want, target - state.load[sink])
+        want = min(loads[source] - target, held)
+        for sink in _sink_order(state, limits, expert, source, target, want):
+            amount = min(want, target - loads[sink])
             moves_all = amount >= held - tol
             if not moves_all and state.copies[expert] >= limits.max_copies:
                 continue
@@ -146,54 +151,66 @@ def _pour_to_existing(
 
     With a finite `target`, fill that GPU up to the target; with -inf, halve the gap between the two.
     """
+    loads, finite = state.loads, math.isfinite(target)
     for slot in slots:
         expert = state.expert[slot]
         if state.copies[expert] == 1 or state.tokens[slot] <= tol:
             continue
-        ceiling = target if np.isfinite(target) else state.load[source]
-        open_gpus = [g for g in state.gpus_of[expert] if state.load[g] < ceiling - tol]
+        ceiling = target if finite else loads[source]
+        open_gpus = [g for g in state.gpus_of[expert] if loads[g] < ceiling - tol]
         if not open_gpus:
             continue
-        sink = min(open_gpus, key=state.load.__getitem__)  # ties: lower GPU
+        sink = min(open_gpus, key=loads.__getitem__)  # ties: lower GPU
         other = int(state.slot_of[expert, sink])
-        if np.isfinite(target):
-            amount = min(state.load[source] - target, target - state.load[sink], state.tokens[slot])
+        if finite:
+            amount = min(loads[source] - target, target - loads[sink], state.tokens[slot])
         else:
-            amount = min((state.load[source] - state.load[sink]) / 2, state.tokens[slot])
+            amount = min((loads[source] - loads[sink]) / 2, state.tokens[slot])
         token_change = (amount if state.fmt[other] else 0.0) - (amount if state.fmt[slot] else 0.0)
         if state.quantized_tokens + token_change > limits.token_budget + 1e-9 * max(limits.token_budget, 1.0):
             continue
         state.quantized_tokens += token_change
         state.tokens[slot] -= amount
         state.tokens[other] += amount
-        state.load[source] -= amount
-        state.load[sink] += amount
-        state.room_cache.pop(source, None)
-        state.room_cache.pop(sink, None)
+        _change(state, limits, source, -amount, 0)
+        _change(state, limits, sink, amount, 0)
         return True
     return False
 
 
-def _sink_order(
-    state: LayerCopies, limits: Limits, open_gpus: np.ndarray, source: int, target: float, want: float
-) -> list[int]:
-    """The first TRIED_SINKS candidate GPUs, least loaded first (ties: lower GPU); with prefer_node,
-    same-node GPUs that can take `want` lead. Only GPUs that can be among the first are sorted."""
-    node = source // limits.gpus_per_node
-    if open_gpus.size > TRIED_SINKS:
-        load = state.load[open_gpus]
-        cut = np.partition(load, TRIED_SINKS - 1)[TRIED_SINKS - 1]
-        keep = load < cut
-        keep[np.flatnonzero(load == cut)[:TRIED_SINKS]] = True  # of many equal loads the lowest GPUs suffice
-        if limits.prefer_node:
-            keep |= open_gpus // limits.gpus_per_node == node
-        open_gpus = open_gpus[keep]
-    load = state.load
-    order = sorted(open_gpus.tolist(), key=load.__getitem__)
-    if limits.prefer_node:
-        lead = [g for g in order if g // limits.gpus_per_node == node and target - load[g] >= want]
-        order = lead + [g for g in order if g not in lead]
-    return order[:TRIED_SINKS]
+def _change(state: LayerCopies, limits: Limits, gpu: int, amount: float, copies: int) -> None:
+    """Add `amount` tokens and `copies` copies to `gpu`'s load and count; keeps `open` sorted, drops its room plans."""
+    before, held = state.loads[gpu], int(state.held[gpu])
+    if before < state.open_below and held < limits.max_held:
+        del state.open[bisect.bisect_left(state.open, (before, gpu))]
+    after = before + amount
+    state.loads[gpu] = after
+    state.load[gpu] = after
+    state.held[gpu] = held + copies
+    if after < state.open_below and held + copies < limits.max_held:
+        bisect.insort(state.open, (after, gpu))
+    state.room_cache.pop(gpu, None)
+
+
+def _sink_order(state: LayerCopies, limits: Limits, expert: int, source: int, target: float, want: float) -> list[int]:
+    """The first TRIED_SINKS GPUs below the target with a free slot and no copy of `expert`, least loaded
+    first (ties: lower GPU); with prefer_node, same-node GPUs that can take `want` lead."""
+    holders = state.gpus_of[expert]
+    order = []
+    for _, g in state.open:
+        if g not in holders:
+            order.append(g)
+            if len(order) == TRIED_SINKS:
+                break
+    if not limits.prefer_node:
+        return order
+    loads, size = state.loads, limits.gpus_per_node
+    node = source // size
+    near = [g for g in range(node * size, min((node + 1) * size, len(loads)))
+            if loads[g] < state.open_below and state.held[g] < limits.max_held and g not in holders and g not in order]
+    order = sorted(order + near, key=lambda g: (loads[g], g))
+    lead = [g for g in order if g // size == node and target - loads[g] >= want]
+    return (lead + [g for g in order if g not in lead])[:TRIED_SINKS]
 
 
 def _room_plans(state: LayerCopies, limits: Limits, sink: int) -> list:
@@ -251,14 +268,10 @@ def _apply(
         state.fmt[s] = f
     expert, source = state.expert[slot], state.gpu[slot]
     state.quantized_tokens += token_change
-    state.load[source] -= amount
-    state.load[sink] += amount
-    state.room_cache.pop(source, None)
-    state.room_cache.pop(sink, None)
+    _change(state, limits, source, -amount, -1 if moves_all else 0)
+    _change(state, limits, sink, amount, 1)
     state.used[sink] += fmt_bytes[code]
-    state.held[sink] += 1
     if moves_all:
-        state.held[source] -= 1
         state.used[source] -= fmt_bytes[state.fmt[slot]]
         state.slot_of[expert, source] = -1
         state.slot_of[expert, sink] = slot
