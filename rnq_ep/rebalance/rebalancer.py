@@ -36,6 +36,7 @@ from rnq_ep.specs import LayerPlan, Plan
 log = logging.getLogger(__name__)
 
 RUNNING, DONE, FAILED, TIMED_OUT = 0, 1, 2, 3
+SHOWN_STALLS = 8  # switches listed in the summary line
 
 
 @dataclass
@@ -55,12 +56,14 @@ class RebalanceHealth:
     stalls: list[tuple[int, int, float]] = field(default_factory=list)  # (step, layer, seconds) of the slowest chunk per layer
 
     def summary(self) -> str:
-        """One log line: re-plans, layers switched, bytes moved, the worst stall so far."""
-        worst = max((seconds for _, _, seconds in self.stalls), default=0.0)
+        """One log line: re-plans, layers switched, bytes moved, the stall of each switch (the last SHOWN_STALLS)."""
+        shown = ", ".join(f"step {step} layer {layer} {seconds * 1e3:.1f} ms" for step, layer, seconds in self.stalls[-SHOWN_STALLS:])
+        earlier = len(self.stalls) - SHOWN_STALLS
         return (
             f"re-plans {self.replans_done} done, {self.replans_failed} failed, {self.replans_timed_out} timed out; "
             f"layers switched {self.layers_switched}, kept {self.layers_kept}, aborted {self.layers_aborted}; "
-            f"{self.bytes_moved / 1e6:.2f} MB moved ({self.bytes_if_bf16 / 1e6:.2f} MB if bf16); worst stall {worst:.4f} s"
+            f"{self.bytes_moved / 1e6:.2f} MB moved ({self.bytes_if_bf16 / 1e6:.2f} MB if bf16); "
+            f"stall per switch (slowest migration call): {shown or 'none'}{f' ({earlier} earlier)' if earlier > 0 else ''}"
         )
 
 
