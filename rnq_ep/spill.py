@@ -1,0 +1,201 @@
+"""SpillMoE: an EPMoE that spills, per step, what its routing leaves over LLEP's threshold onto idle GPUs,
+sending the expert weights along (LLEP; R&Q + int8/int4 spill).
+
+Per forward, on every rank:
+1. all_gather(counts [E + 1] int64): this step's per-expert counts of every rank (+ an input-ok flag).
+   Dispatch gathers the same counts again inside; it cannot take them from the caller.
+2. The same Step everywhere (`spill_step`, pure): the layer's routing policy splits the counts over
+   the copies (`static` on plain EP: LLEP's start; `least-loaded`: R&Q's), then `policies.llep_spill`
+   moves what is over the threshold, appending spilled copies to the table.
+3. all_to_all_single(uint8 payload), only when a copy moves: each spilled copy's source rank sends its
+   copy, in the spill format when the copy is bf16 (quantized on the fly) and as stored otherwise (an
+   int8 copy cannot be made bf16, and re-quantizing int8 to int4 would round twice). Split sizes come
+   from the Step (`transfer_matrix`), so they agree on every rank; packing and unpacking are the
+   staged migration's (`rnq_ep.rebalance.migrate`).
+4. EPMoE's own forward on the spilled table with `static` routing on shares = quotas / count, which
+   `share_quotas` turns back into exactly the Step's quotas; resident copies run as they are, the
+   received ones (the rank's last local slots, so its last recv rows) as temporary LocalExperts,
+   freed after the step.
+A step whose routing already stays under the threshold runs as EPMoE does, with no exchange.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from rnq_ep.balance import FMT_CODE, SlotTable
+from rnq_ep.dispatch import _all_gather, _world_size
+from rnq_ep.experts import LocalExperts
+from rnq_ep.layer import EPMoE, LayerStats
+from rnq_ep.policies import LLEP_CAPACITY, LLEP_MIN_CHUNK, LLEP_THRESHOLD, Step, llep_spill
+from rnq_ep.rebalance.migrate import _exchange, _pack, _stage, layer_device
+from rnq_ep.rebalance.moves import CopyMove, transfer_matrix
+from rnq_ep.routing import SlotIndex, check_topk_ids, slot_index, step_quotas
+from rnq_ep.specs import FORMATS
+
+
+@dataclass(frozen=True)
+class SpillStats(LayerStats):
+    """LayerStats plus what the step's spill moved (whole layer, all ranks, unless it says this rank)."""
+
+    spilled_copies: int = 0  # copies sent between GPUs this step
+    moved_bytes: int = 0  # their weight bytes
+    received_bytes: int = 0  # the part this rank received
+    spill_seconds: float = 0.0  # this rank's wall time gathering counts, planning and moving weights
+
+
+@dataclass(frozen=True)
+class SpillPlan:
+    """One step's spill: the Step and the weight copies it sends, with their exact formats."""
+
+    step: Step  # llep_spill's, each spilled copy in the format it travels in
+    start: np.ndarray  # [S] quotas of the layer's routing before spilling
+    moves: tuple[CopyMove, ...]  # one peer move per spilled copy, new slot order
+
+    @property
+    def changed(self) -> bool:
+        """True when spilling moved tokens (with or without weights)."""
+        return bool(self.moves) or not np.array_equal(self.step.quotas, self.start)
+
+
+def spill_step(
+    table: SlotTable,
+    counts: np.ndarray,
+    policy: str,
+    spill_fmt: str,
+    threshold: float = LLEP_THRESHOLD,
+    capacity: float = LLEP_CAPACITY,
+    min_chunk: int = LLEP_MIN_CHUNK,
+    index: SlotIndex | None = None,
+) -> SpillPlan:
+    """Route counts [R, E] by `policy`, then LLEP's spill on what is over `threshold`: the SpillPlan (pure)."""
+    index = slot_index(table) if index is None else index
+    counts = np.asarray(counts, np.int64)
+    start = step_quotas(counts, index, policy)
+    step = llep_spill(table, counts.sum(axis=0), threshold, capacity, min_chunk, start=start, spill_fmt=spill_fmt)
+    return exact_formats(table, SpillPlan(step, start, ()))
+
+
+def exact_formats(table: SlotTable, plan: SpillPlan) -> SpillPlan:
+    """Each spilled copy in the spill format if its source copy is bf16, else in the source's own format."""
+    step, first = plan.step, table.num_slots
+    fmt, moves, copy_moves = step.table.fmt.copy(), [], []
+    for i, (src, dst, spill_fmt) in enumerate(step.moves):
+        slot, expert = first + i, int(step.table.expert[first + i])
+        source = int(np.flatnonzero((table.gpu == src) & (table.expert == expert))[0])
+        if table.fmt[source] != FMT_CODE["bf16"]:
+            fmt[slot] = table.fmt[source]
+        moves.append((src, dst, FORMATS[fmt[slot]]))
+        copy_moves.append(CopyMove(slot, expert, FORMATS[fmt[slot]], dst, src, source, "peer"))
+    spilled = replace(step.table, fmt=fmt)
+    return SpillPlan(Step(spilled, step.quotas, tuple(moves)), plan.start, tuple(copy_moves))
+
+
+def quota_table(step: Step) -> SlotTable:
+    """The step's table with shares quotas / count, so static routing (share_quotas) gives exactly its quotas."""
+    table = step.table
+    count = np.bincount(table.expert, weights=step.quotas, minlength=table.num_experts)[table.expert]  # [S]
+    share = np.where(count > 0, step.quotas / np.maximum(count, 1), table.share)
+    return SlotTable.from_arrays(table.gpu, table.expert, table.fmt, share, table.num_gpus, table.num_experts)
+
+
+class SpilledExperts:
+    """This rank's resident copies, then the copies spilled onto it for one step: recv rows in that order."""
+
+    def __init__(self, resident: LocalExperts, spilled: LocalExperts | None) -> None:
+        """Run `resident` on the first rows and `spilled` (None: no copy came) on the rest."""
+        self.resident, self.spilled = resident, spilled
+
+    def __call__(self, recv: torch.Tensor, local_offsets: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:
+        """recv [N, H] by local copy (local_offsets [C + M + 1]) -> row_weight-scaled outputs [N, H]."""
+        c = self.resident.num_copies
+        split = int(local_offsets[c])
+        out = self.resident(recv[:split], local_offsets[: c + 1], row_weight[:split])  # [n, H]
+        if self.spilled is None:
+            return out
+        rest = self.spilled(recv[split:], local_offsets[c:] - split, row_weight[split:])  # [N - n, H]
+        return torch.cat([out, rest])
+
+
+class SpillMoE(EPMoE):
+    """EPMoE whose every step spills the excess over `threshold` x mean GPU load (LLEP's rule), moving weights."""
+
+    def __init__(self, *args, spill_fmt: str = "bf16", threshold: float = LLEP_THRESHOLD,
+                 capacity: float = LLEP_CAPACITY, min_chunk: int = LLEP_MIN_CHUNK, **kwargs) -> None:
+        """EPMoE's arguments (its `policy` is the split before spilling: `static` for LLEP on plain EP), plus
+        LLEP's parameters and the format spilled bf16 copies are sent in."""
+        super().__init__(*args, **kwargs)
+        if spill_fmt not in FORMATS:
+            raise ValueError(f"spill_fmt {spill_fmt!r}: expected one of {FORMATS}")
+        self.spill_fmt, self.threshold, self.capacity, self.min_chunk = spill_fmt, threshold, capacity, min_chunk
+        self.last_spill: SpillPlan | None = None  # the last forward's plan (None: a rank's inputs were bad)
+
+    def forward_routed(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H] with topk_ids/topk_weights [T, k] -> [T, H]; last_stats is a SpillStats."""
+        start_s = time.perf_counter()
+        counts = self._gather_counts(topk_ids)
+        self.last_spill = None
+        if counts is None:  # some rank's ids are bad: dispatch raises its error on every rank
+            return super().forward_routed(x, topk_ids, topk_weights)
+        if self._index is None or self._index.table is not self.table:
+            self._index = slot_index(self.table, topk_ids.device)
+        plan = spill_step(self.table, counts, self.policy, self.spill_fmt, self.threshold, self.capacity,
+                          self.min_chunk, self._index)
+        self.last_spill = plan
+        if not plan.changed:
+            spill_seconds = time.perf_counter() - start_s
+            out = super().forward_routed(x, topk_ids, topk_weights)
+            self.last_stats = SpillStats(**vars(self.last_stats), spill_seconds=spill_seconds)
+            return out
+        spilled, moved, received = self._receive(plan)
+        spill_seconds = time.perf_counter() - start_s
+        # EPMoE's forward serves the step from the spilled table: rebind what it reads for this one call
+        resident = self.table, self.experts, self.policy, self._index
+        self.table, self.experts = quota_table(plan.step), SpilledExperts(self.experts, spilled)
+        self.policy, self._index = "static", None
+        try:
+            out = super().forward_routed(x, topk_ids, topk_weights)
+        finally:
+            self.table, self.experts, self.policy, self._index = resident
+        self.last_stats = SpillStats(**vars(self.last_stats), spilled_copies=len(plan.moves), moved_bytes=moved,
+                                     received_bytes=received, spill_seconds=spill_seconds)
+        return out
+
+    def _gather_counts(self, topk_ids: torch.Tensor) -> np.ndarray | None:
+        """Every rank's per-expert counts [R, E] (one all_gather), or None if any rank's topk_ids are invalid."""
+        num_experts = self.table.num_experts
+        try:
+            check_topk_ids(topk_ids, num_experts)
+            local = torch.bincount(topk_ids.reshape(-1).long(), minlength=num_experts)  # [E]
+            ok = 1
+        except ValueError:
+            local, ok = torch.zeros(num_experts, dtype=torch.int64, device=topk_ids.device), 0
+        flag = torch.tensor([ok], dtype=torch.int64, device=topk_ids.device)
+        gathered = _all_gather(torch.cat([local, flag]), self.group, _world_size(self.group)).cpu().numpy()  # [R, E + 1]
+        return gathered[:, :num_experts] if gathered[:, num_experts].all() else None
+
+    def _receive(self, plan: SpillPlan) -> tuple[LocalExperts | None, int, int]:
+        """Send this rank's spilled copies, receive its own: (temporary experts or None, bytes moved, bytes received)."""
+        world, rank, moves = _world_size(self.group), self.rank, list(plan.moves)
+        matrix = transfer_matrix(moves, self.model, world)  # [src, dst] bytes, the same on every rank
+        if not matrix.any():
+            return None, 0, 0
+        payload = _pack([m for m in moves if m.src == rank], self, layer_device(self))
+        received = _exchange(payload, matrix[rank], matrix[:, rank], self.group, world)
+        mine = [m for m in moves if m.dst == rank]
+        if not mine:
+            return None, int(matrix.sum()), 0
+        staged = _stage(mine, self, received, matrix[:, rank], None)
+        table = plan.step.table
+        slots = np.array([m.slot for m in mine])
+        # a table of only the received copies: from_copies reads this rank's slots (gpu, expert, fmt) and nothing else
+        spilled_table = SlotTable(table.gpu[slots], table.expert[slots], table.fmt[slots], table.share[slots],
+                                  table.num_gpus, table.num_experts)
+        spilled = LocalExperts.from_copies(spilled_table, rank, [staged[m.slot] for m in mine], self.model.hidden_size,
+                                           self.experts.backend)
+        return spilled, int(matrix.sum()), int(matrix[:, rank].sum())
+
