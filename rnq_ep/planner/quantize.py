@@ -64,11 +64,20 @@ def conversions_for_needs(
         return results
     cheapest, largest = [], []  # per copy: (cost per freed byte, freed bytes, cost, format) or None
     for f, t, c in zip(fmt, tokens, cost):
-        moves = [(t * (c[k] - c[f]) / max(sizes[f] - sizes[k], 1), sizes[f] - sizes[k], t * (c[k] - c[f]), k)
-                 for k in range(len(sizes)) if sizes[k] < sizes[f] and math.isfinite(c[k])]
-        cheapest.append(min(moves, key=lambda m: m[0]) if moves else None)  # ties: the larger format
-        largest.append(max(moves, key=lambda m: m[1]) if moves else None)
+        cheap = large = None  # the first of equal moves wins: the larger format
+        for k, size in enumerate(sizes):
+            if size < sizes[f] and math.isfinite(c[k]):
+                price = t * (c[k] - c[f])
+                move = (price / max(sizes[f] - size, 1), sizes[f] - size, price, k)
+                if cheap is None or move[0] < cheap[0]:
+                    cheap = move
+                if large is None or move[1] > large[1]:
+                    large = move
+        cheapest.append(cheap)
+        largest.append(large)
     for target in (cheapest, largest):
+        if not pending:
+            break
         order = sorted((i for i, m in enumerate(target) if m is not None), key=lambda i: target[i][0])
         freed = list(itertools.accumulate(target[i][1] for i in order))
         for p in [p for p in pending if freed and freed[-1] >= needs[p]]:

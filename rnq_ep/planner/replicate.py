@@ -35,10 +35,10 @@ class LayerCopies:
     slot_of: np.ndarray  # [E, G] slot index of expert e on GPU g, -1 if none
     gpus_of: list[list[int]]  # [E] GPUs holding a copy of expert e, ascending
     slots_by_gpu: list[list[int]]  # [G] slots on GPU g, by expert
-    copies: np.ndarray  # [E] copies per expert
+    copies: list[int]  # [E] copies per expert
     load: np.ndarray  # [G] planned tokens per GPU
-    used: np.ndarray  # [G] bytes per GPU
-    held: np.ndarray  # [G] copies per GPU
+    used: list[int]  # [G] bytes per GPU
+    held: list[int]  # [G] copies per GPU
     quantized_tokens: float
     room_cache: dict[int, list] = field(default_factory=dict)  # gpu -> _room_plans, dropped when it changes
     loads: list[float] = field(default_factory=list)  # `load` as Python floats, for the per-step reads
@@ -111,10 +111,10 @@ def spread_load(state: LayerCopies, limits: Limits, give_up_at: float = np.inf) 
 def _hopeless(state: LayerCopies, limits: Limits, target: float, tol: float) -> np.ndarray:
     """GPUs [G] that no step can relieve: no GPU below the target has a free slot, and none of
     their experts has a copy on a less loaded GPU. Vectorised, so full clusters skip the loop."""
-    if ((state.load < target - tol) & (state.held < limits.max_held)).any():
+    if ((state.load < target - tol) & (np.array(state.held) < limits.max_held)).any():
         return np.zeros(state.load.size, dtype=bool)
     gpu, expert = np.array(state.gpu), np.array(state.expert)
-    lightest_copy = np.full(state.copies.size, np.inf)
+    lightest_copy = np.full(len(state.copies), np.inf)
     np.minimum.at(lightest_copy, expert, state.load[gpu])
     can_pour = lightest_copy[expert] < state.load[gpu] - tol
     return np.bincount(gpu[can_pour], minlength=state.load.size) == 0
@@ -157,10 +157,9 @@ def _pour_to_existing(
         if state.copies[expert] == 1 or state.tokens[slot] <= tol:
             continue
         ceiling = target if finite else loads[source]
-        open_gpus = [g for g in state.gpus_of[expert] if loads[g] < ceiling - tol]
-        if not open_gpus:
+        sink = min(state.gpus_of[expert], key=loads.__getitem__)  # ties: lower GPU
+        if loads[sink] >= ceiling - tol:
             continue
-        sink = min(open_gpus, key=loads.__getitem__)  # ties: lower GPU
         other = int(state.slot_of[expert, sink])
         if finite:
             amount = min(loads[source] - target, target - loads[sink], state.tokens[slot])
@@ -180,7 +179,7 @@ def _pour_to_existing(
 
 def _change(state: LayerCopies, limits: Limits, gpu: int, amount: float, copies: int) -> None:
     """Add `amount` tokens and `copies` copies to `gpu`'s load and count; keeps `open` sorted, drops its room plans."""
-    before, held = state.loads[gpu], int(state.held[gpu])
+    before, held = state.loads[gpu], state.held[gpu]
     if before < state.open_below and held < limits.max_held:
         del state.open[bisect.bisect_left(state.open, (before, gpu))]
     after = before + amount
@@ -262,7 +261,7 @@ def _apply(
     token_change: float,
 ) -> None:
     """Carry out one step: re-format sink copies, then add (or move) the copy of `slot`'s expert."""
-    fmt_bytes = limits.fmt_bytes
+    fmt_bytes = limits.sizes
     for s, f in zip(sink_slots, sink_fmt):
         state.used[sink] += fmt_bytes[f] - fmt_bytes[state.fmt[s]]
         state.fmt[s] = f

@@ -212,10 +212,10 @@ def layer_state(copies: Copies, limits: Limits, num_gpus: int, num_experts: int)
         slot_of=slot_of,
         gpus_of=[by_expert[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])],
         slots_by_gpu=[on_gpu[lo:hi] for lo, hi in zip(gpu_bounds[:-1], gpu_bounds[1:])],
-        copies=np.bincount(expert, minlength=num_experts),
+        copies=np.bincount(expert, minlength=num_experts).tolist(),
         load=np.bincount(gpu, weights=tokens, minlength=num_gpus),
-        used=np.bincount(gpu, weights=limits.fmt_bytes[fmt], minlength=num_gpus).astype(np.int64),
-        held=np.bincount(gpu, minlength=num_gpus),
+        used=np.bincount(gpu, weights=limits.fmt_bytes[fmt], minlength=num_gpus).astype(np.int64).tolist(),
+        held=np.bincount(gpu, minlength=num_gpus).tolist(),
         quantized_tokens=float(tokens[fmt > 0].sum()),
     )
 
