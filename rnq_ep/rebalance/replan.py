@@ -1,9 +1,10 @@
 """Re-plan from a window of live counts, with a migration-cost term (pure: no process groups).
 
 1. Plan afresh on the window (R&Q by default).
-2. Keep copies in place: GPUs of the new layer are relabelled (within a node, Hungarian assignment)
-   so as many of the old copies' bytes as possible stay where they are; GPU labels within a node
-   are interchangeable, so the relabelled plan has the same memory and balance.
+2. Keep copies in place: the new layer's nodes, and GPUs within each node, are relabelled (Hungarian
+   assignments: GPUs within every pair of nodes, then nodes on those values) so as many of the old
+   copies' bytes as possible stay where they are; nodes are alike and GPUs within a node are alike,
+   so the relabelled plan has the same memory, balance and predicted time.
 3. Move a layer only if it pays for itself: predicted step-time gain over `horizon_steps` steps
    must exceed the link time of its moves (cost model), and the step must get at least MIN_GAIN
    faster (hysteresis: a window's sampling noise alone should not churn copies); otherwise the
@@ -85,22 +86,35 @@ def replan(
 
 
 def keep_in_place(old: LayerPlan, new: LayerPlan, model: ModelSpec, cluster: ClusterSpec) -> LayerPlan:
-    """`new` with its GPUs relabelled within each node to keep the most old-copy bytes in place."""
-    g = cluster.num_gpus
-    kept = np.zeros((g, g))  # [old gpu, new gpu] bytes that need not move
-    held = {(s.gpu, s.expert): s.fmt for s in old.slots}
-    for slot in new.slots:
-        for gpu in range(g):
-            fmt = held.get((gpu, slot.expert))
-            if fmt is not None and (fmt == slot.fmt or fmt == "bf16"):
-                kept[gpu, slot.gpu] += expert_bytes(model, slot.fmt)
-    node = np.array([cluster.node_of(gpu) for gpu in range(g)])
-    kept[node[:, None] != node[None, :]] = -1e18  # never relabel across nodes
-    old_gpu, new_gpu = linear_sum_assignment(kept, maximize=True)
+    """`new` with whole nodes, then GPUs within each node, relabelled to keep the most old-copy bytes in place."""
+    g, per = cluster.num_gpus, cluster.gpus_per_node
+    nodes = g // per
+    kept = _kept_bytes(old, new, model, g).reshape(nodes, per, nodes, per)  # [old node, old local, new node, new local]
+    within = np.tile(np.arange(per), (nodes, nodes, 1))  # [old node, new node, new local] -> old local
+    value = np.zeros((nodes, nodes))  # bytes kept if new node b takes old node a's label
+    for a, b in zip(*np.nonzero(kept.sum(axis=(1, 3)))):
+        old_local, new_local = linear_sum_assignment(kept[a, :, b, :], maximize=True)
+        within[a, b, new_local] = old_local
+        value[a, b] = kept[a, old_local, b, new_local].sum()
+    old_node, new_node = linear_sum_assignment(value, maximize=True)
     label = np.empty(g, dtype=np.int64)
-    label[new_gpu] = old_gpu
+    for a, b in zip(old_node, new_node):
+        label[b * per : (b + 1) * per] = a * per + within[a, b]
     slots = [Slot(gpu=int(label[s.gpu]), expert=s.expert, fmt=s.fmt, share=s.share) for s in new.slots]
     return LayerPlan(layer=new.layer, slots=sorted(slots, key=lambda s: s.gpu))  # stable: local order kept
+
+
+def _kept_bytes(old: LayerPlan, new: LayerPlan, model: ModelSpec, num_gpus: int) -> np.ndarray:
+    """[old gpu, new gpu] bytes of new copies the old GPU could keep (same format, or made from its bf16 copy)."""
+    held: dict[int, list[tuple[int, str]]] = {}
+    for slot in old.slots:
+        held.setdefault(slot.expert, []).append((slot.gpu, slot.fmt))
+    kept = np.zeros((num_gpus, num_gpus))
+    for slot in new.slots:
+        for gpu, fmt in held.get(slot.expert, ()):
+            if fmt == slot.fmt or fmt == "bf16":
+                kept[gpu, slot.gpu] += expert_bytes(model, slot.fmt)
+    return kept
 
 
 def _decide(
