@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import msgspec
 import numpy as np
 import pytest
 import torch
 
 from rnq_ep.bench.e2e import (
-    CASES, NOT_RUN, RUNTIME_ROUTING, e2e_table, first_identical, main, output_error, plan_rows, run_single_gpu, single_gpu_plan,
+    CASES, NOT_RUN, RUNTIME_ROUTING, SIMULATED_LABEL, SPILLING, e2e_table, first_identical, main, output_error, plan_rows,
 )
+from rnq_ep.bench.e2e_runs import run_single_gpu, single_gpu_plan
 from rnq_ep.bench.layer import Measured
 from rnq_ep.memory import plain_ep_budget
 from rnq_ep.metrics import gpu_bytes, layer_tables
-from rnq_ep.policies import LLEP, POLICIES
+from rnq_ep.policies import SIMULATED_POLICIES
 from rnq_ep.specs import load_cluster, load_model, load_stats
 
 
@@ -28,14 +31,17 @@ def _rows(case: str, ranks: int = 4):
     return model, plan_rows(model, cluster, *loads, tokens=64)
 
 
-def test_every_policy_but_llep_gets_a_plan_that_the_runtime_can_route():
+def test_every_policy_spilling_ones_included_gets_a_plan_that_the_runtime_can_route():
     _, rows = _rows("olmoe")
-    assert [row.policy for row in rows] == list(POLICIES)
-    for row in rows:
-        if row.policy.routing == LLEP:
-            assert row.plan is None and "predicted only" in row.note
-        else:
-            assert row.plan is not None and row.policy.routing in RUNTIME_ROUTING
+    assert [row.policy for row in rows] == list(SIMULATED_POLICIES)
+    assert all(row.plan is not None and row.policy.routing in RUNTIME_ROUTING for row in rows)
+
+
+def test_a_spilling_policy_runs_apart_from_its_placement_twin_and_each_spill_format_apart():
+    _, rows = _rows("olmoe")
+    same = first_identical(rows)
+    spilling = [i for i, row in enumerate(rows) if row.policy.routing in SPILLING]
+    assert len(spilling) == 3 and all(same[i] == i for i in spilling)
 
 
 def test_rnq_stays_within_plain_ep_memory_and_eplb_within_its_extra():
@@ -72,7 +78,7 @@ def test_single_gpu_variant_puts_every_copy_on_one_worker_with_its_planned_share
 def test_single_gpu_variant_runs_at_world_size_one(tmp_path):
     _, rows = _rows("olmoe")  # on CPU here: the same path a GPU takes, with the torch kernels
     rnq = next(row for row in rows if row.policy.name == "R&Q bf16+int8")
-    assert run_single_gpu(rnq, tmp_path, CASES["olmoe"].run_loads, tokens=8, steps=1, seed=0) > 0
+    assert run_single_gpu(rnq.plan, tmp_path, CASES["olmoe"].run_loads, tokens=8, steps=1, seed=0) > 0
 
 
 def test_output_error_is_the_max_abs_and_the_l2_ratio_over_ranks_and_steps():
@@ -83,22 +89,26 @@ def test_output_error_is_the_max_abs_and_the_l2_ratio_over_ranks_and_steps():
     assert relative == pytest.approx(np.sqrt(0.5) / 5.0)
 
 
-def test_table_gives_speedups_over_plain_ep_and_llep_only_its_prediction():
+def test_table_gives_speedups_over_plain_ep_and_the_weights_each_spilling_row_moved():
     model, rows = _rows("olmoe")
     plain = Measured(wall_s=2.0, critical_s=1.0, balancedness=1.5, mb_sent=3.0, mb_sent_no_dedupe=4.0)
     faster = Measured(wall_s=1.0, critical_s=0.5, balancedness=1.1, mb_sent=2.0, mb_sent_no_dedupe=3.0)
+    budget = plain_ep_budget(model, 4)
     for i, row in enumerate(rows):
-        if row.plan is not None:
-            row.measured["spawn"] = plain if i == 0 else faster
+        row.measured["spawn"] = plain if i == 0 else faster
+        if row.policy.routing in SPILLING:
+            rows[i] = replace(row, spill=(1.25, 2.0, budget * 2))
     table = e2e_table(rows, model, 4, CASES["olmoe"], 64, ("spawn",))
     by_name = {cells[0]: dict(zip(table.header, cells)) for cells in table.rows}
     rnq = by_name["R&Q bf16+int8"]
     assert (rnq["spawn wall speedup"], rnq["spawn critical speedup"]) == ("2.00x", "2.00x")
     assert rnq["max/mean tokens per worker"] == "1.10"
-    llep = by_name["LLEP spill"]
-    assert llep["predicted speedup (cost model)"] != NOT_RUN
-    assert llep["spawn critical speedup"] == llep["max/mean tokens per worker"] == NOT_RUN
-    assert "LLEP spill: predicted only" in table.note
+    assert rnq["weights moved MB/step (copies)"] == "0"
+    for name in ("LLEP spill", "R&Q + int8 spill", "R&Q + int4 spill"):
+        assert by_name[name]["spawn critical speedup"] == "2.00x"
+        assert by_name[name]["weights moved MB/step (copies)"] == "1.2 (2)"
+        assert by_name[name]["memory / plain EP"] == "2.000"
+    assert SIMULATED_LABEL not in table.note and "predicted only" not in table.note
     assert "not run, no GPU" in table.note or torch.cuda.is_available()
 
 
@@ -109,8 +119,9 @@ def test_tiny_run_under_both_launchers_prints_every_policy_with_its_error(tmp_pa
             "--markdown", str(markdown)]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    rows = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines() if line.startswith("| ")}
-    assert all(policy.name in rows for policy in POLICIES)
-    plain_error = float(rows["plain EP"].split(" | ")[-2])  # bf16 experts, fp32 math: the reference up to rounding
-    assert plain_error < 1e-4
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in out.splitlines() if line.startswith("| ")}
+    assert all(policy.name.removesuffix(SIMULATED_LABEL) in rows for policy in SIMULATED_POLICIES)
+    assert float(rows["plain EP"][-2]) < 1e-4  # bf16 experts, fp32 math: the reference up to rounding
+    assert float(rows["LLEP spill"][-2]) < 1e-4  # bf16 spilled copies too
+    assert all(NOT_RUN not in rows[name][-2:] for name in ("R&Q + int8 spill", "R&Q + int4 spill"))
     assert markdown.read_text().count("| R&Q bf16+int8 |") == 1

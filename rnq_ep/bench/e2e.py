@@ -2,14 +2,16 @@
 
 Policies are those of `rnq_ep.policies` (plain EP; EPLB-equivalent at +12.5 % and +25 % memory
 with hash or least-loaded copy choice; R&Q with least-loaded routing at plain-EP memory, bf16+int8
-and bf16+int8+int4; LLEP-style spilling). Each is planned on one load file and run on batches whose
-routing follows another (or the same, labelled in sample), under both launchers users have:
+and bf16+int8+int4; LLEP-style spilling on plain EP; R&Q bf16+int8+int4 + int8 or int4 spill). Each is
+planned on one load file and run on batches whose routing follows another (or the same, labelled in
+sample), under both launchers users have:
 - spawn: torchrun-style spawned gloo ranks; every runnable policy built in one process group from
-  the same weights and run on the same batches, interleaved step by step (`bench layer`'s ranks);
-- ray: one Ray job per policy (`make_job`/`run_job`, the actors call `run_worker`), with outputs
-  kept and compared with the unquantized single-process reference (fp32 dense MoE).
-LLEP moves expert weights every step, which our runtime cannot do: its row carries only the cost
-model's prediction, in the column labelled predicted (every policy gets one, for comparison).
+  the same weights and run on the same batches, interleaved step by step (`bench/e2e_ranks.py`),
+  outputs kept and compared with the unquantized single-process reference (fp32 dense MoE);
+- ray: one Ray job per policy (`make_job`/`run_job`, the actors call `run_worker`), outputs compared too.
+LLEP and R&Q + spill run as SpillMoE layers (`rnq_ep/spill.py`): every step they spill what their
+routing leaves over LLEP's threshold onto the least-loaded workers, sending the expert weights along
+(spawn only: Ray's workers build EPMoE layers). Every row also carries the cost model's prediction.
 With a GPU, each plan also runs at world size 1 with all of its copies on the one GPU and static
 routing, so each copy serves its planned share: the cost of the plan's bf16/int8/int4 kernel mix.
 """
@@ -29,22 +31,25 @@ import ray
 import torch
 from rich.console import Console
 
-from rnq_ep.bench.layer import Measured, spawn_ranks, summarise
+from rnq_ep.bench.e2e_runs import RowRun, run_ray, run_single_gpu, spawn_e2e, spill_figures
+from rnq_ep.bench.layer import Measured, summarise
 from rnq_ep.bench.planner import SHIPPED_LOADS, BenchTable, publish, with_budget
 from rnq_ep.demo import unsharded_outputs
 from rnq_ep.memory import plain_ep_budget
 from rnq_ep.metrics import gpu_bytes, layer_tables
 from rnq_ep.planner import plan_eplb, plan_plain_ep, plan_rnq
-from rnq_ep.policies import HASH, LEAST_LOADED, LLEP, PLAIN_EP, POLICIES, Policy, PolicyRun, run_all
+from rnq_ep.policies import HASH, LEAST_LOADED, LLEP, PLAIN_EP, RNQ_SPILL, SIMULATED_POLICIES, Policy, PolicyRun, run_all
 from rnq_ep.runtime.ray_cluster import connect
-from rnq_ep.runtime.ray_driver import make_job, run_job
 from rnq_ep.runtime.inputs import layer_counts
-from rnq_ep.runtime.worker import StepStats, run_worker
-from rnq_ep.specs import ClusterSpec, LoadStats, ModelSpec, Plan, PlanOptions, SpecError, encode_json, load_cluster, load_model, load_stats, write_atomic
+from rnq_ep.runtime.worker import StepStats
+from rnq_ep.specs import ClusterSpec, LoadStats, ModelSpec, Plan, PlanOptions, SpecError, load_cluster, load_model, load_stats
 
 LAUNCHERS = ("spawn", "ray")
-RUNTIME_ROUTING = {HASH: "hash", LEAST_LOADED: "least-loaded"}  # policies' rule -> routing.POLICIES name
+# policies' rule -> routing.POLICIES name; for the spilling rules, the split before the spill
+RUNTIME_ROUTING = {HASH: "hash", LEAST_LOADED: "least-loaded", LLEP: "static", RNQ_SPILL: "least-loaded"}
+SPILLING = (LLEP, RNQ_SPILL)
 NOT_RUN = "—"
+SIMULATED_LABEL = " (sim.)"  # policies.py's mark on the spill hybrid's name, from when only the cost model ran it
 # Ray starts fresh actors per job (10-20 s on 2 cores): by default only the baseline and the quantized plans
 # (whose output error says something; bf16 plans match the reference to rounding) run as Ray jobs
 RAY_DEFAULT = ("plain EP", "R&Q bf16+int8", "R&Q bf16+int8+int4")
@@ -72,7 +77,7 @@ CASES = {
 
 @dataclass(frozen=True)
 class Row:
-    """One policy of one case: its plan (None for LLEP or an infeasible plan), prediction and measurements."""
+    """One policy of one case: its plan (None for an infeasible plan), prediction and measurements."""
 
     policy: Policy
     plan: Plan | None
@@ -80,6 +85,7 @@ class Row:
     measured: dict[str, Measured]  # by launcher
     error: tuple[float, float] | None = None  # (max abs, relative) vs the unquantized reference
     gpu_s: float | None = None  # world size 1 on a GPU, median step seconds
+    spill: tuple[float, float, int] | None = None  # spilling rows: spill_figures of the spawn run
     note: str = ""
 
 
@@ -97,12 +103,9 @@ def plan_for(policy: Policy, model: ModelSpec, cluster: ClusterSpec, loads: Load
 def plan_rows(model: ModelSpec, cluster: ClusterSpec, plan_loads: LoadStats, run_loads: LoadStats, tokens: int) -> list[Row]:
     """Every policy planned on plan_loads and predicted on run_loads (cost model); plans for the runnable ones."""
     cluster = with_budget(cluster, model, PlanOptions())
-    predicted = {run.policy: run for run in run_all(model, cluster, [(plan_loads, run_loads)], tokens)}
+    predicted = {run.policy: run for run in run_all(model, cluster, [(plan_loads, run_loads)], tokens, SIMULATED_POLICIES)}
     rows = []
-    for policy in POLICIES:
-        if policy.routing == LLEP:
-            rows.append(Row(policy, None, predicted[policy.name], {}, note="predicted only: our runtime cannot move weights"))
-            continue
+    for policy in SIMULATED_POLICIES:
         try:
             plan = plan_for(policy, model, cluster, plan_loads)
         except SpecError as err:
@@ -115,14 +118,17 @@ def plan_rows(model: ModelSpec, cluster: ClusterSpec, plan_loads: LoadStats, run
 
 
 def first_identical(rows: list[Row]) -> dict[int, int]:
-    """Row index -> index of the first planned row that runs exactly the same (same copies; same routing where any expert has copies)."""
-    first: dict[tuple[bytes, str], int] = {}
+    """Row index -> index of the first planned row that runs exactly the same (same copies; same routing where any expert
+    has copies or the routing spills; same spill format)."""
+    first: dict[tuple[bytes, str, str], int] = {}
     out = {}
     for i, row in enumerate(rows):
         if row.plan is None:
             continue
         replicated = any(len(layer.slots) > row.plan.model.num_experts for layer in row.plan.layers)
-        key = (msgspec.json.encode(row.plan.layers), row.policy.routing if replicated else "")
+        spills = row.policy.routing in SPILLING
+        key = (msgspec.json.encode(row.plan.layers), row.policy.routing if replicated or spills else "",
+               row.policy.spill_fmt if spills else "")
         out[i] = first.setdefault(key, i)
     return out
 
@@ -135,38 +141,12 @@ def output_error(outputs: list[list[torch.Tensor]], reference: list[list[torch.T
     return float(diff.abs().max()), float(diff.norm() / ref.norm())
 
 
-def run_spawn(rows: list[Row], counts: list[np.ndarray], ranks: int, tokens: int, steps: int, seed: int) -> list[Measured]:
-    """The runnable rows interleaved on spawned gloo ranks: Measured per row, in order."""
-    kwargs = dict(plans=[r.plan for r in rows], policies=[RUNTIME_ROUTING[r.policy.routing] for r in rows],
-                  counts=counts, tokens=tokens, steps=steps, seed=seed)
-    per_rank = spawn_ranks(ranks, kwargs)  # [rank][row][step]
-    return [summarise([rank[i] for rank in per_rank]) for i in range(len(rows))]
-
-
-def run_ray(row: Row, folder: Path, run_loads: Path, tokens: int, steps: int, seed: int, timeout_s: float) -> list[list[StepStats]]:
-    """One Ray job of the row's plan and routing (steps + 1, the first warms up), outputs kept: stats [rank][step]."""
-    plan_path = folder / "plan.json"
-    write_atomic(plan_path, encode_json(row.plan))
-    job = make_job(str(plan_path), str(run_loads), tokens=tokens, steps=steps + 1, seed=seed,
-                   policy=RUNTIME_ROUTING[row.policy.routing], backend="torch", keep_outputs=True, timeout_s=timeout_s)
-    return run_job(job).stats
-
-
-def single_gpu_plan(plan: Plan) -> Plan:
-    """The plan's copies all on one GPU (world size 1), shares kept, for static routing on that GPU."""
-    cluster = msgspec.structs.replace(plan.cluster, nodes=1, gpus_per_node=1, device="gpu")
-    layers = [msgspec.structs.replace(layer, slots=[msgspec.structs.replace(s, gpu=0) for s in layer.slots])
-              for layer in plan.layers]
-    return msgspec.structs.replace(plan, cluster=cluster, layers=layers)
-
-
-def run_single_gpu(row: Row, folder: Path, run_loads: Path, tokens: int, steps: int, seed: int) -> float:
-    """Median step seconds of the row's plan at world size 1 on this process's GPU (static routing, auto kernels)."""
-    plan_path = folder / "plan_gpu.json"
-    write_atomic(plan_path, encode_json(single_gpu_plan(row.plan)))
-    stats = run_worker(0, 1, str(plan_path), tokens=tokens, steps=steps + 1, loads=str(run_loads), seed=seed,
-                       policy="static", backend="auto")
-    return float(np.median([s.seconds for s in stats[1:]]))
+def run_spawn(rows: list[Row], counts: list[np.ndarray], ranks: int, tokens: int, steps: int, seed: int) -> list[list[list[StepStats]]]:
+    """The runnable rows interleaved on spawned gloo ranks (steps + 1, the first warms up), outputs kept: stats [row][rank][step]."""
+    runs = [RowRun(r.plan, RUNTIME_ROUTING[r.policy.routing], r.policy.spill_fmt if r.policy.routing in SPILLING else None)
+            for r in rows]
+    per_rank = spawn_e2e(ranks, runs, counts, tokens, steps, seed)  # [rank][row][step]
+    return [[rank[i] for rank in per_rank] for i in range(len(rows))]
 
 
 def run_case(case: Case, args: argparse.Namespace, console: Console) -> BenchTable:
@@ -181,24 +161,28 @@ def run_case(case: Case, args: argparse.Namespace, console: Console) -> BenchTab
     runnable = sorted(set(same.values()))
     launchers = LAUNCHERS if args.launcher == "both" else (args.launcher,)
     counts = layer_counts(rows[0].plan, run_loads)
+    reference = unsharded_outputs(rows[0].plan, model, run_loads, args.ranks, args.tokens, args.steps + 1, args.seed)
     if "spawn" in launchers:
         with console.status(f"{case.model}: {len(runnable)} policies interleaved on {args.ranks} spawned gloo ranks"):
-            for i, m in zip(runnable, run_spawn([rows[i] for i in runnable], counts, args.ranks, args.tokens, args.steps, args.seed)):
-                rows[i].measured["spawn"] = m
+            spawned = run_spawn([rows[i] for i in runnable], counts, args.ranks, args.tokens, args.steps, args.seed)
+        for i, stats in zip(runnable, spawned):
+            rows[i].measured["spawn"] = summarise(stats)
+            spill = spill_figures(stats, model, layer_tables(rows[i].plan)) if rows[i].policy.routing in SPILLING else None
+            rows[i] = replace(rows[i], error=output_error([[s.output for s in rank] for rank in stats], reference), spill=spill)
+    not_spilling = [i for i in runnable if rows[i].policy.routing not in SPILLING]  # Ray's and the GPU's workers build EPMoE
     with tempfile.TemporaryDirectory(prefix="rnq-ep-e2e-") as tmp:
         folder = Path(tmp)
         if "ray" in launchers:
-            reference = unsharded_outputs(rows[0].plan, model, run_loads, args.ranks, args.tokens, args.steps + 1, args.seed)
-            for i in (i for i in runnable if args.ray_all or rows[i].policy.name in RAY_DEFAULT):
+            for i in (i for i in not_spilling if args.ray_all or rows[i].policy.name in RAY_DEFAULT):
                 with console.status(f"{case.model}: {rows[i].policy.name} as a Ray job of {args.ranks} workers"):
-                    stats = run_ray(rows[i], folder, case.run_loads, args.tokens, args.steps, args.seed, args.timeout)
+                    stats = run_ray(rows[i].plan, RUNTIME_ROUTING[rows[i].policy.routing], folder, case.run_loads, args.tokens, args.steps, args.seed, args.timeout)
                 rows[i].measured["ray"] = summarise(stats)
-                outputs = [[s.output for s in rank] for rank in stats]
-                rows[i] = replace(rows[i], error=output_error(outputs, reference))
+                if rows[i].error is None:  # spawn's, when it ran: the same batches and weights
+                    rows[i] = replace(rows[i], error=output_error([[s.output for s in rank] for rank in stats], reference))
         if torch.cuda.is_available():
-            run_single_gpu(rows[0], folder, case.run_loads, args.tokens * args.ranks, 1, args.seed)  # CUDA context, compiles
-            for i in runnable:
-                gpu_s = run_single_gpu(rows[i], folder, case.run_loads, args.tokens * args.ranks, args.steps, args.seed)
+            run_single_gpu(rows[0].plan, folder, case.run_loads, args.tokens * args.ranks, 1, args.seed)  # CUDA context, compiles
+            for i in not_spilling:
+                gpu_s = run_single_gpu(rows[i].plan, folder, case.run_loads, args.tokens * args.ranks, args.steps, args.seed)
                 rows[i] = replace(rows[i], gpu_s=gpu_s)
     for i, j in same.items():
         if i != j:
@@ -215,12 +199,21 @@ def speedup(base: float | None, value: float | None) -> str:
 
 
 def memory_ratio(row: Row, model: ModelSpec, budget: int) -> str:
-    """Largest per-GPU expert bytes over layers / plain EP's budget (LLEP: with its spilled copies)."""
-    if row.plan is not None:
+    """Largest per-GPU expert bytes over layers / plain EP's budget (spilling rows: with the copies spilled in the run)."""
+    if row.spill is not None:
+        peak = row.spill[2]
+    elif row.plan is not None:
         peak = max(int(gpu_bytes(model, table).max()) for table in layer_tables(row.plan))
     else:
         peak = row.predicted.max_bytes_per_gpu
     return f"{peak / budget:.3f}" if peak else NOT_RUN
+
+
+def weights_moved(row: Row) -> str:
+    """'MB (copies)' of expert weights the row's spill moved per step; 0 for a row that does not spill."""
+    if row.spill is not None:
+        return f"{row.spill[0]:.1f} ({row.spill[1]:g})"
+    return "0" if row.measured else NOT_RUN
 
 
 def e2e_table(rows: list[Row], model: ModelSpec, ranks: int, case: Case, tokens: int, launchers: tuple[str, ...]) -> BenchTable:
@@ -229,32 +222,38 @@ def e2e_table(rows: list[Row], model: ModelSpec, ranks: int, case: Case, tokens:
     gpu = any(r.gpu_s is not None for r in rows)
     header = ("policy", "memory / plain EP", "predicted speedup (cost model)",
               *(f"{name} {kind} speedup" for name in launchers for kind in ("wall", "critical")),
-              "max/mean tokens per worker", "MB sent (dedupe / none)", "max abs error", "relative error",
+              "max/mean tokens per worker", "MB sent (dedupe / none)", "weights moved MB/step (copies)", "max abs error",
+              "relative error",
               *(("GPU x1 speedup (kernel mix)",) if gpu else ()))
     budget = plain_ep_budget(model, ranks)
     table_rows = []
     for row in rows:
         any_run = next(iter(row.measured.values()), None)  # balance and bytes do not depend on the launcher
-        cells = [row.policy.name, memory_ratio(row, model, budget), speedup(base.predicted.layer_s, row.predicted.layer_s)]
+        cells = [row.policy.name.removesuffix(SIMULATED_LABEL), memory_ratio(row, model, budget), speedup(base.predicted.layer_s, row.predicted.layer_s)]
         for name in launchers:
             m, b = row.measured.get(name), base.measured.get(name)
             cells += [speedup(b and b.wall_s, m and m.wall_s), speedup(b and b.critical_s, m and m.critical_s)]
         cells += [f"{any_run.balancedness:.2f}" if any_run else NOT_RUN,
-                  f"{any_run.mb_sent:.1f} / {any_run.mb_sent_no_dedupe:.1f}" if any_run else NOT_RUN,
+                  f"{any_run.mb_sent:.1f} / {any_run.mb_sent_no_dedupe:.1f}" if any_run else NOT_RUN, weights_moved(row),
                   f"{row.error[0]:.2e}" if row.error else NOT_RUN, f"{row.error[1]:.2e}" if row.error else NOT_RUN]
         if gpu:
             cells.append(speedup(base.gpu_s, row.gpu_s))
         table_rows.append(tuple(cells))
     title = (f"End to end, {ranks} CPU gloo workers, {model.name} ({model.num_experts} experts, top-{model.top_k}), "
              f"{tokens} tokens per worker, {len(base.plan.layers)} layers: {case.label}")
-    notes = [f"{row.policy.name}: {row.note}" for row in rows if row.note]
+    notes = [f"{row.policy.name.removesuffix(SIMULATED_LABEL)}: {row.note}" for row in rows if row.note]
     notes.append("speedup = plain EP's time / the policy's (> 1 is faster), each measured in the same run; wall: barrier "
                  f"to barrier with {ranks} workers on {os.cpu_count()} cores, so it hides imbalance; critical: per layer "
                  "the slowest worker's expert CPU time, summed (one core per worker); predicted: the cost model "
                  f"(`rnq_ep.costmodel`) on the {base.plan.cluster.name} cluster for the same step. spawn: all policies "
                  "interleaved in one set of spawned ranks; ray: one Ray job per policy, run one after another, so its "
                  "ratios carry more of the host's noise. Error: vs the unquantized single-process fp32 reference, every "
-                 "worker and step of the Ray run (relative: L2 norm ratio); a dash: not run on Ray (--ray-all runs all).")
+                 "worker and step of the spawn run (else the Ray run; relative: L2 norm ratio). LLEP and R&Q + spill run "
+                 "as SpillMoE (`rnq_ep/spill.py`): per step, when max/mean worker load > 1.3, the excess moves to the "
+                 "least-loaded workers in chunks of >= 1024 (token, expert) rows, each new copy's weights sent in the "
+                 "step (bf16, or int8/int4 quantized by the sender); weights moved: median per step over all layers and "
+                 "workers; their wall time includes the counts all-gather and the weight exchange, critical does not; "
+                 "memory: with the spilled copies a worker held. Spawn only: Ray's workers build plain EPMoE layers.")
     if not gpu:
         notes.append("GPU x1 (the plan's copies on one GPU, to measure the kernel mix): not run, no GPU on this machine.")
     return BenchTable(title, header, table_rows, "\n".join(notes))
