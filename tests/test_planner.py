@@ -15,7 +15,7 @@ from rnq_ep.balance import SlotTable, water_fill
 from rnq_ep.memory import expert_bytes, plain_ep_budget
 from rnq_ep.planner import InfeasiblePlan, plan_arrays, plan_plain_ep, plan_rnq
 from rnq_ep.planner.eplb import replicate_experts
-from rnq_ep.planner.place import copy_counts
+from rnq_ep.planner.place import copy_counts, replica_order
 from rnq_ep.planner.routed import drop_until_within, routed_quantized, table_of
 from rnq_ep.planner.quantize import cheapest_conversions, cheapest_conversions_by_gpu
 from rnq_ep.planner.replicate import TRIED_SINKS, _sink_order
@@ -175,6 +175,17 @@ def test_copy_counts_match_eplb_replication():
         extra = int(rng.integers(0, 30))
         _, _, logcnt = replicate_experts(weight[None, :], 12 + extra)
         assert copy_counts(weight, extra, max_copies=64).tolist() == logcnt[0].tolist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**31), st.integers(1, 12), st.integers(0, 40), st.integers(1, 8), st.sampled_from((1.0, 0.7, 0.0)))
+def test_every_prefix_of_the_replica_order_gives_the_copy_counts(seed, num_experts, most, max_copies, scale):
+    rng = np.random.default_rng(seed)
+    weight = rng.integers(0, 6, num_experts) * scale  # small ints: many ties; scale 0: no load at all
+    ranked = replica_order(weight, most, max_copies)
+    for extra in range(most + 1):
+        expected = copy_counts(weight, extra, max_copies).tolist()
+        assert (1 + np.bincount(ranked[:extra], minlength=num_experts)).tolist() == expected
 
 
 def test_least_loaded_routing_keeps_quality_budget_on_olmoe_planning_loads():

@@ -30,6 +30,27 @@ def copy_counts(weight: np.ndarray, extra: int, max_copies: int) -> np.ndarray:
     return counts + above.sum(axis=1) + np.bincount(tied // depth, minlength=weight.size)
 
 
+def replica_order(weight: np.ndarray, most: int, max_copies: int) -> np.ndarray:
+    """Experts of the first `most` extra copies by EPLB's rule, best first -> [<= most]: for every r <= most,
+    `1 + bincount(order[:r])` equals `copy_counts(weight, r, max_copies)`, so R trials share one ranking.
+
+    Taken values are > 0 when any weight is (see copy_counts), so the depth bound of `most` holds for every r.
+    """
+    depth = min(most, max_copies - 1)
+    total = float(weight.sum())
+    if total > 0:
+        depth = min(depth, int(weight.max() * (weight.size + most) / total) + 1)
+    if depth <= 0:
+        return np.zeros(0, dtype=np.int64)
+    value = (weight[:, None] / np.arange(1, depth + 1)).ravel()  # row-major: by expert, then copy
+    chosen = np.arange(value.size)
+    if most < value.size:
+        cut = np.partition(value, value.size - most)[value.size - most]
+        above = np.flatnonzero(value > cut)
+        chosen = np.concatenate([above, np.flatnonzero(value == cut)[: most - above.size]])
+    return chosen[np.lexsort((chosen, -value[chosen]))] // depth  # ties: lower expert, then lower copy
+
+
 def pack_by_rounds(expert: np.ndarray, load: np.ndarray, num_gpus: int) -> np.ndarray:
     """LPT in rounds: copies (expert [S], load [S]) -> gpu [S], never two copies of an expert on one GPU.
 

@@ -105,6 +105,8 @@ def cheapest_conversions_by_gpu(
     GPUs that cannot free need[g] bytes keep their copies unchanged (callers check the bytes).
     Without `allow_smallest` only the best-ratio format step is used (no fallback to the smallest).
     """
+    if not (need > 0).any():
+        return fmt.copy()
     rows = np.arange(fmt.size)
     held = fmt_bytes[fmt]
     smaller = np.isfinite(cost) & (fmt_bytes < held[:, None])
@@ -125,4 +127,6 @@ def cheapest_conversions_by_gpu(
         take = order[movable[order] & (before < need[gpu[order]]) & enough[gpu[order]]]
         new_fmt[take] = target[take]
         pending &= ~enough
+        if not pending.any():
+            break
     return new_fmt

@@ -32,7 +32,7 @@ class LayerCopies:
     expert: list[int]
     fmt: list[int]  # 0 bf16, 1 int8, 2 int4
     tokens: list[float]
-    slot_of: np.ndarray  # [E, G] slot index of expert e on GPU g, -1 if none
+    slot_of: dict[tuple[int, int], int]  # (expert, gpu) -> slot index of that copy
     gpus_of: list[list[int]]  # [E] GPUs holding a copy of expert e, ascending
     slots_by_gpu: list[list[int]]  # [G] slots on GPU g, by expert
     copies: list[int]  # [E] copies per expert
@@ -160,7 +160,7 @@ def _pour_to_existing(
         sink = min(state.gpus_of[expert], key=loads.__getitem__)  # ties: lower GPU
         if loads[sink] >= ceiling - tol:
             continue
-        other = int(state.slot_of[expert, sink])
+        other = state.slot_of[expert, sink]
         if finite:
             amount = min(loads[source] - target, target - loads[sink], state.tokens[slot])
         else:
@@ -272,8 +272,7 @@ def _apply(
     state.used[sink] += fmt_bytes[code]
     if moves_all:
         state.used[source] -= fmt_bytes[state.fmt[slot]]
-        state.slot_of[expert, source] = -1
-        state.slot_of[expert, sink] = slot
+        state.slot_of[expert, sink] = state.slot_of.pop((expert, source))
         state.gpus_of[expert].remove(source)
         bisect.insort(state.gpus_of[expert], sink)
         state.slots_by_gpu[source].remove(slot)

@@ -12,7 +12,7 @@ import numpy as np
 from rnq_ep.memory import gpu_budget
 from rnq_ep.planner.affinity import align_to_previous, share_matrix
 from rnq_ep.planner.layout import InfeasiblePlan, format_bytes, layer_plan
-from rnq_ep.planner.place import copy_counts, pack_by_rounds
+from rnq_ep.planner.place import copy_counts, pack_by_rounds, replica_order
 from rnq_ep.planner.refine import refine_layer
 from rnq_ep.planner.quantize import cheapest_conversions_by_gpu, sensitivity_costs
 from rnq_ep.planner.routed import drop_until_within, routed_quantized, table_of
@@ -125,9 +125,13 @@ def balanced_copies(
     best, chosen = None, 0
     room = limits.max_held * num_gpus - weight.size  # replicas that fill every GPU in the smallest format
     candidates = sorted({min(room, int(f * num_gpus)) for f in EXTRA_REPLICAS_PER_GPU} | {0}, reverse=True)
-    for extra in candidates if replan_from is None else [c for c in candidates if c <= replan_from]:
+    if replan_from is not None:
+        candidates = [c for c in candidates if c <= replan_from]
+    ranked = replica_order(weight, candidates[0], limits.max_copies)  # extra copies, best first
+    for extra in candidates:
+        counts = 1 + np.bincount(ranked[:extra], minlength=weight.size)  # = copy_counts(weight, extra, ...)
         try:
-            copies = initial_copies(weight, num_gpus, leave_room if extra else limits, layer, extra)
+            copies = initial_copies(weight, counts, num_gpus, leave_room if extra else limits, layer)
         except InfeasiblePlan:
             if extra:
                 continue
@@ -152,10 +156,10 @@ def load_floor(weight: np.ndarray, num_gpus: int, limits: Limits) -> float:
     return floor
 
 
-def initial_copies(weight: np.ndarray, num_gpus: int, limits: Limits, layer: int, extra: int) -> Copies:
-    """`extra` replicas by load per copy, packed by load; GPUs over budget quantize their cheapest copies."""
+def initial_copies(weight: np.ndarray, counts: np.ndarray, num_gpus: int, limits: Limits, layer: int) -> Copies:
+    """counts [E] copies of each expert, packed by load; GPUs over budget quantize their cheapest copies."""
     num_experts = weight.size
-    counts = copy_counts(weight, extra, limits.max_copies)
+    extra = int(counts.sum()) - num_experts
     expert = np.repeat(np.arange(num_experts), counts)
     tokens = weight[expert] / counts[expert]
     needed = fewest_quantized_copies(expert.size, num_gpus, limits) if extra else 0
@@ -196,20 +200,19 @@ def fewest_quantized_copies(num_copies: int, num_gpus: int, limits: Limits) -> i
 def layer_state(copies: Copies, limits: Limits, num_gpus: int, num_experts: int) -> LayerCopies:
     """Mutable planning state of copies (gpu, expert, fmt, tokens) [S]."""
     gpu, expert, fmt, tokens = copies
-    slot_of = np.full((num_experts, num_gpus), -1, dtype=np.int64)
-    slot_of[expert, gpu] = np.arange(expert.size)
     order = np.lexsort((gpu, expert))
     by_expert = gpu[order].tolist()  # GPUs of expert 0 ascending, then expert 1, ...
     bounds = np.searchsorted(expert[order], np.arange(num_experts + 1)).tolist()
     on_gpu = np.lexsort((expert, gpu))
     gpu_bounds = np.searchsorted(gpu[on_gpu], np.arange(num_gpus + 1)).tolist()
     on_gpu = on_gpu.tolist()
+    gpus, experts = gpu.tolist(), expert.tolist()
     return LayerCopies(
-        gpu=gpu.tolist(),
-        expert=expert.tolist(),
+        gpu=gpus,
+        expert=experts,
         fmt=fmt.tolist(),
         tokens=tokens.tolist(),
-        slot_of=slot_of,
+        slot_of={key: slot for slot, key in enumerate(zip(experts, gpus))},
         gpus_of=[by_expert[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])],
         slots_by_gpu=[on_gpu[lo:hi] for lo, hi in zip(gpu_bounds[:-1], gpu_bounds[1:])],
         copies=np.bincount(expert, minlength=num_experts).tolist(),
