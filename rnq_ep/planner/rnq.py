@@ -75,9 +75,10 @@ def plan_layer(weight: np.ndarray, num_gpus: int, limits: Limits, layer: int, op
     (REPLANS times), then quantized copies are dropped (`routed.py`)."""
     counts = np.rint(weight).astype(np.int64)
     planning, copies, chosen = limits, None, None
+    reuse: dict = {}  # what the trials compute whatever the quality budget, for the re-plans
     for _ in range(REPLANS + 1):
         try:
-            state, chosen = balanced_copies(weight, num_gpus, planning, layer, chosen)
+            state, chosen = balanced_copies(weight, num_gpus, planning, layer, chosen, reuse)
         except InfeasiblePlan:
             if copies is None:
                 raise
@@ -112,14 +113,15 @@ def check_memory_fits(
 
 
 def balanced_copies(
-    weight: np.ndarray, num_gpus: int, limits: Limits, layer: int, replan_from: int | None = None
+    weight: np.ndarray, num_gpus: int, limits: Limits, layer: int, replan_from: int | None, reuse: dict
 ) -> tuple[LayerCopies, int]:
     """(Copies, their initial replica count): initial replicas (most first, see EXTRA_REPLICAS_PER_GPU)
     spread to balance; the first that reaches the mean load wins, else fewer replicas are tried while
     that lowers the max GPU load and the best plan so far is more than NEAR_FLOOR above `load_floor`
     (fewer replicas could gain little there, and the replicas are what keeps least-loaded routing
     balanced when the loads shift). A re-plan (`replan_from`: the count that won the last plan, made
-    with a few % more quality budget) takes the first count from there down that fits."""
+    with a few % more quality budget) takes the first count from there down that fits. `reuse` keeps the
+    budget-independent work (packing, transport) of each count for the layer's re-plans."""
     floor = load_floor(weight, num_gpus, limits) * (1 + NEAR_FLOOR)
     leave_room = replace(limits, token_budget=limits.token_budget * (1.0 - SPREAD_RESERVE))
     best, chosen = None, 0
@@ -131,12 +133,16 @@ def balanced_copies(
     for extra in candidates:
         counts = 1 + np.bincount(ranked[:extra], minlength=weight.size)  # = copy_counts(weight, extra, ...)
         try:
-            copies = initial_copies(weight, counts, num_gpus, leave_room if extra else limits, layer)
+            copies = initial_copies(weight, counts, num_gpus, leave_room if extra else limits, layer, reuse)
         except InfeasiblePlan:
             if extra:
                 continue
             raise
-        state = layer_state(transport_spread(copies, limits, num_gpus, weight.size), limits, num_gpus, weight.size)
+        if ("moved", extra) not in reuse:
+            reuse["moved", extra] = transport_spread(copies, limits, num_gpus, weight.size)
+        moved, quantized = reuse["moved", extra]
+        copies = copies if quantized > limits.token_budget else moved
+        state = layer_state(copies, limits, num_gpus, weight.size)
         spread_load(state, limits, give_up_at=np.inf if best is None else best.load.max())
         if best is not None and state.load.max() >= best.load.max():
             break  # fewer replicas stopped helping
@@ -156,8 +162,11 @@ def load_floor(weight: np.ndarray, num_gpus: int, limits: Limits) -> float:
     return floor
 
 
-def initial_copies(weight: np.ndarray, counts: np.ndarray, num_gpus: int, limits: Limits, layer: int) -> Copies:
-    """counts [E] copies of each expert, packed by load; GPUs over budget quantize their cheapest copies."""
+def initial_copies(
+    weight: np.ndarray, counts: np.ndarray, num_gpus: int, limits: Limits, layer: int, reuse: dict
+) -> Copies:
+    """counts [E] copies of each expert, packed by load; GPUs over budget quantize their cheapest copies
+    (the packing is kept in `reuse` by replica count: it does not depend on the quality budget)."""
     num_experts = weight.size
     extra = int(counts.sum()) - num_experts
     expert = np.repeat(np.arange(num_experts), counts)
@@ -168,11 +177,13 @@ def initial_copies(weight: np.ndarray, counts: np.ndarray, num_gpus: int, limits
             f"layer {layer}: {extra} replicas need at least {needed} quantized copies, more tokens than the "
             f"quality budget allows ({limits.token_budget:.0f} tokens) on the GPUs holding the most copies"
         )
-    gpu = pack_by_rounds(expert, tokens, num_gpus)
-    fmt = np.zeros(expert.size, dtype=np.int64)
-    used = np.bincount(gpu, minlength=num_gpus) * int(limits.fmt_bytes[0])
-    over = np.maximum(used - limits.budget, 0)
-    fmt = cheapest_conversions_by_gpu(gpu, fmt, tokens, limits.cost[expert], limits.fmt_bytes, over)
+    if ("packed", extra) not in reuse:
+        gpu = pack_by_rounds(expert, tokens, num_gpus)
+        used = np.bincount(gpu, minlength=num_gpus) * int(limits.fmt_bytes[0])
+        over = np.maximum(used - limits.budget, 0)
+        fmt = np.zeros(expert.size, dtype=np.int64)
+        reuse["packed", extra] = gpu, cheapest_conversions_by_gpu(gpu, fmt, tokens, limits.cost[expert], limits.fmt_bytes, over), over
+    gpu, fmt, over = reuse["packed", extra]
     still_over = np.bincount(gpu, weights=limits.fmt_bytes[fmt], minlength=num_gpus) > limits.budget
     short = [f"GPU {g} ({int(over[g])} bytes over in bf16)" for g in np.flatnonzero(still_over)]
     if tokens[fmt > 0].sum() > limits.token_budget:

@@ -19,8 +19,10 @@ from rnq_ep.planner.replicate import Limits
 Copies = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # gpu, expert, fmt, tokens: [S] each
 
 
-def transport_spread(copies: Copies, limits: Limits, num_gpus: int, num_experts: int) -> Copies:
-    """New copies that move every GPU's excess to the GPUs below the mean, where they fit -> copies."""
+def transport_spread(copies: Copies, limits: Limits, num_gpus: int, num_experts: int) -> tuple[Copies, float]:
+    """(New copies that move every GPU's excess to the GPUs below the mean where they fit, their quantized
+    tokens). The quality budget is the caller's check (over it, keep the given copies): the pass does not
+    read it, so a layer's re-plans with a smaller budget reuse one pass."""
     gpu, expert, fmt, tokens = copies
     load = np.bincount(gpu, weights=tokens, minlength=num_gpus)
     target = load.sum() / num_gpus
@@ -28,7 +30,7 @@ def transport_spread(copies: Copies, limits: Limits, num_gpus: int, num_experts:
     excess = np.maximum(load - target, 0.0)
     deficit = np.where(load < target - tol, target - load, 0.0)
     if excess.max() <= tol or deficit.max() <= tol:
-        return copies
+        return copies, float(tokens[fmt > 0].sum())
     giver, amount = _giving_pieces(gpu, tokens, excess)
     sinks = np.flatnonzero(deficit > 0)
     give_end, take_end = np.cumsum(amount), np.cumsum(deficit[sinks])
@@ -94,8 +96,9 @@ def _rank_among(group: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def _apply_pieces(
     copies: Copies, slot: np.ndarray, sink: np.ndarray, moved: np.ndarray, limits: Limits, num_gpus: int
-) -> Copies:
-    """Add the pieces as bf16 copies, re-format to fit; undo pieces on GPUs that still do not fit."""
+) -> tuple[Copies, float]:
+    """Add the pieces as bf16 copies, re-format to fit; undo pieces on GPUs that still do not fit
+    -> (copies, quantized tokens)."""
     gpu, expert, fmt, tokens = copies
     fmt_bytes = limits.fmt_bytes
     new_gpu = np.concatenate([gpu, sink])
@@ -111,10 +114,9 @@ def _apply_pieces(
     if still_over.any():
         undo = still_over[sink]
         return _apply_pieces(copies, slot[~undo], sink[~undo], moved[~undo], limits, num_gpus)
-    if new_tokens[new_fmt > 0].sum() > limits.token_budget:
-        return copies
+    quantized = float(new_tokens[new_fmt > 0].sum())
     # copies that gave all their tokens away are dropped: another copy of the expert holds them
     total = np.bincount(new_expert, weights=new_tokens, minlength=int(new_expert.max()) + 1)
     tol = max(new_tokens.sum() * 1e-12, 1e-12)
     keep = (new_tokens > tol) | (total[new_expert] <= tol)
-    return new_gpu[keep], new_expert[keep], new_fmt[keep], new_tokens[keep]
+    return (new_gpu[keep], new_expert[keep], new_fmt[keep], new_tokens[keep]), quantized
