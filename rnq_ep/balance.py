@@ -122,30 +122,54 @@ def water_fill(table: SlotTable, counts: np.ndarray) -> np.ndarray:
     load = np.bincount(table.gpu, weights=quotas, minlength=table.num_gpus).astype(np.int64).tolist()
     # each expert's slots in tie order (bf16 first, then GPU index), so a stable sort by level decides the rest
     by_tie = np.lexsort((np.arange(table.num_slots), table.gpu, table.fmt, table.expert))
-    first = np.searchsorted(table.expert[by_tie], multi)
-    pours = [  # (amount, slots, gpus)
-        (int(counts[e]), slots, table.gpu[slots].tolist())
-        for e, f in zip(multi.tolist(), first.tolist())
-        for slots in [by_tie[f : f + int(copy_count[e])].tolist()]
-    ]
+    first = np.searchsorted(table.expert[by_tie], multi).tolist()
+    slots = [by_tie[f : f + c].tolist() for f, c in zip(first, copy_count[multi].tolist())]  # per pour
+    gpu_of = table.gpu.tolist()
+    gpus = [[gpu_of[s] for s in pour] for pour in slots]
+    amounts = counts[multi].tolist()
     touching = [[] for _ in range(table.num_gpus)]  # pours with a copy on GPU g
-    for p, (_, _, gpus) in enumerate(pours):
-        for g in gpus:
+    for p, on in enumerate(gpus):
+        for g in on:
             touching[g].append(p)
-    dirty = [True] * len(pours)  # someone changed one of its GPUs since it was last poured
-    parts = [[0] * len(slots) for _, slots, _ in pours]
+    # False where a GPU holds two copies of the expert (EPLB): then all old parts come off before reading levels
+    distinct = [len(set(on)) == len(on) for on in gpus]
+    pair = [d and len(on) == 2 for d, on in zip(distinct, gpus)]
+    dirty = [True] * len(gpus)  # someone changed one of its GPUs since it was last poured
+    parts = [[0] * len(on) for on in gpus]
     for _ in range(MAX_REFINE_PASSES + 1):
         changed = False
-        for p, (amount, _, gpus) in enumerate(pours):
+        for p, (amount, on, old) in enumerate(zip(amounts, gpus, parts)):
             if not dirty[p]:
                 continue
-            old = parts[p]
-            for g, q in zip(gpus, old):  # all old parts first: a GPU may hold two copies of one expert (EPLB)
-                load[g] -= q
-            part = _pour(amount, [load[g] for g in gpus])
-            for g, q in zip(gpus, part):
-                load[g] += q
-            for g, q, q_old in zip(gpus, part, old):
+            dirty[p] = False
+            if pair[p]:  # most pours at small scale: two copies, written out
+                g0, g1 = on
+                q0_old, q1_old = old
+                level0, level1 = load[g0] - q0_old, load[g1] - q1_old
+                q0, q1 = _pour_two(amount, level0, level1)
+                if q0 == q0_old and q1 == q1_old:
+                    continue  # same split, same loads
+                load[g0], load[g1] = level0 + q0, level1 + q1
+                for g, moved in ((g0, q0 != q0_old), (g1, q1 != q1_old)):
+                    if moved:
+                        for other in touching[g]:
+                            dirty[other] = True
+                dirty[p], parts[p], changed = False, [q0, q1], True
+                continue
+            if distinct[p]:
+                level = [load[g] - q for g, q in zip(on, old)]
+                part = _pour(amount, level)
+                if part == old:
+                    continue  # same split, same loads
+                for g, lv, q in zip(on, level, part):
+                    load[g] = lv + q
+            else:
+                for g, q in zip(on, old):
+                    load[g] -= q
+                part = _pour(amount, [load[g] for g in on])
+                for g, q in zip(on, part):
+                    load[g] += q
+            for g, q, q_old in zip(on, part, old):
                 if q != q_old:
                     for other in touching[g]:
                         dirty[other] = True
@@ -154,23 +178,28 @@ def water_fill(table: SlotTable, counts: np.ndarray) -> np.ndarray:
             parts[p] = part
         if not changed:
             break
-    for (_, slots, _), part in zip(pours, parts):
-        quotas[slots] = part
+    for pour, part in zip(slots, parts):
+        quotas[pour] = part
     return quotas
+
+
+def _pour_two(amount: int, level0: int, level1: int) -> tuple[int, int]:
+    """`_pour` over two bins at levels (level0, level1), in closed form."""
+    if level0 <= level1:
+        if level1 - level0 >= amount:
+            return amount, 0
+        water, extra = divmod(amount + level0 + level1, 2)
+        return water - level0 + extra, water - level1
+    if level0 - level1 >= amount:
+        return 0, amount
+    water, extra = divmod(amount + level0 + level1, 2)
+    return water - level0, water - level1 + extra
 
 
 def _pour(amount: int, level: list[int]) -> list[int]:
     """Integer water-filling of `amount` over bins at `level` (ties: lower index): [c] -> [c] ints summing to amount."""
     if len(level) == 2:
-        low, high = (0, 1) if level[0] <= level[1] else (1, 0)
-        gap = level[high] - level[low]
-        part = [0, 0]
-        if gap >= amount:
-            part[low] = amount
-            return part
-        water, extra = divmod(amount + level[0] + level[1], 2)
-        part[low], part[high] = water - level[low] + extra, water - level[high]
-        return part
+        return list(_pour_two(amount, *level))
     order = sorted(range(len(level)), key=level.__getitem__)
     lv = [level[i] for i in order]
     # the n lowest bins are filled: the smallest n whose filling up to lv[n] would reach amount
