@@ -4,7 +4,9 @@
 2. Keep copies in place: the new layer's nodes, and GPUs within each node, are relabelled (Hungarian
    assignments: GPUs within every pair of nodes, then nodes on those values) so as many of the old
    copies' bytes as possible stay where they are; nodes are alike and GPUs within a node are alike,
-   so the relabelled plan has the same memory, balance and predicted time.
+   so the relabelled plan has the same memory, balance and predicted time. Then copies that would
+   still move are swapped with same-format copies on a GPU that held their expert (`swaps.py`),
+   kept only if the layer's predicted time grows by at most SWAP_SLACK.
 3. Move a layer only if it pays for itself: predicted step-time gain over `horizon_steps` steps
    must exceed the link time of its moves (cost model), and the step must get at least MIN_GAIN
    faster (hysteresis: a window's sampling noise alone should not churn copies); otherwise the
@@ -25,6 +27,7 @@ from rnq_ep.costmodel import predict_layer_time, scale_counts, weight_move_time
 from rnq_ep.memory import expert_bytes
 from rnq_ep.planner import plan_rnq
 from rnq_ep.rebalance.moves import copy_moves, moved_bytes
+from rnq_ep.rebalance.swaps import SWAP_SLACK, swap_into_place
 from rnq_ep.specs import ClusterSpec, LayerPlan, LoadStats, ModelSpec, Plan, Slot
 
 MIN_GAIN = 0.03  # smallest relative step-time saving worth a move (a 4-step window of real loads is ~2 % noisy)
@@ -79,6 +82,9 @@ def replan(
     layers, decisions = [], []
     for old, new, row in zip(plan.layers, fresh.layers, counts):
         new = keep_in_place(old, new, model, cluster)
+        swapped = swap_into_place(old, new, row)
+        if _layer_time(swapped, row, model, cluster, tokens_per_gpu) <= (1 + SWAP_SLACK) * _layer_time(new, row, model, cluster, tokens_per_gpu):
+            new = swapped
         decision = _decide(old, new, row, model, cluster, horizon_steps, tokens_per_gpu)
         layers.append(new if decision.move else old)
         decisions.append(decision)
@@ -129,8 +135,7 @@ def _decide(
     """Gain over the horizon vs link time of the moves (checkpoint reloads priced at the inter-node link)."""
     g, e = cluster.num_gpus, model.num_experts
     old_table, new_table = SlotTable.from_layer(old, g, e), SlotTable.from_layer(new, g, e)
-    scaled = scale_counts(np.asarray(counts, np.float64), model, g, tokens_per_gpu)
-    times = [predict_layer_time(model, cluster, t, water_fill(t, scaled)).total_s for t in (old_table, new_table)]
+    times = [_layer_time(layer, counts, model, cluster, tokens_per_gpu) for layer in (old, new)]
     moves = copy_moves(old_table, new_table, model)
     host = np.zeros(g)
     for move in moves:
@@ -150,3 +155,10 @@ def _decide(
         bytes_if_bf16=bytes_if_bf16,
         copies_moved=sum(m.kind in ("peer", "host") for m in moves),
     )
+
+
+def _layer_time(layer: LayerPlan, counts: np.ndarray, model: ModelSpec, cluster: ClusterSpec, tokens_per_gpu: int) -> float:
+    """Predicted seconds of one layer for window counts [E] under least-loaded routing (cost model)."""
+    table = SlotTable.from_layer(layer, cluster.num_gpus, model.num_experts)
+    scaled = scale_counts(np.asarray(counts, np.float64), model, cluster.num_gpus, tokens_per_gpu)
+    return predict_layer_time(model, cluster, table, water_fill(table, scaled)).total_s
