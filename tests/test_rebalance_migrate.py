@@ -7,6 +7,9 @@ on the new plan. An injected failure on one rank leaves every rank on the old pl
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -177,3 +180,14 @@ def test_a_gpt_oss_layer_is_refused_rather_than_migrated_without_its_biases():
     layer = EPMoE(MODEL, plans[0], 1, 0, None, w_gate_up, w_down, router, backend="torch", activation="swiglu-oai")
     with pytest.raises(NotImplementedError, match="swiglu-oai"):
         LayerMigration(layer, SlotTable.from_layer(plans[1], 1, MODEL.num_experts))
+
+
+def test_the_old_copies_are_freed_after_the_switch():
+    w_gate_up, w_down, router = random_layer_weights(MODEL, 0, SEED)
+    plans = plan_sequence(1, seed=2)
+    layer = EPMoE(MODEL, plans[0], 1, 0, None, w_gate_up, w_down, router, backend="torch")
+    old_copies = weakref.ref(layer.experts)
+    migration = LayerMigration(layer, SlotTable.from_layer(plans[1], 1, MODEL.num_experts), lambda e: (w_gate_up[e], w_down[e]))
+    assert migration.advance().switched
+    gc.collect()
+    assert old_copies() is None  # nothing (the migration included) still holds the old layer's copies
