@@ -75,6 +75,12 @@ def conversions_for_needs(
                     large = move
         cheapest.append(cheap)
         largest.append(large)
+    if len(fmt) == 1:  # one copy (every GPU at one expert per GPU): nothing to order or add up
+        for move in (cheapest[0], largest[0]):
+            for p in [p for p in pending if move is not None and move[1] >= needs[p]]:
+                results[p] = ([move[3]], float(move[2]), float(tokens[0]) if fmt[0] == 0 else 0.0)
+                pending.remove(p)
+        return results
     for target in (cheapest, largest):
         if not pending:
             break

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
@@ -62,6 +62,12 @@ class Limits:
     max_held: int  # most copies one GPU can hold, all in the smallest allowed format
     gpus_per_node: int
     prefer_node: bool  # keep an expert's copies on its node when that node has room
+
+    def with_token_budget(self, token_budget: float) -> Limits:
+        """The same limits with another quality budget; the cached Python views below carry over."""
+        other = replace(self, token_budget=token_budget)
+        other.__dict__.update({k: v for k, v in self.__dict__.items() if k in ("allowed_codes", "cost_rows", "sizes")})
+        return other
 
     @cached_property
     def allowed_codes(self) -> list[int]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import replace
 
 import numpy as np
 
@@ -90,7 +89,7 @@ def plan_layer(weight: np.ndarray, num_gpus: int, limits: Limits, layer: int, op
         if routed <= limits.token_budget:
             return copies
         planned = float(copies[3][copies[2] > 0].sum())  # what the plan spent, at most its budget
-        planning = replace(planning, token_budget=min(planning.token_budget, planned) * limits.token_budget / routed)
+        planning = planning.with_token_budget(min(planning.token_budget, planned) * limits.token_budget / routed)
     return drop_until_within(copies, counts, limits.token_budget, num_gpus)
 
 
@@ -123,7 +122,7 @@ def balanced_copies(
     with a few % more quality budget) takes the first count from there down that fits. `reuse` keeps the
     budget-independent work (packing, transport) of each count for the layer's re-plans."""
     floor = load_floor(weight, num_gpus, limits) * (1 + NEAR_FLOOR)
-    leave_room = replace(limits, token_budget=limits.token_budget * (1.0 - SPREAD_RESERVE))
+    leave_room = limits.with_token_budget(limits.token_budget * (1.0 - SPREAD_RESERVE))
     best, chosen = None, 0
     room = limits.max_held * num_gpus - weight.size  # replicas that fill every GPU in the smallest format
     candidates = sorted({min(room, int(f * num_gpus)) for f in EXTRA_REPLICAS_PER_GPU} | {0}, reverse=True)
