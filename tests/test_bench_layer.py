@@ -43,7 +43,7 @@ def test_rnq_stays_within_plain_ep_memory_and_eplb_gets_one_eighth_more():
     assert most[EPLB_EXTRA] <= 1.125 * budget
 
 
-def test_summary_skips_the_warm_up_step_and_takes_the_slowest_rank_per_layer():
+def test_summary_without_turns_skips_the_warm_up_step_and_takes_the_slowest_rank_per_layer():
     rank0 = [_step(0, 9.0, [9.0, 9.0]), _step(1, 2.0, [0.5, 0.1]), _step(2, 4.0, [0.4, 0.3])]
     rank1 = [_step(0, 9.0, [9.0, 9.0]), _step(1, 2.0, [0.2, 0.6]), _step(2, 4.0, [0.3, 0.7])]
     measured = summarise([rank0, rank1])
@@ -51,6 +51,16 @@ def test_summary_skips_the_warm_up_step_and_takes_the_slowest_rank_per_layer():
     assert measured.critical_s == pytest.approx(max(0.4, 0.2) + max(0.1, 0.6))
     assert measured.mb_sent == pytest.approx(2 * 2 * 100 / 1e6)  # ranks x layers x bytes
     assert measured.mb_sent_no_dedupe == pytest.approx(2 * 2 * 200 / 1e6)
+
+
+def test_critical_step_with_ranks_in_turns_is_the_median_step_of_the_slowest_rank_per_layer():
+    steps = [_step(s, 1.0, [0.0, 0.0]) for s in range(4)]
+    alone = np.array([  # [rank, step, layer]; step 0 is the warm-up
+        [[9.0, 9.0], [0.5, 0.1], [0.4, 0.3], [0.1, 0.1]],
+        [[9.0, 9.0], [0.2, 0.6], [0.3, 0.7], [0.2, 0.2]],
+    ])
+    measured = summarise([steps, steps], alone)
+    assert measured.critical_s == pytest.approx(np.median([0.5 + 0.6, 0.4 + 0.7, 0.2 + 0.2]))
 
 
 @pytest.mark.slow

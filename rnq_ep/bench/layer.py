@@ -7,9 +7,9 @@ load from other processes on the host falls on all of them alike. Ratios are aga
 
 Two step times are reported. `wall` is barrier to barrier; on a host with fewer cores than ranks
 it understates imbalance, because ranks that finish early hand their core to the slow one.
-`critical` sums over layers the largest per-rank CPU time in local experts (each rank's fastest
-timed step, as load from other processes only adds time): the expert compute of a step when
-every rank has a core (or GPU) of its own.
+`critical` is the expert compute of a step when every rank has a core (or GPU) of its own: each
+step is rerun with the ranks computing their local experts one at a time (`bench/turns.py`), and
+per step the slowest rank's expert CPU time is summed over layers; the median over steps counts.
 
 No placement can make a step faster than plain EP's max/mean tokens per rank (the "ceiling"): a
 perfectly balanced layer. Averaged over a file's layers that is ~1.2x at 4 ranks, so `--most-skewed`
@@ -39,6 +39,7 @@ from rich.console import Console
 
 from rnq_ep.bench.planner import EPLB_EXTRA, PLAIN, SHARED_LOADS, SHIPPED_LOADS, BenchTable, publish, with_budget
 from rnq_ep.bench.skew import single_layer, skewed_layers
+from rnq_ep.bench.turns import expert_seconds_alone
 from rnq_ep.layer import EPMoE
 from rnq_ep.memory import plain_ep_budget
 from rnq_ep.metrics import gpu_bytes, layer_tables
@@ -68,7 +69,7 @@ class Measured:
     """One configuration over the timed steps."""
 
     wall_s: float  # median step time, barrier to barrier
-    critical_s: float  # sum over layers of the slowest rank's expert CPU time (its fastest step)
+    critical_s: float  # median step's sum over layers of the slowest rank's expert CPU time (see summarise)
     balancedness: float  # mean over layers of max/mean tokens per rank
     mb_sent: float  # all ranks, with dedupe
     mb_sent_no_dedupe: float
@@ -89,8 +90,13 @@ def configs(model: ModelSpec, cluster_name: str, num_ranks: int, loads: LoadStat
     ]
 
 
-def summarise(per_rank: list[list[StepStats]]) -> Measured:
-    """Figures over the steps after the first (which warms allocators and caches): stats [rank][step]."""
+def summarise(per_rank: list[list[StepStats]], alone: np.ndarray | None = None) -> Measured:
+    """Figures over the steps after the first (which warms allocators and caches): stats [rank][step].
+
+    alone [rank, step, layer]: expert seconds with the ranks taking turns (expert_seconds_alone); the
+    critical step is then the median over steps of sum over layers of the slowest rank. Without it,
+    per layer the slowest rank's fastest step of the concurrent run (ranks' fastest steps may differ).
+    """
     steps = range(1, len(per_rank[0]))
     num_layers = len(per_rank[0][0].layers)
 
@@ -100,9 +106,13 @@ def summarise(per_rank: list[list[StepStats]]) -> Measured:
     def fastest(rank: list[StepStats], layer: int) -> float:  # other processes' load only ever adds time
         return min(rank[s].layers[layer].expert_cpu_seconds for s in steps)
 
+    if alone is None:
+        critical = sum(max(fastest(rank, layer) for rank in per_rank) for layer in range(num_layers))
+    else:
+        critical = median(alone[:, 1:].max(axis=0).sum(axis=1))  # [R, S, L] -> [S-1, L] -> [S-1]
     return Measured(
         wall_s=median(per_rank[0][s].seconds for s in steps),
-        critical_s=sum(max(fastest(rank, layer) for rank in per_rank) for layer in range(num_layers)),
+        critical_s=critical,
         balancedness=median(per_rank[0][s].balancedness for s in steps),
         mb_sent=median(sum(rank[s].bytes_sent for rank in per_rank) for s in steps) / 1e6,
         mb_sent_no_dedupe=median(sum(rank[s].bytes_sent_no_dedupe for rank in per_rank) for s in steps) / 1e6,
@@ -110,8 +120,9 @@ def summarise(per_rank: list[list[StepStats]]) -> Measured:
 
 
 def bench_rank(rank: int, num_ranks: int, plans: list[Plan], policies: list[str], counts: list[np.ndarray],
-               tokens: int, steps: int, seed: int) -> list[list[StepStats]]:
-    """One rank: every plan's layers from the same weights, run on the same batches: stats [config][step]."""
+               tokens: int, steps: int, seed: int) -> tuple[list[list[StepStats]], np.ndarray]:
+    """One rank: every plan's layers from the same weights, run on the same batches, each step run again with
+    the ranks' experts in turns: (stats [config][step], expert seconds alone [config, step, layer])."""
     dist.init_process_group("gloo", rank=rank, world_size=num_ranks)
     try:
         model = plans[0].model
@@ -122,11 +133,13 @@ def bench_rank(rank: int, num_ranks: int, plans: list[Plan], policies: list[str]
                 built.append(EPMoE(model, plan.layers[index], num_ranks, rank, dist.group.WORLD, *weights,
                                    policy=policy, backend="torch"))
         stats: list[list[StepStats]] = [[] for _ in plans]
+        alone: list[list[list[float]]] = [[] for _ in plans]
         for step in range(steps + 1):
             hidden, routing = make_batch(model, counts, tokens, seed, rank, step)
-            for built, out in zip(layers, stats):
+            for built, out, seconds in zip(layers, stats, alone):
                 out.append(run_step(step, built, hidden, routing, dist.group.WORLD, keep_outputs=False))
-        return stats
+                seconds.append(expert_seconds_alone(built, hidden, routing, rank, num_ranks, dist.group.WORLD))
+        return stats, np.array(alone)
     finally:
         leave_group(created=True)
 
@@ -208,7 +221,8 @@ def bench_table(rows: list[tuple[Config, list[Measured]]], model: ModelSpec, num
     repeats = f"median of {args.repeats} runs (range in brackets), " if args.repeats > 1 else ""
     note = (f"{repeats}configurations interleaved step by step in each run. wall: barrier to barrier, {num_ranks} "
             f"ranks sharing {os.cpu_count()} cores (and the host's other load), so it hides imbalance; critical: per "
-            "layer the slowest rank's expert CPU time (its fastest step), summed, i.e. the step with one core per rank. "
+            "step rerun with the ranks computing their experts one at a time (each the fastest of 3 tries), the slowest "
+            "rank per layer summed, median over steps: the step with one core per rank. "
             "ceiling: the critical speedup if expert time were proportional to a rank's tokens, plain EP's max/mean "
             f"over the row's; no placement can beat plain EP's max/mean ({plain_balancedness:.2f}x in this run). A "
             "copy also costs a pass over its weights whatever its rows, which the ceiling ignores: extra copies pay it. "
@@ -272,9 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     for repeat in range(args.repeats):
         with console.status(f"run {repeat + 1}/{args.repeats}: {len(runs)} configurations interleaved on "
                             f"{args.ranks} gloo ranks"):
-            per_rank = spawn_ranks(args.ranks, kwargs)  # [rank][config][step]
+            per_rank = spawn_ranks(args.ranks, kwargs)  # [rank] (stats [config][step], alone [config, step, layer])
         for c, out in enumerate(measured):
-            out.append(summarise([rank[c] for rank in per_rank]))
+            alone = np.stack([seconds[c] for _, seconds in per_rank])  # [R, S, L]
+            out.append(summarise([stats[c] for stats, _ in per_rank], alone))
     command = "rnq-ep bench layer " + " ".join(argv if argv is not None else sys.argv[1:])
     table = bench_table(list(zip(runs, measured)), model, args.ranks, args, source)
     publish([table], command, console, args.markdown)
