@@ -1,8 +1,11 @@
 """Dispatch -> experts -> combine over 1, 2 and 4 gloo ranks equals one dense computation."""
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from gloo import run_ranks
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,6 +16,8 @@ from rnq_ep.dispatch import combine, dispatch
 from rnq_ep.routing import POLICIES, copy_quotas, slot_index
 
 NUM_EXPERTS, HIDDEN, TOP_K = 6, 8, 3
+COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_gather_object", "all_reduce", "all_to_all",
+               "all_to_all_single", "broadcast", "barrier", "send", "recv")
 # (seed, tokens on each rank, policy); rank 1 of the last case has no tokens at all
 CASES = [
     (1, (9, 5, 7, 6), "least-loaded"),
@@ -64,8 +69,29 @@ def _run_cases(rank, world):
     return results
 
 
+def _collectives_of_one_step(table, x, ids, weights, maps, rank):
+    """How often one dispatch -> combine calls each torch.distributed collective: name -> calls."""
+    calls = Counter()
+    originals = {name: getattr(dist, name) for name in COLLECTIVES}
+
+    def counted(name, collective):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return collective(*args, **kwargs)
+        return call
+
+    for name, collective in originals.items():
+        setattr(dist, name, counted(name, collective))
+    try:
+        _ep_step(table, x, ids, weights, maps, rank, "least-loaded")
+    finally:
+        for name, collective in originals.items():
+            setattr(dist, name, collective)
+    return dict(calls)
+
+
 def _ranks_run_cases(rank, world):
-    """Rank body: every case, then the bad-input cases (errors as text), then one more good step."""
+    """Rank body: every case, then the bad-input cases (errors as text), then one more good step, counted."""
     results = _run_cases(rank, world)
     table, xs, ids, weights, maps = _make_case(9, world, (4, 4, 4, 4))
     errors = {}
@@ -79,7 +105,8 @@ def _ranks_run_cases(rank, world):
         except ValueError as err:
             errors[name] = str(err)
     after, _, _ = _ep_step(table, xs[rank], ids[rank], weights[rank], maps, rank, "least-loaded")
-    return results, errors, after.numpy()
+    collectives = _collectives_of_one_step(table, xs[rank], ids[rank], weights[rank], maps, rank)
+    return results, errors, after.numpy(), collectives
 
 
 def _check_against_dense(world, results_by_rank):
@@ -111,17 +138,17 @@ def test_one_rank_matches_the_dense_reference():
 
 @pytest.mark.slow
 def test_two_ranks_match_the_dense_reference(two_ranks):
-    _check_against_dense(2, [results for results, _, _ in two_ranks])
+    _check_against_dense(2, [results for results, *_ in two_ranks])
 
 
 @pytest.mark.slow
 def test_four_ranks_match_the_dense_reference(four_ranks):
-    _check_against_dense(4, [results for results, _, _ in four_ranks])
+    _check_against_dense(4, [results for results, *_ in four_ranks])
 
 
 @pytest.mark.slow
 def test_dedupe_never_sends_more_bytes_and_saves_some(four_ranks):
-    steps = [step for results, _, _ in four_ranks for step in results]
+    steps = [step for results, *_ in four_ranks for step in results]
     assert all(step["bytes"] <= step["bytes_no_dedupe"] for step in steps)
     assert sum(step["bytes"] for step in steps) < sum(step["bytes_no_dedupe"] for step in steps)
 
@@ -143,6 +170,18 @@ def test_one_rank_with_several_copies_of_an_expert_matches_the_dense_reference(s
     assert len(handle.tokens_per_copy) == len(expert)
 
 
+@pytest.mark.slow
+def test_one_counts_all_gather_serves_routing_and_split_sizes(four_ranks):
+    # dispatch: counts all-gather, meta and rows all-to-all; combine: rows back. No other collective.
+    for *_, collectives in four_ranks:
+        assert collectives == {"all_gather": 1, "all_to_all_single": 3}
+
+
+def test_one_rank_runs_without_collectives():
+    table, xs, ids, weights, maps = _make_case(5, 1, (10,))
+    assert _collectives_of_one_step(table, xs[0], ids[0], weights[0], maps, 0) == {}
+
+
 def test_one_rank_sends_no_bytes():
     table, xs, ids, weights, maps = _make_case(5, 1, (10,))
     _, _, handle = _ep_step(table, xs[0], ids[0], weights[0], maps, 0, "least-loaded")
@@ -151,13 +190,13 @@ def test_one_rank_sends_no_bytes():
 
 @pytest.mark.slow
 def test_hidden_size_that_differs_between_ranks_fails_on_every_rank(two_ranks):
-    for _, errors, _ in two_ranks:
+    for _, errors, *_ in two_ranks:
         assert "hidden size differs between ranks (by rank: [8, 9])" in errors["hidden"]
 
 
 @pytest.mark.slow
 def test_bad_expert_id_on_one_rank_fails_on_every_rank_and_the_group_survives(two_ranks):
-    (_, errors0, after0), (_, errors1, after1) = two_ranks
+    (_, errors0, after0, _), (_, errors1, after1, _) = two_ranks
     assert "expert id 6 out of range for 6 experts" in errors1["ids"]
     assert "ranks [1] rejected their inputs" in errors0["ids"]
     table, xs, ids, weights, maps = _make_case(9, 2, (4, 4))

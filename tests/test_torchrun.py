@@ -179,14 +179,24 @@ def test_routing_policy_changes_balance_not_outputs(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_with_two_processes_prints_the_step_table(tmp_path):
+def test_launch_script_runs_one_process_per_planned_gpu_and_prints_the_step_table(tmp_path):
     plan, loads = write_plan(tmp_path / "plan.json", 2), skewed_loads(tmp_path / "loads.json")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         "-m", "rnq_ep.runtime.torchrun", "--plan", plan, "--loads", loads, "--tokens", "16", "--steps", "2"],
-        capture_output=True, text=True, timeout=180, cwd=REPO, env=env,
+        ["bash", str(REPO / "launch" / "torchrun.sh"), plan, "--loads", loads, "--tokens", "16", "--steps", "2"],
+        capture_output=True, text=True, timeout=180, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 ranks, policy least-loaded" in done.stdout
     assert "balancedness" in done.stdout and "tokens per GPU" in done.stdout
+
+
+@pytest.mark.slow
+def test_torchrun_with_fewer_processes_than_planned_gpus_exits_naming_both(tmp_path):
+    plan = write_plan(tmp_path / "plan.json", 2)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+         "-m", "rnq_ep", "run", "--plan", plan, "--tokens", "4", "--steps", "1"],
+        capture_output=True, text=True, timeout=180, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode != 0
+    assert "the plan has 2 GPUs but the world size is 1" in done.stderr
