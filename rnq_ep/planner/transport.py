@@ -34,9 +34,10 @@ def transport_spread(copies: Copies, limits: Limits, num_gpus: int, num_experts:
     giver, amount = _giving_pieces(gpu, tokens, excess)
     sinks = np.flatnonzero(deficit > 0)
     give_end, take_end = np.cumsum(amount), np.cumsum(deficit[sinks])
-    edges = np.unique(np.concatenate([give_end, take_end]))
-    edges = edges[edges <= min(give_end[-1], take_end[-1]) + tol]
-    moved = np.diff(edges, prepend=0.0)
+    edges = np.sort(np.concatenate([give_end, take_end]))
+    distinct = np.concatenate(([True], edges[1:] != edges[:-1]))
+    edges = edges[distinct & (edges <= min(give_end[-1], take_end[-1]) + tol)]
+    moved = edges - np.concatenate(([0.0], edges[:-1]))
     middle = edges - moved / 2
     keep = moved > tol
     slot = giver[np.searchsorted(give_end, middle[keep])]
@@ -74,8 +75,9 @@ def _allowed_pieces(
     holds[expert, gpu] = True
     allowed = ~holds[piece_expert, sink]
     pair = piece_expert * num_gpus + sink
+    order = np.argsort(pair, kind="stable")
     first = np.zeros(slot.size, dtype=bool)
-    first[np.unique(pair, return_index=True)[1]] = True
+    first[order[np.concatenate(([True], pair[order][1:] != pair[order][:-1]))]] = True  # each pair's first piece
     allowed &= first
     copies = np.bincount(expert, minlength=num_experts)
     allowed &= _rank_among(piece_expert, allowed) < limits.max_copies - copies[piece_expert]
