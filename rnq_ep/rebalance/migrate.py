@@ -8,8 +8,9 @@ and chunks, so each call makes the same collectives on every rank, whatever fail
 A rank whose packing or staging raises sends zeros of the agreed size from then on and votes 0, so
 no rank switches alone and none is left blocked in a collective. The old copies keep serving until
 the switch (staging only reads them). Staging bound per rank: the changed copies it receives or
-makes (in their target formats) plus, at the switch, the new layer's local copies restacked, on top
-of the old layer's copies; the old ones are freed at the switch, and one layer moves at a time.
+makes (in their target formats) plus one chunk's send and receive buffers (`peak_staging_bytes`,
+tested against that bound) plus, at the switch, the new layer's local copies restacked, on top of
+the old layer's copies; the old ones are freed at the switch, and one layer moves at a time.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class LayerMigration:
         self.staged: dict[int, tuple[QuantWeight, QuantWeight]] = {}  # new slot -> stored weights (spare buffers)
         self.ready = True
         self.bytes_sent = self.bytes_received = 0
+        self.peak_staging_bytes = 0  # most bytes held at once for the move: staged copies + one chunk's buffers
 
     def advance(self) -> LayerMove | None:
         """Stage the next chunk (one exchange, skipped when no rank sends); after the last, vote and switch."""
@@ -100,6 +102,8 @@ class LayerMigration:
                 if self.fault is not None:
                     self.fault("stage")
                 self.staged.update(_stage([m for m in chunk if m.dst == rank], self.layer, received, recv_sizes, self.load_expert))
+                held = sum(t.nbytes for pair in self.staged.values() for w in pair for t in _tensors(w))
+                self.peak_staging_bytes = max(self.peak_staging_bytes, held + payload.nbytes + received.nbytes)
             except Exception:
                 log.exception("layer %d: staging copies failed on rank %d; old plan stays", self.layer.layer, rank)
                 self.ready = False
@@ -209,10 +213,14 @@ def _layout(fmt: str, n: int, k: int) -> list[tuple[torch.dtype, tuple[int, ...]
     return [(torch.uint8, (n, (k + 1) // 2)), (torch.float16, (n, math.ceil(k / INT4_GROUP)))]
 
 
+def _tensors(weight: QuantWeight) -> list[torch.Tensor]:
+    """Data then scale (if any) of a stored weight."""
+    return [weight.data] if weight.scale is None else [weight.data, weight.scale]
+
+
 def _bytes_of(weight: QuantWeight) -> list[torch.Tensor]:
     """Data then scale of a weight, each as flat uint8."""
-    tensors = [weight.data] if weight.scale is None else [weight.data, weight.scale]
-    return [t.contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+    return [t.contiguous().reshape(-1).view(torch.uint8) for t in _tensors(weight)]
 
 
 def _unpack(buffer: torch.Tensor, start: int, fmt: str, n: int, k: int) -> tuple[QuantWeight, int]:
