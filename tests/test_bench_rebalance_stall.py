@@ -32,6 +32,8 @@ def test_a_one_off_spike_is_not_a_slow_position_but_a_recurring_stall_is():
     assert rows["staged"].ratio[2] == pytest.approx(3.0)  # the worst single step is still reported
     assert rows["switch"].ratio[1] == pytest.approx(1.8)
     assert rows["staged"].moved_mb == pytest.approx(0.001) and rows["switch"].steps == 3
+    assert rows["switch"].added == pytest.approx((1.8, 1.8))  # 0.08 s of migration on 0.1 s steady steps
+    assert rows["staged"].added == pytest.approx((1.0, 1.0))  # the position's median migration is 0
 
 
 def test_a_round_without_steady_steps_is_refused():

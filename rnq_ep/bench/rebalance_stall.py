@@ -4,7 +4,8 @@ A 2-core box shared with other jobs makes single step times swing 2-3x, so a swi
 with the steady steps right before and after it (the host's load is about the same), and the same
 step of the migration (same layer, same chunk) is repeated over rounds: the median over rounds of
 its ratio says whether that step is slow every time (a real stall) or was hit once (noise). Steady
-steps get the same statistic against their own steady neighbours: the noise floor.
+steps get the same statistic against their own steady neighbours: the noise floor. The migration
+call alone is short, so 1 + migration / median steady step is a steadier estimate of the same ratio.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class StallRow:
     moved_mb: float  # the most any one step moved
     step_ms: float  # median of step + migration
     migration_ms: tuple[float, float]  # (median, worst position's median over rounds)
+    added: tuple[float, float]  # 1 + migration / median steady step: (median, worst position); short calls, little noise
     ratio: tuple[float, float, float]  # vs neighbouring steady steps: (median, worst position's median over rounds, worst single)
 
 
@@ -62,6 +64,7 @@ def neighbour_ratios(records: list[StepRecord]) -> list[float]:
 def stall_rows(records: list[StepRecord]) -> list[StallRow]:
     """One StallRow per kind present, in KINDS order."""
     ratios = neighbour_ratios(records)
+    steady_s = float(np.median([r.step_s for r in records if r.kind == "steady"]))
     rows = []
     for kind in KINDS:
         mine = [(r, q) for r, q in zip(records, ratios) if r.kind == kind]
@@ -78,6 +81,7 @@ def stall_rows(records: list[StepRecord]) -> list[StallRow]:
             moved_mb=max(r.moved_bytes for r, _ in mine) / 1e6,
             step_ms=float(np.median([r.seconds for r, _ in mine])) * 1e3,
             migration_ms=(float(np.median([r.migration_s for r, _ in mine])) * 1e3, max(position_migration) * 1e3),
+            added=(1 + float(np.median([r.migration_s for r, _ in mine])) / steady_s, 1 + max(position_migration) / steady_s),
             ratio=(float(np.median([q for _, q in mine])), max(position_ratio), max(q for _, q in mine)),
         ))
     return rows
