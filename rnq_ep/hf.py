@@ -89,16 +89,21 @@ def load_model(source: str, seed: int = 0) -> tuple[nn.Module, Any | None, str]:
         raise SpecError(
             f"{folder}: no weights (*.safetensors or pytorch_model*.bin), expected a save_pretrained folder"
         )
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto").eval()
+        model, loading = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", output_loading_info=True)
         has_tokenizer = any((folder / name).is_file() for name in _TOKENIZER_FILES)
         tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SpecError(f"{folder}: transformers cannot load it: {first_line}") from None
-    return model, tokenizer, folder.name
+    missing = sorted(loading.get("missing_keys", ()))
+    if missing:  # transformers would run them with random weights
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise SpecError(f"{folder}: the weight files lack {len(missing)} tensor(s) of the model: {shown}")
+    return model.eval(), tokenizer, folder.name
 
 
 def _model_folder(source: str) -> Path:

@@ -88,6 +88,24 @@ def test_model_folder_without_config_is_rejected(tmp_path):
         hf.load_model(str(tmp_path))
 
 
+def test_model_folder_with_unreadable_weights_is_rejected(tmp_path):
+    hf.tiny_config("mixtral").save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(SpecError, match="transformers cannot load it"):
+        hf.load_model(str(tmp_path))
+
+
+def test_model_folder_missing_expert_tensors_is_rejected_not_filled_randomly(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tiny("mixtral").save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    kept = {name: w for name, w in weights.items() if "layers.2.block_sparse_moe.experts" not in name}
+    save_file(kept, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(SpecError, match=r"weight files lack 2 tensor\(s\) of the model: model.layers.2.mlp.experts"):
+        hf.load_model(str(tmp_path))
+
+
 def test_saved_tiny_model_loads_with_the_same_weights(tiny, tmp_path):
     model = tiny("qwen2-moe")
     model.save_pretrained(tmp_path)
@@ -96,7 +114,6 @@ def test_saved_tiny_model_loads_with_the_same_weights(tiny, tmp_path):
     ids = torch.arange(20)[None] % 512
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
-
 
 
 def test_driver_prompts_are_the_rows_each_rank_would_cut_itself(tmp_path):
