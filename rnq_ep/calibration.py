@@ -13,6 +13,7 @@ import argparse
 import inspect
 import math
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -254,21 +255,32 @@ def calibrate_main(args: argparse.Namespace) -> int:
     from rich.progress import track
     from transformers.utils import logging as transformers_logging
 
+    for flag, path in (("--out", args.out), ("--spec-out", args.spec_out)):
+        if path is not None and not Path(path).resolve().parent.is_dir():  # fail now, not after the whole run
+            raise SpecError(f"{flag} {path}: folder {Path(path).resolve().parent} does not exist")
     transformers_logging.disable_progress_bar()  # one rich bar, not transformers' tqdm ones
     model, tokenizer, name = hf.load_model(args.model, args.seed)
     ids = tokenize(load_text(args.data), model.config.vocab_size, tokenizer)
     batches = token_batches(ids, args.batch, args.seq_len, args.tokens)
     formats = tuple(fmt.strip() for fmt in args.formats.split(",") if fmt.strip())
+    description = "calibrating" + (" (+ one forward per used expert for removal importance)" if args.importance else "")
     stats = calibrate(
-        model, track(batches, description="calibrating", transient=True), formats, args.importance,
+        model, track(batches, description=description, transient=True), formats, args.importance,
         args.cap_factor, args.seed, model_name=name, data_name=args.data,
     )
     write_atomic(args.out, encode_json(stats_to_dict(stats)))
     if args.spec_out:
         write_atomic(args.spec_out, encode_json(hf.model_spec(model, name)))
     total = sum(stats.counts[0]) // stats.top_k
-    Console(stderr=True).print(
+    recorded = f"sensitivity for {', '.join(formats)}" + (", removal importance" if args.importance else "")
+    console = Console(stderr=True)
+    console.print(
         f"wrote {args.out}: {len(stats.counts)} MoE layers x {stats.num_experts} experts, top-{stats.top_k}, "
-        f"{total} tokens, sensitivity for {', '.join(formats)}"
+        f"{total} tokens, {recorded}", soft_wrap=True,
+    )
+    where_spec = "" if args.spec_out else " (MODEL.json: the model's MoE shape, which --spec-out writes)"
+    console.print(
+        f"next: rnq-ep plan --model {args.spec_out or 'MODEL.json'} --cluster NAME --loads {args.out} "
+        f"--out plan.json{where_spec}", soft_wrap=True,
     )
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 
 import pytest
 import torch
@@ -136,6 +137,44 @@ def test_stats_and_spec_from_calibrate_feed_rnq_ep_plan(tmp_path):
     rc = cli.main(["plan", "--model", str(spec), "--cluster", "cpu4", "--loads", str(stats),
                    "--out", str(tmp_path / "plan.json")])
     assert rc == 0 and (tmp_path / "plan.json").is_file()
+
+
+def dense_model_folder(folder):
+    """A saved one-layer Llama (no experts) in `folder`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("case, message", [
+    ("unknown family", r"unknown model family 'llama4', expected one of \[.*'mixtral'"),
+    ("not a MoE model", r"not a MoE model \(model_type='llama'\)"),
+    ("empty data file", r"empty.txt: data file has no text"),
+    ("folder without weights", r"no weights \(\*\.safetensors or pytorch_model\*\.bin\)"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, message, tmp_path, capsys):
+    from rnq_ep.cli import main
+
+    (tmp_path / "empty.txt").write_text("\n")
+    (tmp_path / "config-only").mkdir()
+    (tmp_path / "config-only" / "config.json").write_text(hf.tiny_config("mixtral").to_json_string())
+    model = {"unknown family": "tiny-llama4", "not a MoE model": str(dense_model_folder(tmp_path / "dense")),
+             "folder without weights": str(tmp_path / "config-only")}.get(case, "tiny-mixtral")
+    data = str(tmp_path / "empty.txt") if case == "empty data file" else "builtin"
+    out = tmp_path / "stats.json"
+    assert main(["calibrate", "--model", model, "--data", data, "--out", str(out), "--tokens", "64"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("rnq-ep calibrate: error: ") and re.search(message, error), error
+    assert not out.exists()
+
+
+def test_missing_out_folder_is_refused_before_loading_the_model(tmp_path):
+    with pytest.raises(SpecError, match=r"--out .*stats.json: folder .*absent does not exist"):
+        run_cli("--model", "tiny-llama4", "--out", str(tmp_path / "absent" / "stats.json"))
 
 
 def test_empty_data_file_is_a_clear_error(tmp_path):
