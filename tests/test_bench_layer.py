@@ -7,7 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from rnq_ep.bench.layer import EPLB_EXTRA, PLAIN, RNQ_HASH, RNQ_INT4, RNQ_LEAST_LOADED, configs, main, summarise
+from rnq_ep.bench.layer import (
+    EPLB_EXTRA, PLAIN, RNQ_HASH, RNQ_INT4, RNQ_INT4_HASH, RNQ_LEAST_LOADED, configs, main, summarise,
+)
 from rnq_ep.bench.skew import single_layer, skewed_layers
 from rnq_ep.layer import LayerStats
 from rnq_ep.memory import plain_ep_budget
@@ -29,9 +31,9 @@ def test_configurations_compare_plain_ep_eplb_and_both_rnq_routings():
     runs = configs(TINY, "cpu4", 4, LOADS)
     assert [(r.name, r.policy) for r in runs] == [
         (PLAIN, "least-loaded"), (EPLB_EXTRA, "static"), (RNQ_LEAST_LOADED, "least-loaded"), (RNQ_HASH, "hash"),
-        (RNQ_INT4, "least-loaded"),
+        (RNQ_INT4, "least-loaded"), (RNQ_INT4_HASH, "hash"),
     ]
-    assert runs[2].plan is runs[3].plan
+    assert runs[2].plan is runs[3].plan and runs[4].plan is runs[5].plan
     assert {s.fmt for layer in runs[2].plan.layers for s in layer.slots} <= {"bf16", "int8"}
 
 
@@ -69,7 +71,8 @@ def test_tiny_bench_prints_a_row_per_configuration(capsys):
             "--tokens", "16", "--steps", "1", "--ranks", "2"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert all(f"| {name} |" in out for name in (PLAIN, EPLB_EXTRA, RNQ_LEAST_LOADED, RNQ_HASH, RNQ_INT4))
+    names = (PLAIN, EPLB_EXTRA, RNQ_LEAST_LOADED, RNQ_HASH, RNQ_INT4, RNQ_INT4_HASH)
+    assert all(f"| {name} |" in out for name in names)
 
 
 def _write_loads(path, counts):

@@ -51,7 +51,7 @@ from rnq_ep.specs import LoadStats, ModelSpec, Plan, PlanOptions, load_cluster, 
 DEFAULT_LOADS = SHIPPED_LOADS / "olmoe-1b-7b-0924_olmoe-repo_arxiv.json"  # shipped OLMoE file with the largest median plain-EP max/mean at 4 ranks
 DEFAULT_MODEL = "olmoe-1b-7b"
 RNQ_LEAST_LOADED, RNQ_HASH = "R&Q, least-loaded routing", "R&Q, hash routing"
-RNQ_INT4 = "R&Q bf16+int8+int4, least-loaded routing"
+RNQ_INT4, RNQ_INT4_HASH = "R&Q bf16+int8+int4, least-loaded routing", "R&Q bf16+int8+int4, hash routing"
 RANK_TIMEOUT_S = 1200.0
 
 
@@ -76,17 +76,19 @@ class Measured:
 
 
 def configs(model: ModelSpec, cluster_name: str, num_ranks: int, loads: LoadStats) -> list[Config]:
-    """Plain EP, EPLB-equivalent with +12.5 % memory (even split over replicas), R&Q (bf16+int8) least-loaded and
-    hash, R&Q with int4 too (least-loaded): the planner's default options but for the formats."""
+    """Plain EP, EPLB-equivalent with +12.5 % memory (even split over replicas), R&Q (bf16+int8) and R&Q with int4
+    too, each with least-loaded and hash routing: the planner's default options but for the formats."""
     cluster = msgspec.structs.replace(load_cluster(cluster_name), nodes=1, gpus_per_node=num_ranks)
     cluster = with_budget(cluster, model, PlanOptions())
     rnq = plan_rnq(model, cluster, loads, PlanOptions())
+    rnq_int4 = plan_rnq(model, cluster, loads, PlanOptions(formats=("bf16", "int8", "int4")))
     return [
         Config(PLAIN, plan_plain_ep(model, cluster, loads), "least-loaded"),
         Config(EPLB_EXTRA, plan_eplb(model, cluster, loads, extra_memory=0.125), "static"),
         Config(RNQ_LEAST_LOADED, rnq, "least-loaded"),
         Config(RNQ_HASH, rnq, "hash"),
-        Config(RNQ_INT4, plan_rnq(model, cluster, loads, PlanOptions(formats=("bf16", "int8", "int4"))), "least-loaded"),
+        Config(RNQ_INT4, rnq_int4, "least-loaded"),
+        Config(RNQ_INT4_HASH, rnq_int4, "hash"),
     ]
 
 
