@@ -1,6 +1,7 @@
 """Dispatch -> experts -> combine over 1, 2 and 4 gloo ranks equals one dense computation."""
 
 from collections import Counter
+from dataclasses import FrozenInstanceError
 
 import numpy as np
 import pytest
@@ -201,6 +202,13 @@ def test_bad_expert_id_on_one_rank_fails_on_every_rank_and_the_group_survives(tw
     assert "ranks [1] rejected their inputs" in errors0["ids"]
     table, xs, ids, weights, maps = _make_case(9, 2, (4, 4))
     np.testing.assert_allclose(after1, _dense(xs[1], ids[1], weights[1], maps).numpy(), atol=1e-5)
+
+
+def test_the_handle_is_frozen():
+    table, xs, ids, weights, _ = _make_case(8, 1, (5,))
+    _, handle = dispatch(xs[0], ids[0], weights[0], table, 0, None)
+    with pytest.raises(FrozenInstanceError):
+        handle.num_tokens = 4
 
 
 def test_recv_rows_are_grouped_by_local_copy():

@@ -128,16 +128,23 @@ def test_least_loaded_never_loses_to_static_shares(instance):
     assert least <= static * (1 + WATER_FILL_SLACK) + 1
 
 
-@pytest.mark.parametrize("policy", POLICIES)
-def test_one_copy_per_expert_routes_like_plain_ep(policy):
-    rng = np.random.default_rng(0)
-    perm = rng.permutation(8)
-    table = SlotTable.from_arrays(perm % 4, np.arange(8), np.zeros(8), np.ones(8), 4, 8)
-    topk_ids = [draw_topk(rng, 10, 2, np.ones(8)) for _ in range(3)]
-    counts = _counts(topk_ids, 8)
-    slot_of_expert = torch.from_numpy(np.argsort(table.expert))
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2**31), st.integers(1, 4), st.integers(1, 8), st.integers(1, 4), st.sampled_from(POLICIES))
+def test_one_copy_per_expert_routes_like_plain_ep(seed, num_gpus, num_experts, num_ranks, policy):
+    rng = np.random.default_rng(seed)
+    expert = rng.permutation(num_experts)  # slots in any expert order, each expert once, on any GPU
+    gpu = np.sort(rng.integers(0, num_gpus, num_experts))
+    table = SlotTable.from_arrays(gpu, expert, rng.integers(0, 3, num_experts), np.ones(num_experts), num_gpus,
+                                  num_experts)
+    top_k = int(rng.integers(1, num_experts + 1))
+    topk_ids = [draw_topk(rng, int(rng.integers(0, 10)), top_k, rng.random(num_experts) + 0.01)
+                for _ in range(num_ranks)]
+    counts = _counts(topk_ids, num_experts)
+    slot_of_expert = torch.from_numpy(np.argsort(expert))
     for rank, ids in enumerate(topk_ids):
         assert torch.equal(route(counts, table, ids, rank, policy), slot_of_expert[ids])
+    plain_ep_load = np.bincount(gpu, weights=counts.sum(0).numpy()[expert], minlength=num_gpus)
+    assert np.array_equal(gpu_loads(table, copy_quotas(counts, table, policy)), plain_ep_load)
 
 
 def test_hash_spreads_an_expert_evenly_over_its_copies():
