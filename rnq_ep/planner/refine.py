@@ -14,7 +14,7 @@ import highspy
 import numpy as np
 
 from rnq_ep.balance import quiet_highs
-from rnq_ep.planner.replicate import Limits
+from rnq_ep.planner.limits import Limits
 from rnq_ep.planner.transport import Copies
 
 TIE_BREAK = 1e-6  # weight of the quality cost relative to the max load

@@ -11,11 +11,12 @@ import numpy as np
 from rnq_ep.memory import gpu_budget
 from rnq_ep.planner.affinity import align_to_previous, share_matrix
 from rnq_ep.planner.layout import InfeasiblePlan, format_bytes, layer_plan
+from rnq_ep.planner.limits import Limits
 from rnq_ep.planner.place import copy_counts, pack_by_rounds, replica_order
 from rnq_ep.planner.refine import refine_layer
 from rnq_ep.planner.quantize import cheapest_conversions_by_gpu, sensitivity_costs
 from rnq_ep.planner.routed import drop_until_within, routed_quantized, table_of
-from rnq_ep.planner.replicate import LayerCopies, Limits, spread_load
+from rnq_ep.planner.replicate import LayerCopies, spread_load
 from rnq_ep.planner.transport import Copies, transport_spread
 from rnq_ep.specs import FORMATS, ClusterSpec, LoadStats, ModelSpec, Plan, PlanOptions, SpecError
 
@@ -43,19 +44,22 @@ def plan_rnq(model: ModelSpec, cluster: ClusterSpec, loads: LoadStats, options: 
     check_memory_fits(model, cluster, options, budget, fmt_bytes)
     num_gpus = cluster.num_gpus
     prefer_node = cluster.nodes > 1 and cluster.intra_node_bytes_per_s >= NODE_LOCAL_RATIO * cluster.inter_node_bytes_per_s
-    layers = []
+    layers, same_costs = [], None  # without per-layer sensitivities every layer has the same costs
     for index, layer in enumerate(loads.layers):
         weight = np.asarray(loads.counts[index], dtype=np.float64)
-        limits = Limits(
+        token_budget = options.quality_budget * float(weight.sum())
+        limits = same_costs.with_token_budget(token_budget) if same_costs is not None else Limits(
             budget=budget,
             fmt_bytes=fmt_bytes,
             cost=sensitivity_costs(loads, index, options),
-            token_budget=options.quality_budget * float(weight.sum()),
+            token_budget=token_budget,
             max_copies=min(num_gpus, options.max_copies or num_gpus),
             max_held=int(budget // min(fmt_bytes[FORMATS.index(f)] for f in options.formats)),
             gpus_per_node=cluster.gpus_per_node,
             prefer_node=prefer_node,
         )
+        if loads.sensitivity is None and loads.importance is None:
+            same_costs = limits  # its cached Python views of the costs carry over
         gpu, expert, fmt, tokens = plan_layer(weight, num_gpus, limits, layer, options)
         share = shares(expert, tokens, weight.size)
         if align:
@@ -199,7 +203,7 @@ def fewest_quantized_copies(num_copies: int, num_gpus: int, limits: Limits) -> i
     """Lower bound on copies to quantize when `num_copies` are spread evenly, all in the smallest format."""
     most = math.ceil(num_copies / num_gpus)
     crowded = num_copies - (most - 1) * num_gpus  # GPUs holding `most` copies, the rest hold one fewer
-    smallest = int(limits.fmt_bytes[np.isfinite(limits.cost).all(axis=0)].min())
+    smallest = limits.smallest_common
     saved = int(limits.fmt_bytes[0]) - smallest
     if saved == 0:
         return 0

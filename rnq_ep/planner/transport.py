@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from rnq_ep.planner.limits import Limits
 from rnq_ep.planner.quantize import cheapest_conversions_by_gpu
-from rnq_ep.planner.replicate import Limits
 
 Copies = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # gpu, expert, fmt, tokens: [S] each
 

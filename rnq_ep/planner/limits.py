@@ -1,0 +1,49 @@
+"""What one layer's plan must respect, with cached Python views for the per-step code of the spread."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import cached_property
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one layer's plan must respect."""
+
+    budget: int  # bytes per GPU
+    fmt_bytes: np.ndarray  # [3] bytes of one expert per format
+    cost: np.ndarray  # [E, 3] quality cost per token, inf where the format is not allowed
+    token_budget: float  # most tokens that quantized copies may serve
+    max_copies: int
+    max_held: int  # most copies one GPU can hold, all in the smallest allowed format
+    gpus_per_node: int
+    prefer_node: bool  # keep an expert's copies on its node when that node has room
+
+    def with_token_budget(self, token_budget: float) -> Limits:
+        """The same limits with another quality budget; the cached Python views below carry over."""
+        other = replace(self, token_budget=token_budget)
+        cached = ("allowed_codes", "cost_rows", "sizes", "smallest_common")
+        other.__dict__.update({k: v for k, v in self.__dict__.items() if k in cached})
+        return other
+
+    @cached_property
+    def smallest_common(self) -> int:
+        """Bytes of the smallest format that every expert may use."""
+        return int(self.fmt_bytes[np.isfinite(self.cost).all(axis=0)].min())
+
+    @cached_property
+    def allowed_codes(self) -> list[int]:
+        """Format codes that some expert may use."""
+        return np.flatnonzero(np.isfinite(self.cost).any(axis=0)).tolist()
+
+    @cached_property
+    def cost_rows(self) -> list[list[float]]:
+        """`cost` as Python lists [E][3], for the per-step code that works on a few copies."""
+        return self.cost.tolist()
+
+    @cached_property
+    def sizes(self) -> list[int]:
+        """`fmt_bytes` as a Python list [3]."""
+        return self.fmt_bytes.tolist()
