@@ -75,6 +75,20 @@ def test_sensitivity_equals_the_experts_module_with_quantized_weights(family, ba
         assert stats.sensitivity[0][expert]["int4"] == pytest.approx(reference, rel=1e-4)
 
 
+@pytest.mark.parametrize("implementation", ["eager", "batched_mm"])
+def test_stats_do_not_depend_on_the_experts_implementation(implementation, batches):
+    model = hf.tiny_model("mixtral")  # transformers' default on this machine: grouped_mm
+    other = copy.deepcopy(model)
+    other.set_experts_implementation(implementation)
+    expected, got = calibrate(model, batches), calibrate(other, batches)
+    assert other.config._experts_implementation == implementation != model.config._experts_implementation
+    assert got.counts == expected.counts and got.coactivation == expected.coactivation
+    torch.testing.assert_close(torch.tensor(got.gate_mass), torch.tensor(expected.gate_mass), rtol=1e-5, atol=0)
+    for fmt in ("int8", "int4"):
+        got_fmt, expected_fmt = ([[e[fmt] for e in row] for row in stats.sensitivity] for stats in (got, expected))
+        torch.testing.assert_close(torch.tensor(got_fmt), torch.tensor(expected_fmt), rtol=1e-4, atol=0)
+
+
 @pytest.mark.parametrize("family", ["olmoe", "qwen2-moe"])
 def test_coactivation_margins_are_counts_times_top_k(family, batches):
     stats = calibrate(hf.tiny_model(family), batches)
