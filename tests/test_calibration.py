@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from tiny_hf import one_torch_thread  # noqa: F401  (autouse fixture; skips without transformers)
-from rnq_ep import hf
+from rnq_ep import cli, hf
 from rnq_ep.calibration import add_calibrate_arguments, balanced_picks, calibrate, calibrate_main
 from rnq_ep.quant import dequantize, quantize
-from rnq_ep.specs import SpecError, load_stats
+from rnq_ep.specs import SpecError, load_plan, load_stats
 from rnq_ep.textdata import builtin_text, token_batches, tokenize
 
 FAMILIES = sorted(hf.FAMILIES)
@@ -43,7 +43,7 @@ def capture_routed(model: torch.nn.Module, batch: torch.Tensor, layer: int) -> t
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_tiny_family_calibrates_to_load_stats_that_round_trip(family, batches, tmp_path):
+def test_tiny_family_calibrates_to_load_stats_that_rnq_ep_plan_reads(family, batches, tmp_path):
     model = hf.tiny_model(family)
     stats = calibrate(model, batches, model_name=f"tiny-{family}")
     tokens = sum(b.numel() for b in batches)
@@ -52,10 +52,12 @@ def test_tiny_family_calibrates_to_load_stats_that_round_trip(family, batches, t
     int8 = [by_fmt["int8"] for row in stats.sensitivity for by_fmt in row]
     int4 = [by_fmt["int4"] for row in stats.sensitivity for by_fmt in row]
     assert 0 < sum(int8) < sum(int4)
-    out = tmp_path / "stats.json"
-    assert run_cli("--model", f"tiny-{family}", "--out", str(out), "--tokens", "128", "--batch", "2",
-                   "--seq-len", "32") == 0
+    out, spec, plan = tmp_path / "stats.json", tmp_path / "spec.json", tmp_path / "plan.json"
+    assert run_cli("--model", f"tiny-{family}", "--out", str(out), "--spec-out", str(spec), "--tokens", "128",
+                   "--batch", "2", "--seq-len", "32") == 0
     assert load_stats(out).counts == stats.counts
+    assert cli.main(["plan", "--model", str(spec), "--cluster", "cpu4", "--loads", str(out), "--out", str(plan)]) == 0
+    assert [layer.layer for layer in load_plan(plan).layers] == load_stats(out).layer_ids
 
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt-oss", "deepseek-v3"])
@@ -143,16 +145,6 @@ def test_calibrating_a_saved_folder_equals_the_tiny_model(tmp_path):
     assert folder.counts == tiny.counts and folder.coactivation == tiny.coactivation
 
 
-def test_stats_and_spec_from_calibrate_feed_rnq_ep_plan(tmp_path):
-    cli = pytest.importorskip("rnq_ep.cli")
-    stats, spec = tmp_path / "stats.json", tmp_path / "spec.json"
-    assert run_cli("--model", "tiny-olmoe", "--out", str(stats), "--spec-out", str(spec), "--tokens", "64",
-                   "--batch", "1", "--seq-len", "64") == 0
-    rc = cli.main(["plan", "--model", str(spec), "--cluster", "cpu4", "--loads", str(stats),
-                   "--out", str(tmp_path / "plan.json")])
-    assert rc == 0 and (tmp_path / "plan.json").is_file()
-
-
 def dense_model_folder(folder):
     """A saved one-layer Llama (no experts) in `folder`."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -171,8 +163,6 @@ def dense_model_folder(folder):
     ("folder without weights", r"no weights \(\*\.safetensors or pytorch_model\*\.bin\)"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, message, tmp_path, capsys):
-    from rnq_ep.cli import main
-
     (tmp_path / "empty.txt").write_text("\n")
     (tmp_path / "config-only").mkdir()
     (tmp_path / "config-only" / "config.json").write_text(hf.tiny_config("mixtral").to_json_string())
@@ -180,7 +170,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, message, tmp_p
              "folder without weights": str(tmp_path / "config-only")}.get(case, "tiny-mixtral")
     data = str(tmp_path / "empty.txt") if case == "empty data file" else "builtin"
     out = tmp_path / "stats.json"
-    assert main(["calibrate", "--model", model, "--data", data, "--out", str(out), "--tokens", "64"]) == 2
+    assert cli.main(["calibrate", "--model", model, "--data", data, "--out", str(out), "--tokens", "64"]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("rnq-ep calibrate: error: ") and re.search(message, error), error
     assert not out.exists()
