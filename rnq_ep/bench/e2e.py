@@ -72,7 +72,11 @@ CASES = {
     "mixtral": Case("mixtral-8x7b", SHIPPED_LOADS / "mixtral-8x7b-v0.1_olmoe-repo_github.json",
                     SHIPPED_LOADS / "mixtral-8x7b-v0.1_olmoe-repo_github.json",
                     "least skewed real loads; planned and run on GitHub (in sample)"),
+    "olmoe-shift": Case("olmoe-1b-7b", SHIPPED_LOADS / "olmoe-1b-7b-0924_olmoe-repo_arxiv.json",
+                        SHIPPED_LOADS / "olmoe-1b-7b-0924_olmoe-repo_wikipedia.json",
+                        "planned on arXiv, run on Wikipedia: a shift that leaves R&Q layers over LLEP's 1.3 threshold"),
 }
+DEFAULT_CASES = ("olmoe", "mixtral")  # olmoe-shift: R&Q + spill moves copies from --tokens 1024 on (LLEP's 1024-row chunks)
 
 
 @dataclass(frozen=True)
@@ -263,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Options of `rnq-ep bench e2e`."""
     p = argparse.ArgumentParser(prog="rnq-ep bench e2e", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES), help="load cases to run")
+    p.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(DEFAULT_CASES), help="load cases to run")
     p.add_argument("--launcher", choices=(*LAUNCHERS, "both"), default="both", help="spawned gloo ranks, Ray actors, or both")
     p.add_argument("--ray-all", action="store_true", help="every policy as a Ray job (default: plain EP and the R&Q plans)")
     p.add_argument("--ranks", type=int, default=4, help="workers")
