@@ -44,6 +44,27 @@ def linear_router(router_weight: torch.Tensor, top_k: int) -> Router:
     return lambda x: route_topk(x.float() @ router_weight.float().T, top_k)
 
 
+class SharedExperts(torch.nn.Module):
+    """A layer's shared experts (DeepSeek): one dense SwiGLU that every token goes through, whole on every rank."""
+
+    def __init__(self, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> None:
+        """w_gate_up [2I, H] (gate rows first, then up) and w_down [H, I], I the shared experts' total width."""
+        super().__init__()
+        if w_gate_up.dim() != 2 or w_down.dim() != 2 or tuple(w_gate_up.shape) != (2 * w_down.shape[1], w_down.shape[0]):
+            raise ValueError(
+                f"shared experts must be w_gate_up [2I, H] and w_down [H, I], got {tuple(w_gate_up.shape)} and "
+                f"{tuple(w_down.shape)}"
+            )
+        self.register_buffer("w_gate_up", w_gate_up)
+        self.register_buffer("w_down", w_down)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> [T, H], computed in x's dtype."""
+        from rnq_ep.kernels.reference import gated  # kernels pull in triton: import late
+
+        return gated(x @ self.w_gate_up.to(x.dtype).T) @ self.w_down.to(x.dtype).T  # [T, 2I] -> [T, I] -> [T, H]
+
+
 def _world_size(group: dist.ProcessGroup | None) -> int:
     """Ranks in `group` (None: the default group, as dispatch reads it), 1 without a process group."""
     return dist.get_world_size(group) if dist.is_initialized() else 1

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from gloo import run_ranks
-from rnq_ep.layer import EPMoE, LayerStats, route_topk
+from rnq_ep.layer import EPMoE, LayerStats, SharedExperts, route_topk
 from rnq_ep.quant import dequantize, quantize
 from rnq_ep.runtime.inputs import random_layer_weights
 from rnq_ep.specs import LayerPlan, Slot, load_model
@@ -191,6 +191,11 @@ def test_shared_experts_are_added_to_the_routed_output():
     shared = torch.nn.Linear(MODEL.hidden_size, MODEL.hidden_size, bias=False)
     with torch.no_grad():
         torch.testing.assert_close(_layer(shared=shared)(x), _layer()(x) + shared(x))
+
+
+def test_shared_experts_of_mismatched_shapes_are_rejected():
+    with pytest.raises(ValueError, match=r"shared experts must be w_gate_up \[2I, H\] and w_down \[H, I\]"):
+        SharedExperts(torch.zeros(2 * 16, MODEL.hidden_size), torch.zeros(MODEL.hidden_size, 15))
 
 
 def test_switch_plan_routes_by_the_new_table_from_the_next_forward():

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from gloo import run_ranks
-from rnq_ep.runtime.inputs import draw_routing, inclusion_probabilities, layer_counts, make_batch
+from rnq_ep.layer import SharedExperts
+from rnq_ep.runtime.inputs import draw_routing, inclusion_probabilities, layer_counts, make_batch, random_shared_experts
 from rnq_ep.runtime.worker import run_worker
 from rnq_ep.specs import (
     LayerPlan,
@@ -122,6 +123,17 @@ def test_single_process_run_is_reproducible(tmp_path):
     assert [s.step for s in first] == [0, 1]
     assert all(torch.equal(a.output, b.output) for a, b in zip(first, second))
     assert first[0].tokens_per_gpu.tolist() == [2 * 16 * MODEL.top_k]
+
+
+def test_a_model_with_shared_experts_adds_them_to_each_layer_output(tmp_path):
+    plan = write_plan(tmp_path / "plan.json", 1, layer_ids=(0,))
+    with_shared = msgspec.structs.replace(MODEL, num_shared_experts=2)
+    routed = run_worker(0, 1, plan, tokens=8, steps=1, backend="torch", keep_outputs=True)[0].output
+    both = run_worker(0, 1, plan, with_shared, tokens=8, steps=1, backend="torch", keep_outputs=True)[0].output
+    hidden, _ = make_batch(MODEL, [np.ones(MODEL.num_experts)], 8, 0, 0, 0)  # step 0's batch of rank 0, seed 0
+    shared = SharedExperts(*random_shared_experts(with_shared, 0, 0))
+    assert random_shared_experts(MODEL, 0, 0) is None
+    torch.testing.assert_close(both, routed + shared(hidden), rtol=1e-5, atol=1e-5)
 
 
 def test_a_run_from_a_first_step_gives_the_later_steps_of_a_full_run(tmp_path):

@@ -14,6 +14,7 @@ from rnq_ep.specs import LoadStats, ModelSpec, Plan, SpecError
 Routing = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: expert ids, router weights [T, k]
 Batch = tuple[torch.Tensor, Routing]  # hidden [T, H] and its routing
 BatchSource = Callable[[int], Batch]  # step -> this rank's batch
+SHARED_EXPERTS_KEY = 1  # seed key that sets a layer's shared-expert draw apart from its routed experts'
 
 
 def derive_seed(*keys: int) -> int:
@@ -29,15 +30,32 @@ def random_layer_weights(
     Identical on every rank of one device type; a GPU draws with its own generator, directly in
     bf16 (a DeepSeek-V3 layer holds 11 G expert weights), so its weights differ from the CPU's.
     """
-    device = torch.device(device)
-    gen = torch.Generator(device=device).manual_seed(derive_seed(seed, layer))
-    draw_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    draw = _seeded_draw(torch.device(device), seed, layer)
     e, h, i = model.num_experts, model.hidden_size, model.moe_intermediate_size
+    return draw(e, 2 * i, h, fan_in=h), draw(e, h, i, fan_in=i), draw(e, h, fan_in=h)
+
+
+def random_shared_experts(
+    model: ModelSpec, layer: int, seed: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Seeded bf16 weights of one layer's S shared experts as one SwiGLU of width S*I: w_gate_up [2SI, H],
+    w_down [H, SI] (gate rows first, as DeepSeek's shared MLP); None for a model without shared experts."""
+    if model.num_shared_experts == 0:
+        return None
+    draw = _seeded_draw(torch.device(device), seed, layer, SHARED_EXPERTS_KEY)
+    width, h = model.num_shared_experts * model.moe_intermediate_size, model.hidden_size
+    return draw(2 * width, h, fan_in=h), draw(h, width, fan_in=width)
+
+
+def _seeded_draw(device: torch.device, *keys: int) -> Callable[..., torch.Tensor]:
+    """draw(*shape, fan_in) -> bf16 normal weights scaled by fan_in^-0.5, from one generator seeded by `keys`."""
+    gen = torch.Generator(device=device).manual_seed(derive_seed(*keys))
+    draw_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     def draw(*shape: int, fan_in: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=gen, device=device, dtype=draw_dtype) * fan_in**-0.5).to(torch.bfloat16)
 
-    return draw(e, 2 * i, h, fan_in=h), draw(e, h, i, fan_in=i), draw(e, h, fan_in=h)
+    return draw
 
 
 def inclusion_probabilities(counts: np.ndarray, top_k: int) -> np.ndarray:

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from rnq_ep.layer import EPMoE, LayerStats
+from rnq_ep.layer import EPMoE, LayerStats, SharedExperts
 from rnq_ep.rebalance.rebalancer import RebalanceHealth, Rebalancer
 from rnq_ep.routing import POLICIES
 from rnq_ep.runtime.inputs import (
-    BatchSource, Routing, checkpoint_loader, layer_counts, make_batch, random_layer_weights,
+    BatchSource, Routing, checkpoint_loader, layer_counts, make_batch, random_layer_weights, random_shared_experts,
 )
 from rnq_ep.specs import ModelSpec, Plan, SpecError, load_model, load_plan, load_stats
 
@@ -135,13 +135,15 @@ def build_layers(
     backend: str = "auto",
     device: torch.device | str = "cpu",
 ) -> list[EPMoE]:
-    """This rank's EPMoE for every plan layer; each layer's full weight tensors are dropped once sliced."""
+    """This rank's EPMoE for every plan layer (with the model's shared experts, whole on every rank); each layer's
+    full routed-expert tensors are dropped once sliced."""
     layers = []
     for index, layer_plan in enumerate(plan.layers):
         w_gate_up, w_down, router = random_layer_weights(model, index, seed, device)
-        layers.append(
-            EPMoE(model, layer_plan, plan.cluster.num_gpus, rank, group, w_gate_up, w_down, router, None, policy, backend)
-        )
+        shared = random_shared_experts(model, index, seed, device)
+        shared_experts = None if shared is None else SharedExperts(*shared)
+        layers.append(EPMoE(model, layer_plan, plan.cluster.num_gpus, rank, group, w_gate_up, w_down, router,
+                            shared_experts, policy, backend))
     return layers
 
 
