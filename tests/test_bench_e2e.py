@@ -1,4 +1,5 @@
-"""`rnq-ep bench e2e`: its policies and plans, the runs it dedupes, its error and table, one tiny run on 2 ranks."""
+"""`rnq-ep bench e2e`: its policies and plans, the runs it dedupes, its error and table, one tiny run on 2 ranks, and a
+spilling LLEP row on 4 spawned ranks."""
 
 from __future__ import annotations
 
@@ -9,14 +10,17 @@ import numpy as np
 import pytest
 import torch
 
+from handmade_plans import plain_ep_slots, plan_of, stats_of
 from rnq_ep.bench.e2e import (
     CASES, NOT_RUN, RUNTIME_ROUTING, SIMULATED_LABEL, SPILLING, e2e_table, first_identical, main, output_error, plan_rows,
 )
-from rnq_ep.bench.e2e_runs import run_single_gpu, single_gpu_plan
+from rnq_ep.bench.e2e_runs import RowRun, run_single_gpu, single_gpu_plan, spawn_e2e, spill_figures
 from rnq_ep.bench.layer import Measured
-from rnq_ep.memory import plain_ep_budget
+from rnq_ep.demo import unsharded_outputs
+from rnq_ep.memory import expert_bytes, plain_ep_budget
 from rnq_ep.metrics import gpu_bytes, layer_tables
 from rnq_ep.policies import SIMULATED_POLICIES
+from rnq_ep.runtime.inputs import layer_counts
 from rnq_ep.specs import load_cluster, load_model, load_stats
 
 
@@ -106,7 +110,7 @@ def test_table_gives_speedups_over_plain_ep_and_the_weights_each_spilling_row_mo
     assert rnq["weights moved MB/step (copies)"] == "0"
     for name in ("LLEP spill", "R&Q + int8 spill", "R&Q + int4 spill"):
         assert by_name[name]["spawn critical speedup"] == "2.00x"
-        assert by_name[name]["weights moved MB/step (copies)"] == "1.2 (2)"
+        assert by_name[name]["weights moved MB/step (copies)"] == "1.25 (2)"
         assert by_name[name]["memory / plain EP"] == "2.000"
     assert SIMULATED_LABEL not in table.note and "predicted only" not in table.note
     assert "not run, no GPU" in table.note or torch.cuda.is_available()
@@ -125,3 +129,19 @@ def test_tiny_run_under_both_launchers_prints_every_policy_with_its_error(tmp_pa
     assert float(rows["LLEP spill"][-2]) < 1e-4  # bf16 spilled copies too
     assert all(NOT_RUN not in rows[name][-2:] for name in ("R&Q + int8 spill", "R&Q + int4 spill"))
     assert markdown.read_text().count("| R&Q bf16+int8 |") == 1
+
+
+@pytest.mark.slow
+def test_a_spawned_llep_row_moves_bf16_copies_and_still_equals_the_dense_reference():
+    model, cluster = load_model("tiny"), load_cluster("cpu4")  # 8 experts, top-2, on 4 workers
+    plan = plan_of(model, cluster, [plain_ep_slots(model, cluster)])
+    stats = stats_of(model, [[40, 40, 1, 1, 1, 1, 1, 1]])  # experts 0 and 1 (worker 0): ~3.7x the mean load
+    rows = [RowRun(plan, "static"), RowRun(plan, "static", spill_fmt="bf16")]
+    per_rank = spawn_e2e(4, rows, layer_counts(plan, stats), tokens=640, steps=1, seed=0)  # [rank][row][step]
+    moved_mb, copies, peak = spill_figures([rank[1] for rank in per_rank], model, layer_tables(plan))
+    assert copies >= 1 and moved_mb == pytest.approx(copies * expert_bytes(model, "bf16") / 1e6)
+    assert peak > plain_ep_budget(model, 4)  # a worker held a spilled copy on top of its own
+    reference = unsharded_outputs(plan, model, stats, 4, 640, 2, 0)
+    for row in range(2):
+        outputs = [[s.output for s in rank[row]] for rank in per_rank]
+        assert output_error(outputs, reference)[0] < 1e-5

@@ -216,7 +216,7 @@ def memory_ratio(row: Row, model: ModelSpec, budget: int) -> str:
 def weights_moved(row: Row) -> str:
     """'MB (copies)' of expert weights the row's spill moved per step; 0 for a row that does not spill."""
     if row.spill is not None:
-        return f"{row.spill[0]:.1f} ({row.spill[1]:g})"
+        return f"{row.spill[0]:.2f} ({row.spill[1]:g})"
     return "0" if row.measured else NOT_RUN
 
 
