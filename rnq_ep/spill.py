@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -124,8 +125,8 @@ class SpilledExperts:
 class SpillMoE(EPMoE):
     """EPMoE whose every step spills the excess over `threshold` x mean GPU load (LLEP's rule), moving weights."""
 
-    def __init__(self, *args, spill_fmt: str = "bf16", threshold: float = LLEP_THRESHOLD,
-                 capacity: float = LLEP_CAPACITY, min_chunk: int = LLEP_MIN_CHUNK, **kwargs) -> None:
+    def __init__(self, *args: Any, spill_fmt: str = "bf16", threshold: float = LLEP_THRESHOLD,
+                 capacity: float = LLEP_CAPACITY, min_chunk: int = LLEP_MIN_CHUNK, **kwargs: Any) -> None:
         """EPMoE's arguments (its `policy` is the split before spilling: `static` for LLEP on plain EP), plus
         LLEP's parameters and the format spilled bf16 copies are sent in."""
         super().__init__(*args, **kwargs)
