@@ -12,6 +12,7 @@ import numpy as np
 
 from rnq_ep.bench.planner import (
     RNQ,
+    SHARED_LOADS,
     PolicyResult,
     balance_table,
     compare_policies,
@@ -20,6 +21,7 @@ from rnq_ep.bench.planner import (
     real_pairs,
     to_markdown,
 )
+from rnq_ep.bench.planner_pairs import all_pairs_table
 from rnq_ep.bench.planner_speed import speed_table
 from rnq_ep.costmodel import DEFAULT_TOKENS_PER_GPU
 from rnq_ep.memory import gpu_budget, plain_ep_budget
@@ -214,6 +216,10 @@ def run_bench_planner(args: argparse.Namespace) -> int:
     if not args.no_real:
         tables.append(balance_table(load_cluster(args.balance_cluster), options, real_pairs()))
         print_table(tables[-1])
+        pairs = all_pairs_table(load_cluster(args.balance_cluster), options, SHARED_LOADS) if SHARED_LOADS.is_dir() else None
+        if pairs is not None:
+            tables.append(pairs)
+            print_table(pairs)
     if args.markdown:
         machine = machine_line()
         command = shlex.join(["rnq-ep", *args.argv])

@@ -14,6 +14,7 @@ from rnq_ep.bench.planner import (
     to_markdown,
     zipf_loads,
 )
+from rnq_ep.bench.planner_pairs import all_pairs_table
 from rnq_ep.bench.planner_speed import FORMAT_SETS, speed_table
 from rnq_ep.cli import main
 from rnq_ep.specs import PlanOptions, load_cluster, load_model
@@ -77,3 +78,20 @@ def test_speed_table_has_a_row_per_format_set_and_says_when_no_replica_fits():
     assert rows[0]["replicas per layer R&Q (median)"] == "0 (none fit)"  # one bf16 expert per GPU, int8 only
     assert int(rows[1]["replicas per layer R&Q (median)"]) > 0  # int4 makes room
     assert "8 GPUs with bf16+int8" in table.note
+
+
+def test_all_pairs_table_counts_every_ordered_pair_of_a_group(tmp_path):
+    for corpus in ("arxiv", "github", "wikipedia"):
+        name = f"olmoe-1b-7b-0924_olmoe-repo_{corpus}.json"
+        (tmp_path / name).write_bytes((SHIPPED_LOADS / name).read_bytes())
+    table = all_pairs_table(load_cluster("h100x8"), PlanOptions(), tmp_path)
+    (row,) = table.rows
+    assert row[:3] == ("olmoe-1b-7b-0924_olmoe-repo_*", "olmoe-1b-7b", "6")
+    wins, pairs = (int(part) for part in row[3].split(" / "))
+    assert pairs == 6 and 0 <= wins <= 6 and float(row[6]) >= float(row[5])
+
+
+def test_all_pairs_table_is_none_without_two_files_of_a_group(tmp_path):
+    name = "olmoe-1b-7b-0924_olmoe-repo_arxiv.json"
+    (tmp_path / name).write_bytes((SHIPPED_LOADS / name).read_bytes())
+    assert all_pairs_table(load_cluster("h100x8"), PlanOptions(), tmp_path) is None
