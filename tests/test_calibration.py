@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import re
+import warnings
 
 import pytest
 import torch
@@ -126,6 +128,27 @@ def test_unrouted_expert_gets_sensitivity_and_zero_importance(batches):
     assert stats.counts[0][5] == 0
     assert stats.importance[0][5] == 0.0
     assert 0 < stats.sensitivity[0][5]["int8"] < stats.sensitivity[0][5]["int4"]
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of every tensor the Python heap still references."""
+    gc.collect()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # isinstance() on torch's deprecated module attributes
+        return sum(t.numel() * t.element_size() for t in gc.get_objects() if isinstance(t, torch.Tensor))
+
+
+def test_memory_held_between_batches_does_not_grow_with_the_number_of_batches():
+    model, held = hf.tiny_model("mixtral"), []
+    batches = token_batches(tokenize(builtin_text(), vocab_size=512), batch=2, seq_len=32, max_tokens=4 * 2 * 32)
+
+    def stream():
+        for batch in batches:
+            held.append(live_tensor_bytes())  # before each forward: what calibration kept from the earlier ones
+            yield batch
+
+    calibrate(model, stream(), importance="removal")
+    assert len(held) == 4 and len(set(held[1:])) == 1  # the first batch adds the fixed-size sums and 64 stored rows
 
 
 def test_balanced_picks_cap_hot_experts_and_keep_rare_ones():
