@@ -236,7 +236,7 @@ def build(skip: set[str]) -> str:
     if "rebalance" in skip:
         parts.append("_not measured in this run (skipped)_\n")
     else:
-        parts.append(stdout_of([sys.executable, "-m", "rnq_ep.bench.rebalance", "--rounds", "3"], log))
+        parts.append(stdout_of([sys.executable, "-m", "rnq_ep.bench.rebalance", "--rounds", "5"], log))
     parts += ["## Kernels (`python -m rnq_ep.bench.kernels`)", ""]
     if "kernels" in skip or not cuda_available():
         parts.append("_not measured: no GPU in this run_\n")
