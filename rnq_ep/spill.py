@@ -11,7 +11,8 @@ Per forward, on every rank:
    copy, in the spill format when the copy is bf16 (quantized on the fly) and as stored otherwise (an
    int8 copy cannot be made bf16, and re-quantizing int8 to int4 would round twice). Split sizes come
    from the Step (`transfer_matrix`), so they agree on every rank; packing and unpacking are the
-   staged migration's (`rnq_ep.rebalance.migrate`).
+   staged migration's (`rnq_ep.rebalance.migrate`). Then all_reduce(ok flag, MIN): a rank that failed
+   to pack (it sends zeros of the agreed size) or to unpack makes every rank run the step unspilled.
 4. EPMoE's own forward on the spilled table with `static` routing on shares = quotas / count, which
    `share_quotas` turns back into exactly the Step's quotas; resident copies run as they are, the
    received ones (the rank's last local slots, so its last recv rows) as temporary LocalExperts,
@@ -21,6 +22,7 @@ A step whose routing already stays under the threshold runs as EPMoE does, with 
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -33,11 +35,12 @@ from rnq_ep.dispatch import _all_gather, _world_size
 from rnq_ep.experts import LocalExperts
 from rnq_ep.layer import EPMoE, LayerStats
 from rnq_ep.policies import LLEP_CAPACITY, LLEP_MIN_CHUNK, LLEP_THRESHOLD, Step, llep_spill
-from rnq_ep.rebalance.migrate import _exchange, _pack, _stage, layer_device
+from rnq_ep.rebalance.migrate import _all_ready, _exchange, _pack, _stage, layer_device
 from rnq_ep.rebalance.moves import CopyMove, transfer_matrix
 from rnq_ep.routing import SlotIndex, check_topk_ids, slot_index, step_quotas
 from rnq_ep.specs import FORMATS
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SpillStats(LayerStats):
@@ -133,7 +136,7 @@ class SpillMoE(EPMoE):
         if spill_fmt not in FORMATS:
             raise ValueError(f"spill_fmt {spill_fmt!r}: expected one of {FORMATS}")
         self.spill_fmt, self.threshold, self.capacity, self.min_chunk = spill_fmt, threshold, capacity, min_chunk
-        self.last_spill: SpillPlan | None = None  # the last forward's plan (None: a rank's inputs were bad)
+        self.last_spill: SpillPlan | None = None  # the last forward's (None: a rank's inputs were bad or a move failed)
 
     def forward_routed(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """x [T, H] with topk_ids/topk_weights [T, k] -> [T, H]; last_stats is a SpillStats."""
@@ -146,13 +149,14 @@ class SpillMoE(EPMoE):
             self._index = slot_index(self.table, topk_ids.device)
         plan = spill_step(self.table, counts, self.policy, self.spill_fmt, self.threshold, self.capacity,
                           self.min_chunk, self._index)
-        self.last_spill = plan
-        if not plan.changed:
+        exchange = self._receive(plan) if plan.changed else None
+        self.last_spill = None if plan.changed and exchange is None else plan
+        if exchange is None:  # nothing over the threshold, or a rank could not move its copies
             spill_seconds = time.perf_counter() - start_s
             out = super().forward_routed(x, topk_ids, topk_weights)
             self.last_stats = SpillStats(**vars(self.last_stats), spill_seconds=spill_seconds)
             return out
-        spilled, moved, received = self._receive(plan)
+        spilled, moved_bytes, received = exchange
         spill_seconds = time.perf_counter() - start_s
         # EPMoE's forward serves the step from the spilled table: rebind what it reads for this one call
         resident = self.table, self.experts, self.policy, self._index
@@ -162,7 +166,7 @@ class SpillMoE(EPMoE):
             out = super().forward_routed(x, topk_ids, topk_weights)
         finally:
             self.table, self.experts, self.policy, self._index = resident
-        self.last_stats = SpillStats(**vars(self.last_stats), spilled_copies=len(plan.moves), moved_bytes=moved,
+        self.last_stats = SpillStats(**vars(self.last_stats), spilled_copies=len(plan.moves), moved_bytes=moved_bytes,
                                      received_bytes=received, spill_seconds=spill_seconds)
         return out
 
@@ -179,24 +183,38 @@ class SpillMoE(EPMoE):
         gathered = _all_gather(torch.cat([local, flag]), self.group, _world_size(self.group)).cpu().numpy()  # [R, E + 1]
         return gathered[:, :num_experts] if gathered[:, num_experts].all() else None
 
-    def _receive(self, plan: SpillPlan) -> tuple[LocalExperts | None, int, int]:
-        """Send this rank's spilled copies, receive its own: (temporary experts or None, bytes moved, bytes received)."""
+    def _receive(self, plan: SpillPlan) -> tuple[LocalExperts | None, int, int] | None:
+        """Send this rank's spilled copies, receive its own: (temporary experts or None, bytes moved, bytes received);
+        None on every rank when any rank failed to pack or unpack."""
         world, rank, moves = _world_size(self.group), self.rank, list(plan.moves)
         matrix = transfer_matrix(moves, self.model, world)  # [src, dst] bytes, the same on every rank
         if not matrix.any():
             return None, 0, 0
-        payload = _pack([m for m in moves if m.src == rank], self, layer_device(self))
+        device, spilled, ok = layer_device(self), None, True
+        try:
+            payload = _pack([m for m in moves if m.src == rank], self, device)
+        except Exception:
+            log.exception("layer %d: packing spilled copies failed on rank %d; the step runs unspilled", self.layer, rank)
+            payload, ok = torch.zeros(int(matrix[rank].sum()), dtype=torch.uint8, device=device), False
         received = _exchange(payload, matrix[rank], matrix[:, rank], self.group, world)
-        mine = [m for m in moves if m.dst == rank]
+        if ok:
+            try:
+                spilled = self._unpack([m for m in moves if m.dst == rank], plan.step.table, received, matrix[:, rank])
+            except Exception:
+                log.exception("layer %d: unpacking spilled copies failed on rank %d; the step runs unspilled", self.layer, rank)
+                ok = False
+        if not _all_ready(ok, self.group, world, device):
+            return None
+        return spilled, int(matrix.sum()), int(matrix[:, rank].sum())
+
+    def _unpack(self, mine: list[CopyMove], table: SlotTable, received: torch.Tensor, recv_sizes: np.ndarray) -> LocalExperts | None:
+        """The copies spilled onto this rank (`mine`, slot order) as temporary LocalExperts; None without any."""
         if not mine:
-            return None, int(matrix.sum()), 0
-        staged = _stage(mine, self, received, matrix[:, rank], None)
-        table = plan.step.table
+            return None
+        staged = _stage(mine, self, received, recv_sizes, None)
         slots = np.array([m.slot for m in mine])
         # a table of only the received copies: from_copies reads this rank's slots (gpu, expert, fmt) and nothing else
         spilled_table = SlotTable(table.gpu[slots], table.expert[slots], table.fmt[slots], table.share[slots],
                                   table.num_gpus, table.num_experts)
-        spilled = LocalExperts.from_copies(spilled_table, rank, [staged[m.slot] for m in mine], self.model.hidden_size,
-                                           self.experts.backend)
-        return spilled, int(matrix.sum()), int(matrix[:, rank].sum())
-
+        return LocalExperts.from_copies(spilled_table, self.rank, [staged[m.slot] for m in mine], self.model.hidden_size,
+                                        self.experts.backend)

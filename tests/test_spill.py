@@ -233,3 +233,28 @@ def test_static_routing_on_quota_shares_gives_back_exactly_the_quotas(data):
     table = SlotTable.from_arrays(gpu, expert, np.zeros(len(expert), np.int8), 1.0 / copies[expert], 4, num_experts)
     counts = np.bincount(expert, weights=quotas, minlength=num_experts).astype(np.int64)
     np.testing.assert_array_equal(share_quotas(quota_table(Step(table, quotas)), counts), quotas)
+
+
+def failing_pack(rank: int, world: int) -> tuple[torch.Tensor, bool, int]:
+    """LLEP's skewed case with rank 0 unable to pack its copies: (output, spilled?, bytes moved)."""
+    import rnq_ep.spill
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("packing failed")
+
+    if rank == 0:
+        rnq_ep.spill._pack = broken
+    w_gate_up, w_down, router = random_layer_weights(MODEL, 0, SEED)
+    layer = SpillMoE(MODEL, plain_ep(world), world, rank, dist.group.WORLD, w_gate_up, w_down, router,
+                     policy="static", backend="torch", min_chunk=1)
+    out = layer.forward_routed(tokens_of(rank), *routing_of(rank, skewed=True))
+    return out, layer.last_spill is not None, layer.last_stats.moved_bytes
+
+
+@pytest.mark.slow
+def test_a_rank_that_cannot_pack_makes_every_rank_run_the_step_unspilled():
+    results = run_ranks(failing_pack, 2)
+    assert [(spilled, moved) for _, spilled, moved in results] == [(False, 0), (False, 0)]
+    out = torch.cat([out for out, _, _ in results])
+    bf16 = [torch.zeros(TOKENS, MODEL.top_k, dtype=torch.int64)] * 2
+    torch.testing.assert_close(out, reference(2, True, bf16), rtol=1e-5, atol=1e-5)
