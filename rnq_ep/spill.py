@@ -201,13 +201,16 @@ class SpillMoE(EPMoE):
             try:
                 spilled = self._unpack([m for m in moves if m.dst == rank], plan.step.table, received, matrix[:, rank])
             except Exception:
-                log.exception("layer %d: unpacking spilled copies failed on rank %d; the step runs unspilled", self.layer, rank)
+                log.exception("layer %d: unpacking spilled copies failed on rank %d; the step runs unspilled",
+                              self.layer, rank)
                 ok = False
         if not _all_ready(ok, self.group, world, device):
             return None
         return spilled, int(matrix.sum()), int(matrix[:, rank].sum())
 
-    def _unpack(self, mine: list[CopyMove], table: SlotTable, received: torch.Tensor, recv_sizes: np.ndarray) -> LocalExperts | None:
+    def _unpack(
+        self, mine: list[CopyMove], table: SlotTable, received: torch.Tensor, recv_sizes: np.ndarray
+    ) -> LocalExperts | None:
         """The copies spilled onto this rank (`mine`, slot order) as temporary LocalExperts; None without any."""
         if not mine:
             return None

@@ -88,13 +88,15 @@ def spill_figures(per_rank: list[list[StepStats]], model: ModelSpec, tables: lis
     copies = [sum(layer.spilled_copies for layer in s.layers) for s in steps]
     resident = [gpu_bytes(model, table) for table in tables]  # [L] of [R]
     peak = max(int(resident[index][rank]) + layer.received_bytes
-               for rank, rank_steps in enumerate(per_rank) for s in rank_steps[1:] for index, layer in enumerate(s.layers))
+               for rank, rank_steps in enumerate(per_rank) for s in rank_steps[1:]
+               for index, layer in enumerate(s.layers))
     return float(np.median(moved)), float(np.median(copies)), peak
 
 
 def run_ray(plan: Plan, routing: str, folder: Path, run_loads: Path, tokens: int, steps: int, seed: int,
             timeout_s: float) -> list[list[StepStats]]:
-    """One Ray job of the plan with a routing.POLICIES rule (steps + 1, the first warms up), outputs kept: stats [rank][step]."""
+    """One Ray job of the plan with a routing.POLICIES rule (steps + 1, the first warms up), outputs kept:
+    stats [rank][step]."""
     plan_path = folder / "plan.json"
     write_atomic(plan_path, encode_json(plan))
     job = make_job(str(plan_path), str(run_loads), tokens=tokens, steps=steps + 1, seed=seed,
