@@ -156,8 +156,12 @@ def calibrate(
     seed: int = 0,
     model_name: str = "",
     data_name: str = "",
+    on_removal_forward: Callable[[int, int], None] | None = None,
 ) -> LoadStats:
-    """LoadStats of `model` over token batches [B, S]: counts, gate mass, co-activation, sensitivity."""
+    """LoadStats of `model` over token batches [B, S]: counts, gate mass, co-activation, sensitivity.
+
+    on_removal_forward(done, total) is called after each removal-importance forward of a batch.
+    """
     bad = [fmt for fmt in formats if fmt not in FORMATS]
     if bad or not formats:
         raise SpecError(f"formats: {list(formats)} is not a non-empty subset of {list(FORMATS)}")
@@ -185,9 +189,12 @@ def calibrate(
                 num_tokens += batch.numel()
                 predicted_tokens += predicted
                 if importance == "removal":
-                    for index, expert in recorder.batch_counts.nonzero().tolist():  # unused: delta is 0
+                    used = recorder.batch_counts.nonzero().tolist()  # unused experts: delta is 0
+                    for done, (index, expert) in enumerate(used, start=1):
                         recorder.drop = (index, expert)
                         removal[index, expert] += (_loss(model, batch) - base_loss) * predicted
+                        if on_removal_forward is not None:
+                            on_removal_forward(done, len(used))
                     recorder.drop = None
     finally:
         for handle in handles:
@@ -252,7 +259,7 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
 def calibrate_main(args: argparse.Namespace) -> int:
     """`rnq-ep calibrate`: load model and text, calibrate with a progress bar, write the stats file."""
     from rich.console import Console
-    from rich.progress import track
+    from rich.progress import Progress
     from transformers.utils import logging as transformers_logging
 
     for flag, path in (("--out", args.out), ("--spec-out", args.spec_out)):
@@ -263,11 +270,14 @@ def calibrate_main(args: argparse.Namespace) -> int:
     ids = tokenize(load_text(args.data), model.config.vocab_size, tokenizer)
     batches = token_batches(ids, args.batch, args.seq_len, args.tokens)
     formats = tuple(fmt.strip() for fmt in args.formats.split(",") if fmt.strip())
-    description = "calibrating" + (" (+ one forward per used expert for removal importance)" if args.importance else "")
-    stats = calibrate(
-        model, track(batches, description=description, transient=True), formats, args.importance,
-        args.cap_factor, args.seed, model_name=name, data_name=args.data,
-    )
+    with Progress(transient=True) as progress:
+        batch_bar = progress.add_task("calibrating batches", total=len(batches))
+        removal_bar = progress.add_task("removal importance: forwards of this batch", visible=bool(args.importance))
+        stats = calibrate(
+            model, progress.track(batches, task_id=batch_bar), formats, args.importance, args.cap_factor, args.seed,
+            model_name=name, data_name=args.data,
+            on_removal_forward=lambda done, total: progress.update(removal_bar, completed=done, total=total),
+        )
     write_atomic(args.out, encode_json(stats_to_dict(stats)))
     if args.spec_out:
         write_atomic(args.spec_out, encode_json(hf.model_spec(model, name)))

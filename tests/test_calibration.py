@@ -120,6 +120,14 @@ def test_removal_importance_is_the_loss_change_with_the_expert_zeroed(batches):
     assert stats.importance[layer][expert] == pytest.approx(loss_without - loss, abs=1e-6)
 
 
+def test_removal_progress_reports_one_forward_per_used_expert(batches):
+    calls = []
+    stats = calibrate(hf.tiny_model("olmoe"), batches[:1], importance="removal",
+                      on_removal_forward=lambda done, total: calls.append((done, total)))
+    used = sum(count > 0 for row in stats.counts for count in row)
+    assert calls == [(done, used) for done in range(1, used + 1)]
+
+
 def test_unrouted_expert_gets_sensitivity_and_zero_importance(batches):
     model = hf.tiny_model("gpt-oss")
     with torch.no_grad():
