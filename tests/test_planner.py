@@ -17,7 +17,7 @@ from rnq_ep.planner import InfeasiblePlan, plan_arrays, plan_plain_ep, plan_rnq
 from rnq_ep.planner.eplb import replicate_experts
 from rnq_ep.planner.place import copy_counts, replica_order
 from rnq_ep.planner.routed import drop_until_within, routed_quantized, table_of
-from rnq_ep.planner.quantize import cheapest_conversions, cheapest_conversions_by_gpu
+from rnq_ep.planner.quantize import cheapest_conversions, cheapest_conversions_by_gpu, sensitivity_costs
 from rnq_ep.planner.replicate import TRIED_SINKS, _sink_order
 from rnq_ep.specs import ClusterSpec, LoadStats, ModelSpec, PlanOptions, SpecError, load_cluster, load_model, load_stats
 
@@ -225,3 +225,9 @@ def test_sink_order_is_the_head_of_a_full_stable_sort(seed, num_gpus, gpus_per_n
         lead = [g for g in order if g // gpus_per_node == source // gpus_per_node and target - load[g] >= want]
         order = lead + [g for g in order if g not in lead]
     assert _sink_order(state, limits, 0, source, target, want) == order[:TRIED_SINKS]
+
+
+def test_a_negative_removal_importance_costs_nothing_rather_than_counting_as_a_gain():
+    loads = LoadStats(counts=[[5, 5, 5]], num_experts=3, top_k=1, importance=[[2.0, -1.7e-5, 0.0]])
+    cost = sensitivity_costs(loads, 0, PlanOptions(formats=("bf16", "int8", "int4")))
+    assert cost.min() == 0.0 and cost[1].tolist() == [0.0, 0.0, 0.0] and cost[0, 1] == 2.0

@@ -28,8 +28,8 @@ def sensitivity_costs(loads: LoadStats, layer_index: int, options: PlanOptions) 
             for fmt, value in by_fmt.items():
                 cost[e, FORMATS.index(fmt)] = value
         cost[:, 0] = 0.0
-    if loads.importance is not None:
-        cost *= np.asarray(loads.importance[layer_index], dtype=np.float64)[:, None]
+    if loads.importance is not None:  # measured loss change per token; below 0 (noise) counts as 0, never as a gain
+        cost *= np.clip(np.asarray(loads.importance[layer_index], dtype=np.float64), 0.0, None)[:, None]
     for code, fmt in enumerate(FORMATS):
         if fmt not in options.formats:
             cost[:, code] = np.inf
