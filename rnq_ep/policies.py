@@ -7,10 +7,10 @@ plain EP unless it says otherwise) and a rule that splits each step's counts ove
 - `least-loaded`: water_fill, the exact least-loaded split (rnq-ep's router).
 - `llep`: plain EP placement, then `llep_spill` per step (LLEP, Nguyen et al. 2026: lambda 1.3,
   alpha 1.0, chunks of m = 1024 tokens, weights travel with the spilled tokens).
-- `rnq-spill` (simulated only, the runtime does not spill): R&Q placement and least-loaded routing,
-  then LLEP's spill rule on what is still over lambda, with the spilled copies sent as int8 or
-  int4 (a half or a quarter of LLEP's bf16 bytes; the sender quantizes). In `SIMULATED_POLICIES`
-  only, since the runtime cannot move weights per step (nor can it run LLEP).
+- `rnq-spill`: R&Q placement and least-loaded routing, then LLEP's spill rule on what is still
+  over lambda, with the spilled copies sent as int8 or int4 (a half or a quarter of LLEP's bf16
+  bytes; the sender quantizes a bf16 copy, a quantized copy travels as stored).
+The runtime runs LLEP and `rnq-spill` too (`rnq_ep.spill.SpillMoE`, the same `llep_spill` per step).
 `run_policy` plans on one window and scores the next with the cost model: per layer the step
 time of the slowest GPU (FLOP or HBM time, all-to-all) plus LLEP's weight moves, which are not
 overlapped with compute.
@@ -32,6 +32,7 @@ from rnq_ep.specs import FORMATS, ClusterSpec, LoadStats, ModelSpec, PlanOptions
 from rnq_ep.synthetic import ZipfLoads, window_stats, zipf_windows
 
 HASH, LEAST_LOADED, LLEP, RNQ_SPILL = "hash", "least-loaded", "llep", "rnq-spill"
+BF16 = FORMATS.index("bf16")
 LLEP_THRESHOLD = 1.3  # lambda: spill only when max/mean GPU load exceeds it
 LLEP_CAPACITY = 1.0  # alpha: overloaded GPUs shed down to alpha * mean load
 LLEP_MIN_CHUNK = 1024  # m: no spill moves fewer tokens than this (a smaller GEMM is not worth the weights)
@@ -60,10 +61,7 @@ POLICIES = (
     Policy("LLEP spill", "plain", LLEP),
     Policy("R&Q bf16+int8", "rnq", LEAST_LOADED, formats=("bf16", "int8")),
     Policy("R&Q bf16+int8+int4", "rnq", LEAST_LOADED, formats=("bf16", "int8", "int4")),
-)
-SIMULATED_POLICIES = (
-    *POLICIES,
-    *(Policy(f"R&Q + {fmt} spill (sim.)", "rnq", RNQ_SPILL, formats=("bf16", "int8", "int4"), spill_fmt=fmt)
+    *(Policy(f"R&Q + {fmt} spill", "rnq", RNQ_SPILL, formats=("bf16", "int8", "int4"), spill_fmt=fmt)
       for fmt in ("int8", "int4")),
 )
 
@@ -135,7 +133,9 @@ def llep_spill(
        (ties: lowest index) as receiver, and move min(excess, the copy's tokens, cap - receiver
        load) tokens; stop this GPU when that amount is below `min_chunk`.
     4. The receiver serves them with a copy of the expert: its existing copy if it holds one, else
-       a new `spill_fmt` slot, which costs one weight move (src gpu, dst gpu, spill_fmt) this step.
+       a new slot, which costs one weight move (src gpu, dst gpu, fmt) this step: fmt is `spill_fmt`
+       when the source copy is bf16, else the source's own (int8 cannot become bf16, and int8 re-quantized
+       to int4 would round twice).
     """
     quotas = share_quotas(table, counts) if start is None else np.asarray(start, dtype=np.int64)
     load = gpu_loads(table, quotas)
@@ -159,10 +159,11 @@ def llep_spill(
             key = (dst, expert[slot])
             if key not in slot_of:
                 slot_of[key] = len(gpu)
-                new = ((gpu, dst), (expert, expert[slot]), (fmt, FORMATS.index(spill_fmt)), (share, 0.0), (tokens, 0))
+                code = FORMATS.index(spill_fmt) if fmt[slot] == BF16 else fmt[slot]
+                new = ((gpu, dst), (expert, expert[slot]), (fmt, code), (share, 0.0), (tokens, 0))
                 for column, value in new:
                     column.append(value)
-                moves.append((int(src), dst, spill_fmt))
+                moves.append((int(src), dst, FORMATS[code]))
             tokens[slot] -= amount
             tokens[slot_of[key]] += amount
             load[src] -= amount

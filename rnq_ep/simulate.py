@@ -26,7 +26,7 @@ from rnq_ep.bench.planner import BenchTable, scaled_cluster, to_markdown
 from rnq_ep.costmodel import DEFAULT_TOKENS_PER_GPU
 from rnq_ep.memory import plain_ep_budget
 from rnq_ep.policies import (
-    PLAIN_EP, SIMULATED_POLICIES, PolicyRun, Windows, expert_skew, run_all, synthetic_windows,
+    PLAIN_EP, POLICIES, PolicyRun, Windows, expert_skew, run_all, synthetic_windows,
 )
 from rnq_ep.specs import LoadStats, ModelSpec, SpecError, load_cluster, load_model, load_stats, write_atomic
 from rnq_ep.synthetic import DEFAULT_DRIFT, ZipfLoads, parse_zipf, sampled_windows, window_stats
@@ -173,7 +173,7 @@ def simulate_main(args: argparse.Namespace) -> int:
         else:
             windows = real or synthetic_windows(model, synthetic, layers, args.windows, g * args.tokens_per_gpu, args.seed)
         with show.status(f"{model.name}: {len(windows)} window(s) on {g} GPUs"):
-            runs_by_gpus[g] = run_all(model, cluster, windows, args.tokens_per_gpu, SIMULATED_POLICIES)
+            runs_by_gpus[g] = run_all(model, cluster, windows, args.tokens_per_gpu, POLICIES)
     if synthetic:
         source = f"{synthetic.label}, {layers} layers, {args.windows} windows (plan on one, score on the next)"
     elif sampled:
@@ -192,7 +192,7 @@ def simulate_main(args: argparse.Namespace) -> int:
         windows = synthetic_windows(model, ZipfLoads(s, drift), args.sweep_layers, 2, args.sweep_gpus * args.tokens_per_gpu,
                                     args.seed)
         with show.status(f"sweep: Zipf s={s:g} on {args.sweep_gpus} GPUs"):
-            sweep[s] = (expert_skew(windows), run_all(model, sweep_cluster, windows, args.tokens_per_gpu, SIMULATED_POLICIES))
+            sweep[s] = (expert_skew(windows), run_all(model, sweep_cluster, windows, args.tokens_per_gpu, POLICIES))
     if sweep:
         tables.append(sweep_table(sweep, args.sweep_gpus, f"Skew sweep: {model.name}, Zipf windows with hot-set drift {drift:g}, {args.sweep_layers} layers"))
     for table in tables:

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from rnq_ep.balance import FMT_CODE, SlotTable
+from rnq_ep.balance import SlotTable
 from rnq_ep.dispatch import _all_gather, _world_size
 from rnq_ep.experts import LocalExperts
 from rnq_ep.layer import EPMoE, LayerStats
@@ -81,22 +81,18 @@ def spill_step(
     counts = np.asarray(counts, np.int64)
     start = step_quotas(counts, index, policy)
     step = llep_spill(table, counts.sum(axis=0), threshold, capacity, min_chunk, start=start, spill_fmt=spill_fmt)
-    return exact_formats(table, SpillPlan(step, start, ()))
+    return SpillPlan(step, start, peer_moves(table, step))
 
 
-def exact_formats(table: SlotTable, plan: SpillPlan) -> SpillPlan:
-    """Each spilled copy in the spill format if its source copy is bf16, else in the source's own format."""
-    step, first = plan.step, table.num_slots
-    fmt, moves, copy_moves = step.table.fmt.copy(), [], []
-    for i, (src, dst, spill_fmt) in enumerate(step.moves):
-        slot, expert = first + i, int(step.table.expert[first + i])
+def peer_moves(table: SlotTable, step: Step) -> tuple[CopyMove, ...]:
+    """The step's weight moves as migration CopyMoves: spilled slot i (appended after `table`'s) from its source copy."""
+    moves = []
+    for i, (src, dst, fmt) in enumerate(step.moves):
+        slot = table.num_slots + i
+        expert = int(step.table.expert[slot])
         source = int(np.flatnonzero((table.gpu == src) & (table.expert == expert))[0])
-        if table.fmt[source] != FMT_CODE["bf16"]:
-            fmt[slot] = table.fmt[source]
-        moves.append((src, dst, FORMATS[fmt[slot]]))
-        copy_moves.append(CopyMove(slot, expert, FORMATS[fmt[slot]], dst, src, source, "peer"))
-    spilled = replace(step.table, fmt=fmt)
-    return SpillPlan(Step(spilled, step.quotas, tuple(moves)), plan.start, tuple(copy_moves))
+        moves.append(CopyMove(slot, expert, fmt, dst, src, source, "peer"))
+    return tuple(moves)
 
 
 def quota_table(step: Step) -> SlotTable:

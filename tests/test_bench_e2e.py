@@ -12,14 +12,14 @@ import torch
 
 from handmade_plans import plain_ep_slots, plan_of, stats_of
 from rnq_ep.bench.e2e import (
-    CASES, NOT_RUN, RUNTIME_ROUTING, SIMULATED_LABEL, SPILLING, e2e_table, first_identical, main, output_error, plan_rows,
+    CASES, NOT_RUN, RUNTIME_ROUTING, SPILLING, e2e_table, first_identical, main, output_error, plan_rows,
 )
 from rnq_ep.bench.e2e_runs import RowRun, run_single_gpu, single_gpu_plan, spawn_e2e, spill_figures
 from rnq_ep.bench.layer import Measured
 from rnq_ep.demo import unsharded_outputs
 from rnq_ep.memory import expert_bytes, plain_ep_budget
 from rnq_ep.metrics import gpu_bytes, layer_tables
-from rnq_ep.policies import SIMULATED_POLICIES
+from rnq_ep.policies import POLICIES
 from rnq_ep.runtime.inputs import layer_counts
 from rnq_ep.specs import load_cluster, load_model, load_stats
 
@@ -37,7 +37,7 @@ def _rows(case: str, ranks: int = 4):
 
 def test_every_policy_spilling_ones_included_gets_a_plan_that_the_runtime_can_route():
     _, rows = _rows("olmoe")
-    assert [row.policy for row in rows] == list(SIMULATED_POLICIES)
+    assert [row.policy for row in rows] == list(POLICIES)
     assert all(row.plan is not None and row.policy.routing in RUNTIME_ROUTING for row in rows)
 
 
@@ -112,7 +112,7 @@ def test_table_gives_speedups_over_plain_ep_and_the_weights_each_spilling_row_mo
         assert by_name[name]["spawn critical speedup"] == "2.00x"
         assert by_name[name]["weights moved MB/step (copies)"] == "1.25 (2)"
         assert by_name[name]["memory / plain EP"] == "2.000"
-    assert SIMULATED_LABEL not in table.note and "predicted only" not in table.note
+    assert "predicted only" not in table.note
     assert "not run, no GPU" in table.note or torch.cuda.is_available()
 
 
@@ -124,7 +124,7 @@ def test_tiny_run_under_both_launchers_prints_every_policy_with_its_error(tmp_pa
     assert main(argv) == 0
     out = capsys.readouterr().out
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in out.splitlines() if line.startswith("| ")}
-    assert all(policy.name.removesuffix(SIMULATED_LABEL) in rows for policy in SIMULATED_POLICIES)
+    assert all(policy.name in rows for policy in POLICIES)
     assert float(rows["plain EP"][-2]) < 1e-4  # bf16 experts, fp32 math: the reference up to rounding
     assert float(rows["LLEP spill"][-2]) < 1e-4  # bf16 spilled copies too
     assert all(NOT_RUN not in rows[name][-2:] for name in ("R&Q + int8 spill", "R&Q + int4 spill"))

@@ -33,7 +33,7 @@ def test_rnq_losses_lists_gpu_counts_where_the_best_rnq_variant_is_slower():
 
 def test_summary_rows_give_the_fastest_policy_and_rnq_speedups_over_the_same_runs_baselines():
     names = ("plain EP", "EPLB +12.5 % mem, hash", "EPLB +12.5 % mem, least-loaded", "LLEP spill", "R&Q bf16+int8",
-             "R&Q + int4 spill (sim.)")
+             "R&Q + int4 spill")
     runs = {8: [run(8, name, t) for name, t in zip(names, (4e-3, 3e-3, 2.5e-3, 1e-3, 2e-3, 1.25e-3))]}
     text = to_markdown([scale_table(runs, load_model("tiny"), "rnq-ep simulate: t")], "rnq-ep simulate", "cpu", "today")
     assert load_script().summary_rows("m", text) == [

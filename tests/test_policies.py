@@ -14,7 +14,6 @@ from rnq_ep.policies import (
     LLEP_MIN_CHUNK,
     PLAIN_EP,
     POLICIES,
-    SIMULATED_POLICIES,
     Policy,
     llep_spill,
     place,
@@ -103,7 +102,7 @@ def test_rnq_spill_starts_from_least_loaded_and_sends_quantized_copies():
     # GPU 0 holds experts 0 and 1 (bf16), GPU 1 expert 2; least-loaded already shares nothing, so the spill acts
     table = SlotTable.from_arrays(np.array([0, 0, 1, 2, 3]), np.array([0, 1, 2, 3, 4]), np.zeros(5, np.int8),
                                   np.ones(5), 4, 5)
-    rnq = next(p for p in SIMULATED_POLICIES if p.routing == "rnq-spill" and p.spill_fmt == "int4")
+    rnq = next(p for p in POLICIES if p.routing == "rnq-spill" and p.spill_fmt == "int4")
     step = route(rnq, table, np.array([9000, 1000, 2000, 2000, 2000]))
     assert step.moves and all(fmt == "int4" for _, _, fmt in step.moves)
     assert (step.table.fmt[table.num_slots:] == 2).all()  # FORMATS.index("int4")
@@ -114,13 +113,9 @@ def test_rnq_spill_starts_from_least_loaded_and_sends_quantized_copies():
 def test_rnq_spill_moves_nothing_when_least_loaded_routing_already_balances():
     table = SlotTable.from_arrays(np.array([0, 1, 2, 3]), np.array([0, 0, 1, 2]), np.zeros(4, np.int8),
                                   np.array([0.5, 0.5, 1.0, 1.0]), 4, 3)
-    rnq = next(p for p in SIMULATED_POLICIES if p.routing == "rnq-spill")
+    rnq = next(p for p in POLICIES if p.routing == "rnq-spill")
     step = route(rnq, table, np.array([8000, 4000, 4000]))
     assert step.moves == () and gpu_loads(step.table, step.quotas).tolist() == [4000, 4000, 4000, 4000]
-
-
-def test_simulated_spill_policies_are_not_run_by_the_runtime_benchmarks():
-    assert all(p.routing != "rnq-spill" for p in POLICIES)
 
 
 def test_every_placement_fits_its_memory():

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from rnq_ep.policies import SIMULATED_POLICIES, PolicyRun
+from rnq_ep.policies import POLICIES, PolicyRun
 from rnq_ep.simulate import main, ratios, scale_table, sweep_table
 from rnq_ep.specs import load_model
 
@@ -40,7 +40,7 @@ def test_cli_prints_the_tables_and_writes_markdown_and_plot(tmp_path, capsys):
     assert code == 0 and "rnq-ep simulate: tiny" in out and "Skew sweep" in out
     text = md.read_text()
     assert text.startswith("Command: `rnq-ep simulate --model tiny")
-    assert sum(line.startswith("| 16 | ") for line in text.splitlines()) == len(SIMULATED_POLICIES) and "R&Q bf16+int8+int4" in text and "![tiny simulation](sim.png)" in text
+    assert sum(line.startswith("| 16 | ") for line in text.splitlines()) == len(POLICIES) and "R&Q bf16+int8+int4" in text and "![tiny simulation](sim.png)" in text
     assert png.stat().st_size > 0
 
 
@@ -56,7 +56,7 @@ def test_cli_scores_sampled_windows_of_one_load_file_as_stationary_traffic(tmp_p
     code = main(["--model", "olmoe-1b-7b", "--gpus", "8", "--loads", str(loads), "--eval-loads", "sampled",
                  "--windows", "3", "--tokens-per-gpu", "512", "--sweep", "none", "--markdown", str(md)])
     assert code == 0 and "3 windows of GPUs x 512 tokens drawn from" in capsys.readouterr().out
-    assert sum(line.startswith("| 8 | ") for line in md.read_text().splitlines()) == len(SIMULATED_POLICIES)
+    assert sum(line.startswith("| 8 | ") for line in md.read_text().splitlines()) == len(POLICIES)
 
 
 def test_cli_refuses_eval_loads_with_a_synthetic_generator(capsys):

@@ -18,11 +18,11 @@ from hypothesis import strategies as st
 from gloo import run_ranks
 from rnq_ep.balance import SlotTable, gpu_loads, share_quotas
 from rnq_ep.memory import expert_bytes
-from rnq_ep.policies import Step
+from rnq_ep.policies import Step, llep_spill
 from rnq_ep.quant import dequantize, quantize
 from rnq_ep.routing import route
 from rnq_ep.runtime.inputs import random_layer_weights
-from rnq_ep.spill import SpillMoE, SpillPlan, exact_formats, quota_table
+from rnq_ep.spill import SpillMoE, peer_moves, quota_table
 from rnq_ep.specs import FORMATS, LayerPlan, Slot, load_model
 
 MODEL = load_model("tiny")  # H 96, I 160, 8 experts, top-2
@@ -211,15 +211,13 @@ def _table(gpu, expert, fmt) -> SlotTable:
     return SlotTable.from_arrays(np.array(gpu), np.array(expert), np.array(fmt, np.int8), 1.0 / copies[expert], 2, 2)
 
 
-def test_a_bf16_source_is_sent_in_the_spill_format_and_a_quantized_one_as_it_is_stored():
-    table = _table([0, 0], [0, 1], [0, 1])  # GPU 0: expert 0 bf16, expert 1 int8
-    spilled = SlotTable.from_arrays(np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1]), np.array([0, 1, 2, 2], np.int8),
-                                    np.array([1.0, 1.0, 0.0, 0.0]), 2, 2)
-    step = Step(spilled, np.array([5, 5, 5, 5]), ((0, 1, "int4"), (0, 1, "int4")))
-    plan = exact_formats(table, SpillPlan(step, np.array([10, 10]), ()))
-    assert plan.step.moves == ((0, 1, "int4"), (0, 1, "int8"))
-    assert plan.step.table.fmt.tolist() == [0, 1, 2, 1]
-    assert [(m.slot, m.src_slot, m.fmt, m.kind) for m in plan.moves] == [(2, 0, "int4", "peer"), (3, 1, "int8", "peer")]
+@pytest.mark.parametrize(("counts", "sent"), [([6000, 1000], (0, "int4")), ([1000, 6000], (1, "int8"))])
+def test_a_bf16_source_is_sent_in_the_spill_format_and_a_quantized_one_as_it_is_stored(counts, sent):
+    table = _table([0, 0], [0, 1], [0, 1])  # GPU 0: expert 0 bf16, expert 1 int8; GPU 1 idle
+    step = llep_spill(table, np.array(counts), spill_fmt="int4")
+    expert, fmt = sent
+    assert step.moves == ((0, 1, fmt),) and step.table.fmt.tolist() == [0, 1, FORMATS.index(fmt)]
+    assert [(m.slot, m.expert, m.src_slot, m.fmt, m.kind) for m in peer_moves(table, step)] == [(2, expert, expert, fmt, "peer")]
 
 
 @settings(max_examples=200, deadline=None)

@@ -38,7 +38,7 @@ from rnq_ep.demo import unsharded_outputs
 from rnq_ep.memory import plain_ep_budget
 from rnq_ep.metrics import gpu_bytes, layer_tables
 from rnq_ep.planner import plan_eplb, plan_plain_ep, plan_rnq
-from rnq_ep.policies import HASH, LEAST_LOADED, LLEP, PLAIN_EP, RNQ_SPILL, SIMULATED_POLICIES, Policy, PolicyRun, run_all
+from rnq_ep.policies import HASH, LEAST_LOADED, LLEP, PLAIN_EP, RNQ_SPILL, POLICIES, Policy, PolicyRun, run_all
 from rnq_ep.runtime.ray_cluster import connect
 from rnq_ep.runtime.inputs import layer_counts
 from rnq_ep.runtime.worker import StepStats
@@ -49,7 +49,6 @@ LAUNCHERS = ("spawn", "ray")
 RUNTIME_ROUTING = {HASH: "hash", LEAST_LOADED: "least-loaded", LLEP: "static", RNQ_SPILL: "least-loaded"}
 SPILLING = (LLEP, RNQ_SPILL)
 NOT_RUN = "—"
-SIMULATED_LABEL = " (sim.)"  # policies.py's mark on the spill hybrid's name, from when only the cost model ran it
 # Ray starts fresh actors per job (10-20 s on 2 cores): by default only the baseline and the quantized plans
 # (whose output error says something; bf16 plans match the reference to rounding) run as Ray jobs
 RAY_DEFAULT = ("plain EP", "R&Q bf16+int8", "R&Q bf16+int8+int4")
@@ -107,9 +106,9 @@ def plan_for(policy: Policy, model: ModelSpec, cluster: ClusterSpec, loads: Load
 def plan_rows(model: ModelSpec, cluster: ClusterSpec, plan_loads: LoadStats, run_loads: LoadStats, tokens: int) -> list[Row]:
     """Every policy planned on plan_loads and predicted on run_loads (cost model); plans for the runnable ones."""
     cluster = with_budget(cluster, model, PlanOptions())
-    predicted = {run.policy: run for run in run_all(model, cluster, [(plan_loads, run_loads)], tokens, SIMULATED_POLICIES)}
+    predicted = {run.policy: run for run in run_all(model, cluster, [(plan_loads, run_loads)], tokens, POLICIES)}
     rows = []
-    for policy in SIMULATED_POLICIES:
+    for policy in POLICIES:
         try:
             plan = plan_for(policy, model, cluster, plan_loads)
         except SpecError as err:
@@ -233,7 +232,7 @@ def e2e_table(rows: list[Row], model: ModelSpec, ranks: int, case: Case, tokens:
     table_rows = []
     for row in rows:
         any_run = next(iter(row.measured.values()), None)  # balance and bytes do not depend on the launcher
-        cells = [row.policy.name.removesuffix(SIMULATED_LABEL), memory_ratio(row, model, budget), speedup(base.predicted.layer_s, row.predicted.layer_s)]
+        cells = [row.policy.name, memory_ratio(row, model, budget), speedup(base.predicted.layer_s, row.predicted.layer_s)]
         for name in launchers:
             m, b = row.measured.get(name), base.measured.get(name)
             cells += [speedup(b and b.wall_s, m and m.wall_s), speedup(b and b.critical_s, m and m.critical_s)]
@@ -245,7 +244,7 @@ def e2e_table(rows: list[Row], model: ModelSpec, ranks: int, case: Case, tokens:
         table_rows.append(tuple(cells))
     title = (f"End to end, {ranks} CPU gloo workers, {model.name} ({model.num_experts} experts, top-{model.top_k}), "
              f"{tokens} tokens per worker, {len(base.plan.layers)} layers: {case.label}")
-    notes = [f"{row.policy.name.removesuffix(SIMULATED_LABEL)}: {row.note}" for row in rows if row.note]
+    notes = [f"{row.policy.name}: {row.note}" for row in rows if row.note]
     notes.append("speedup = plain EP's time / the policy's (> 1 is faster), each measured in the same run; wall: barrier "
                  f"to barrier with {ranks} workers on {os.cpu_count()} cores, so it hides imbalance; critical: per layer "
                  "the slowest worker's expert CPU time, summed (one core per worker); predicted: the cost model "
