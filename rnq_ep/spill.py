@@ -35,7 +35,7 @@ from rnq_ep.dispatch import _all_gather, _world_size
 from rnq_ep.experts import LocalExperts
 from rnq_ep.layer import EPMoE, LayerStats
 from rnq_ep.policies import LLEP_CAPACITY, LLEP_MIN_CHUNK, LLEP_THRESHOLD, Step, llep_spill
-from rnq_ep.rebalance.migrate import _all_ready, _exchange, _pack, _stage, layer_device
+from rnq_ep.rebalance.migrate import all_ready, exchange_bytes, layer_device, pack_copies, stage_copies
 from rnq_ep.rebalance.moves import CopyMove, transfer_matrix
 from rnq_ep.routing import SlotIndex, check_topk_ids, slot_index, step_quotas
 from rnq_ep.specs import FORMATS
@@ -188,11 +188,11 @@ class SpillMoE(EPMoE):
             return None, 0, 0
         device, spilled, ok = layer_device(self), None, True
         try:
-            payload = _pack([m for m in moves if m.src == rank], self, device)
+            payload = pack_copies([m for m in moves if m.src == rank], self, device)
         except Exception:
             log.exception("layer %d: packing spilled copies failed on rank %d; the step runs unspilled", self.layer, rank)
             payload, ok = torch.zeros(int(matrix[rank].sum()), dtype=torch.uint8, device=device), False
-        received = _exchange(payload, matrix[rank], matrix[:, rank], self.group, world)
+        received = exchange_bytes(payload, matrix[rank], matrix[:, rank], self.group, world)
         if ok:
             try:
                 spilled = self._unpack([m for m in moves if m.dst == rank], plan.step.table, received, matrix[:, rank])
@@ -200,7 +200,7 @@ class SpillMoE(EPMoE):
                 log.exception("layer %d: unpacking spilled copies failed on rank %d; the step runs unspilled",
                               self.layer, rank)
                 ok = False
-        if not _all_ready(ok, self.group, world, device):
+        if not all_ready(ok, self.group, world, device):
             return None
         return spilled, int(matrix.sum()), int(matrix[:, rank].sum())
 
@@ -210,7 +210,7 @@ class SpillMoE(EPMoE):
         """The copies spilled onto this rank (`mine`, slot order) as temporary LocalExperts; None without any."""
         if not mine:
             return None
-        staged = _stage(mine, self, received, recv_sizes, None)
+        staged = stage_copies(mine, self, received, recv_sizes, None)
         slots = np.array([m.slot for m in mine])
         # a table of only the received copies: from_copies reads this rank's slots (gpu, expert, fmt) and nothing else
         spilled_table = SlotTable(table.gpu[slots], table.expert[slots], table.fmt[slots], table.share[slots],

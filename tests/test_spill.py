@@ -241,7 +241,7 @@ def failing_pack(rank: int, world: int) -> tuple[torch.Tensor, bool, int]:
         raise RuntimeError("packing failed")
 
     if rank == 0:
-        rnq_ep.spill._pack = broken
+        rnq_ep.spill.pack_copies = broken
     w_gate_up, w_down, router = random_layer_weights(MODEL, 0, SEED)
     layer = SpillMoE(MODEL, plain_ep(world), world, rank, dist.group.WORLD, w_gate_up, w_down, router,
                      policy="static", backend="torch", min_chunk=1)

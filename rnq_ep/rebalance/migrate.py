@@ -88,20 +88,20 @@ class LayerMigration:
             try:
                 if self.fault is not None:
                     self.fault("pack")
-                payload = _pack([m for m in chunk if m.kind == "peer" and m.src == rank], self.layer, self.device)
+                payload = pack_copies([m for m in chunk if m.kind == "peer" and m.src == rank], self.layer, self.device)
             except Exception:
                 log.exception("layer %d: packing copies failed on rank %d; old plan stays", self.layer.layer, rank)
                 self.ready = False
         if not self.ready:
             payload = torch.zeros(int(send_sizes.sum()), dtype=torch.uint8, device=self.device)
-        received = _exchange(payload, send_sizes, recv_sizes, self.layer.group, self.world) if matrix.any() else payload[:0]
+        received = exchange_bytes(payload, send_sizes, recv_sizes, self.layer.group, self.world) if matrix.any() else payload[:0]
         self.bytes_sent += int(send_sizes.sum())
         self.bytes_received += int(recv_sizes.sum())
         if self.ready:
             try:
                 if self.fault is not None:
                     self.fault("stage")
-                self.staged.update(_stage([m for m in chunk if m.dst == rank], self.layer, received, recv_sizes, self.load_expert))
+                self.staged.update(stage_copies([m for m in chunk if m.dst == rank], self.layer, received, recv_sizes, self.load_expert))
                 held = sum(t.nbytes for pair in self.staged.values() for w in pair for t in _tensors(w))
                 self.peak_staging_bytes = max(self.peak_staging_bytes, held + payload.nbytes + received.nbytes)
             except Exception:
@@ -116,13 +116,13 @@ class LayerMigration:
         if self.ready:
             try:
                 kept = [m for m in self.moves if m.kind == "keep" and m.dst == rank]
-                self.staged.update(_stage(kept, layer, torch.zeros(0, dtype=torch.uint8), np.zeros(self.world), None))
+                self.staged.update(stage_copies(kept, layer, torch.zeros(0, dtype=torch.uint8), np.zeros(self.world), None))
                 copies = [self.staged[s] for s in np.flatnonzero(self.new_table.gpu == rank)]
                 experts = LocalExperts.from_copies(self.new_table, rank, copies, layer.model.hidden_size, layer.experts.backend)
             except Exception:
                 log.exception("layer %d: building the new copies failed on rank %d; old plan stays", layer.layer, rank)
                 self.ready = False
-        switched = _all_ready(self.ready, layer.group, self.world, self.device)
+        switched = all_ready(self.ready, layer.group, self.world, self.device)
         if switched:
             layer.switch_plan(self.new_table, experts)
         self.staged.clear()
@@ -150,7 +150,7 @@ def layer_device(layer: EPMoE) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _pack(sends: list[CopyMove], layer: EPMoE, device: torch.device) -> torch.Tensor:
+def pack_copies(sends: list[CopyMove], layer: EPMoE, device: torch.device) -> torch.Tensor:
     """This rank's outgoing copies as one uint8 buffer, by destination then move order."""
     local_of_slot = {int(slot): j for j, slot in enumerate(layer.experts.slots)}
     parts = []
@@ -161,7 +161,7 @@ def _pack(sends: list[CopyMove], layer: EPMoE, device: torch.device) -> torch.Te
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8, device=device)
 
 
-def _stage(
+def stage_copies(
     moves: list[CopyMove],
     layer: EPMoE,
     received: torch.Tensor,
@@ -233,7 +233,7 @@ def _unpack(buffer: torch.Tensor, start: int, fmt: str, n: int, k: int) -> tuple
     return QuantWeight(fmt, tensors[0], tensors[1] if len(tensors) > 1 else None, (n, k)), start
 
 
-def _exchange(
+def exchange_bytes(
     payload: torch.Tensor, send_sizes: np.ndarray, recv_sizes: np.ndarray, group: dist.ProcessGroup | None, world: int
 ) -> torch.Tensor:
     """One uneven all-to-all of uint8 bytes (nothing to do alone): [sum send] -> [sum recv]."""
@@ -243,7 +243,7 @@ def _exchange(
     return received
 
 
-def _all_ready(ready: bool, group: dist.ProcessGroup | None, world: int, device: torch.device) -> bool:
+def all_ready(ready: bool, group: dist.ProcessGroup | None, world: int, device: torch.device) -> bool:
     """True on every rank iff every rank is ready (one all_reduce MIN)."""
     if world == 1:
         return ready
