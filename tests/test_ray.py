@@ -157,18 +157,30 @@ def test_workers_that_cannot_be_placed_now_fail_without_hanging(local_ray, tmp_p
         remove_placement_group(held)
 
 
-@pytest.mark.slow
-def test_ray_main_passes_rebalancing_flags_and_prints_the_step_and_worker_tables(local_ray, tmp_path, capsys):
+def ray_main_output(tmp_path: Path, capsys, *flags: str) -> str:
+    """`rnq-ep run --ray` of a 2-worker tiny plan with `flags`: what it printed (it must exit 0)."""
     plan, loads = write_job_files(tmp_path, 2)
     parser = argparse.ArgumentParser()
     add_run_arguments(parser)
     add_ray_arguments(parser)
-    args = parser.parse_args(["--ray", "--plan", plan, "--loads", loads, "--tokens", "8", "--steps", "2", "--backend", "torch",
-                              "--rebalance-interval", "1", "--loads-after", loads, "--drift-step", "1"])
+    args = parser.parse_args(["--ray", "--plan", plan, "--loads", loads, "--tokens", "8", "--backend", "torch",
+                              *(arg.replace("LOADS", loads) for arg in flags)])
     assert ray_main(args) == 0
-    out = capsys.readouterr().out
+    return capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_ray_main_passes_rebalancing_flags_and_prints_the_step_and_worker_tables(local_ray, tmp_path, capsys):
+    out = ray_main_output(tmp_path, capsys, "--steps", "2", "--rebalance-interval", "1", "--loads-after", "LOADS",
+                          "--drift-step", "1")
     assert "on Ray: 2 workers, policy least-loaded" in out and "tokens computed" in out and "restarts: 0" in out
     assert "re-plans done" in out  # the rebalancing flags reached the workers
+
+
+@pytest.mark.slow
+def test_ray_main_passes_the_spill_format_to_the_workers(local_ray, tmp_path, capsys):
+    out = ray_main_output(tmp_path, capsys, "--steps", "1", "--spill", "int4")
+    assert "spill int4" in out and "MB spilled" in out  # SpillMoE layers ran on the workers
 
 
 @pytest.mark.slow

@@ -170,19 +170,16 @@ def test_interleaved_plans_run_every_step_on_the_same_batch_taking_turns(tmp_pat
         assert torch.equal(s.output, alone[s.step].output)
 
 
-def _runs_by_policy(rank: int, world: int, plan: str, loads: str) -> dict[str, list]:
-    """This rank's per-step stats (outputs kept) under least-loaded and hash routing, one process group."""
-    return {
-        policy: run_worker(rank, world, plan, tokens=16, steps=2, loads=loads, policy=policy, backend="torch",
-                           keep_outputs=True)
-        for policy in ("least-loaded", "hash")
-    }
+def _runs(rank: int, world: int, plan: str, loads: str, tokens: int, variants: dict[str, dict]) -> dict[str, list]:
+    """This rank's per-step stats (outputs kept, 2 steps) of each named variant of run_worker's keywords, in turn."""
+    return {name: run_worker(rank, world, plan, tokens=tokens, steps=2, loads=loads, backend="torch", keep_outputs=True,
+                             **kwargs) for name, kwargs in variants.items()}
 
 
 @pytest.mark.slow
 def test_routing_policy_changes_balance_not_outputs(tmp_path):
     plan, loads = write_plan(tmp_path / "plan.json", 2), skewed_loads(tmp_path / "loads.json")
-    per_rank = run_ranks(_runs_by_policy, 2, plan, loads)
+    per_rank = run_ranks(_runs, 2, plan, loads, 16, {policy: {"policy": policy} for policy in ("least-loaded", "hash")})
     for by_policy in per_rank:
         for a, b in zip(by_policy["least-loaded"], by_policy["hash"]):
             torch.testing.assert_close(a.output, b.output, rtol=1e-5, atol=1e-5)
@@ -212,3 +209,37 @@ def test_torchrun_with_fewer_processes_than_planned_gpus_exits_naming_both(tmp_p
     )
     assert done.returncode != 0
     assert "the plan has 2 GPUs but the world size is 1" in done.stderr
+
+
+def write_plain_plan(path: Path, num_gpus: int) -> str:
+    """Plain EP for decoder layers 0 and 1: GPU g holds experts [g*k, (g+1)*k), bf16."""
+    cluster = msgspec.structs.replace(load_cluster("cpu4"), gpus_per_node=num_gpus)
+    per_gpu = MODEL.num_experts // num_gpus
+    slots = [Slot(gpu=e // per_gpu, expert=e, fmt="bf16", share=1.0) for e in range(MODEL.num_experts)]
+    plan = Plan(model=MODEL, cluster=cluster, options=PlanOptions(), layers=[LayerPlan(layer=i, slots=slots) for i in (0, 1)])
+    path.write_bytes(encode_json(plan))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_spilling_in_bf16_moves_weights_and_evens_the_load_without_changing_outputs(tmp_path):
+    plan, loads = write_plain_plan(tmp_path / "plan.json", 2), skewed_loads(tmp_path / "loads.json")
+    variants = {"plain": {"policy": "static"}, "llep": {"policy": "static", "spill_fmt": "bf16"}}  # same batches
+    per_rank = run_ranks(_runs, 2, plan, loads, 1024, variants)
+    for runs in per_rank:
+        for plain, llep in zip(runs["plain"], runs["llep"]):
+            torch.testing.assert_close(llep.output, plain.output, rtol=1e-5, atol=1e-5)
+    steps = per_rank[0]
+    assert all(s.spilled_bytes == 0 for s in steps["plain"]) and all(s.spilled_bytes > 0 for s in steps["llep"])
+    assert max(s.balancedness for s in steps["llep"]) < min(s.balancedness for s in steps["plain"])
+
+
+def test_an_unknown_spill_format_is_rejected(tmp_path):
+    with pytest.raises(SpecError, match="spill format 'fp8'"):
+        run_worker(0, 1, write_plain_plan(tmp_path / "plan.json", 1), tokens=4, steps=1, spill_fmt="fp8")
+
+
+def test_spilling_with_online_rebalancing_is_refused(tmp_path):
+    with pytest.raises(SpecError, match="spilling and online rebalancing"):
+        run_worker(0, 1, write_plain_plan(tmp_path / "plan.json", 1), tokens=4, steps=1, spill_fmt="int4",
+                   rebalance_interval=2)

@@ -172,13 +172,16 @@ def run_case(case: Case, args: argparse.Namespace, console: Console) -> BenchTab
             rows[i].measured["spawn"] = summarise(stats)
             spill = spill_figures(stats, model, layer_tables(rows[i].plan)) if rows[i].policy.routing in SPILLING else None
             rows[i] = replace(rows[i], error=output_error([[s.output for s in rank] for rank in stats], reference), spill=spill)
-    not_spilling = [i for i in runnable if rows[i].policy.routing not in SPILLING]  # Ray's and the GPU's workers build EPMoE
+    not_spilling = [i for i in runnable if rows[i].policy.routing not in SPILLING]  # one GPU has no one to spill to
     with tempfile.TemporaryDirectory(prefix="rnq-ep-e2e-") as tmp:
         folder = Path(tmp)
         if "ray" in launchers:
-            for i in (i for i in not_spilling if args.ray_all or rows[i].policy.name in RAY_DEFAULT):
-                with console.status(f"{case.model}: {rows[i].policy.name} as a Ray job of {args.ranks} workers"):
-                    stats = run_ray(rows[i].plan, RUNTIME_ROUTING[rows[i].policy.routing], folder, case.run_loads, args.tokens, args.steps, args.seed, args.timeout)
+            for i in (i for i in runnable if args.ray_all or rows[i].policy.name in RAY_DEFAULT):
+                policy = rows[i].policy
+                spill_fmt = policy.spill_fmt if policy.routing in SPILLING else None
+                with console.status(f"{case.model}: {policy.name} as a Ray job of {args.ranks} workers"):
+                    stats = run_ray(rows[i].plan, RUNTIME_ROUTING[policy.routing], folder, case.run_loads, args.tokens,
+                                    args.steps, args.seed, args.timeout, spill_fmt)
                 rows[i].measured["ray"] = summarise(stats)
                 if rows[i].error is None:  # spawn's, when it ran: the same batches and weights
                     rows[i] = replace(rows[i], error=output_error([[s.output for s in rank] for rank in stats], reference))

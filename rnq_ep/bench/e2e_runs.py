@@ -94,13 +94,13 @@ def spill_figures(per_rank: list[list[StepStats]], model: ModelSpec, tables: lis
 
 
 def run_ray(plan: Plan, routing: str, folder: Path, run_loads: Path, tokens: int, steps: int, seed: int,
-            timeout_s: float) -> list[list[StepStats]]:
-    """One Ray job of the plan with a routing.POLICIES rule (steps + 1, the first warms up), outputs kept:
-    stats [rank][step]."""
+            timeout_s: float, spill_fmt: str | None = None) -> list[list[StepStats]]:
+    """One Ray job of the plan with a routing.POLICIES rule (steps + 1, the first warms up), spilling in
+    `spill_fmt` if given, outputs kept: stats [rank][step]."""
     plan_path = folder / "plan.json"
     write_atomic(plan_path, encode_json(plan))
     job = make_job(str(plan_path), str(run_loads), tokens=tokens, steps=steps + 1, seed=seed,
-                   policy=routing, backend="torch", keep_outputs=True, timeout_s=timeout_s)
+                   policy=routing, backend="torch", keep_outputs=True, timeout_s=timeout_s, spill_fmt=spill_fmt)
     return run_job(job).stats
 
 

@@ -47,13 +47,14 @@ def ray_main(args: argparse.Namespace) -> int:
     """Run the plan on Ray and print the summary; 0 ok, 1 a worker failed, 2 bad input or cluster."""
     out = console()
     try:
-        if args.hf and (given := (["--loads"] if args.loads else []) + rebalance_flags_given(args)):
+        if args.hf and (given := (["--loads"] if args.loads else []) + (["--spill"] if args.spill else [])
+                        + rebalance_flags_given(args)):
             raise SpecError(f"{', '.join(given)}: not supported with --hf (the model's own router routes the prompt)")
         rebalance = rebalance_kwargs(args)
         job = make_job(
             args.plan, args.loads, args.model, hf=args.hf, loads_after=rebalance.pop("loads_after"),
             drift_step=rebalance.pop("drift_step"), rebalance=rebalance, tokens=args.tokens, steps=args.steps,
-            seed=args.seed, policy=args.policy, backend=args.backend, timeout_s=args.timeout,
+            seed=args.seed, policy=args.policy, backend=args.backend, timeout_s=args.timeout, spill_fmt=args.spill,
         )
         connect(args.ray or None, args.num_cpus)
         result = run_live(job, args.max_restarts, args.cpus_per_worker, out)
@@ -64,6 +65,7 @@ def ray_main(args: argparse.Namespace) -> int:
         sys.stderr.write(f"rnq-ep run: worker failed: {err}\n")
         return 1
     title = f"{Path(args.plan).name} on Ray: {len(result.workers)} workers, policy {args.policy}"
+    title += f", spill {args.spill}" if args.spill else ""
     if args.hf:
         out.print(generation_table(result, f"{title}, {args.hf}"))
         return 0
@@ -101,15 +103,16 @@ def steps_table(steps: list[list[StepStats]], title: str) -> Table:
     """A row per step (and plan, if several) of [row][rank] stats: rank 0's time, balancedness, tokens per worker; all ranks' bytes."""
     rebalancing = any(s[0].rebalance is not None for s in steps)
     plans = any(s[0].plan for s in steps)
+    spilling = any(s[0].spilling for s in steps)
     table = Table(title=title, title_justify="left")
     columns = ["step"] + (["plan"] if plans else []) + ["seconds", "balancedness", "tokens per worker", "bytes sent (all ranks)"]
-    for column in columns + (REBALANCE_COLUMNS if rebalancing else []):
+    for column in columns + (["MB spilled"] if spilling else []) + (REBALANCE_COLUMNS if rebalancing else []):
         table.add_column(column, justify="right")
     for by_rank in steps:
         first = by_rank[0]
         row = [str(first.step)] + ([str(first.plan)] if plans else []) + [
             f"{first.seconds:.4f}", f"{first.balancedness:.3f}", " ".join(map(str, first.tokens_per_gpu.tolist())),
-            f"{sum(s.bytes_sent for s in by_rank):,}"]
+            f"{sum(s.bytes_sent for s in by_rank):,}", *([f"{first.spilled_bytes / 1e6:.2f}"] if spilling else [])]
         table.add_row(*row, *(rebalance_cells(first) if rebalancing else []))
     return table
 

@@ -57,6 +57,7 @@ class RayJob:
     seed: int = 0
     policy: str = "least-loaded"
     backend: str = "auto"
+    spill_fmt: str | None = None  # run_worker's: spill per step in this format (SpillMoE)
     keep_outputs: bool = False
     timeout_s: float = 300.0  # process group (collective) timeout and the bound on each phase
     loads_after: LoadStats | None = None  # routing counts from step drift_step on (a drift scenario)
@@ -136,7 +137,7 @@ class EPWorker:
             run_worker(
                 self.rank, int(env["WORLD_SIZE"]), str(paths[0]), interleave=[str(path) for path in paths[1:]],
                 model=job.model, tokens=job.tokens, steps=job.steps, seed=job.seed, policy=job.policy,
-                backend=job.backend, keep_outputs=job.keep_outputs, timeout_s=job.timeout_s,
+                backend=job.backend, keep_outputs=job.keep_outputs, timeout_s=job.timeout_s, spill_fmt=job.spill_fmt,
                 batches=rank_batches(channel, self.rank, job.tokens, job.timeout_s), first_step=first_step,
                 on_step=lambda stats: sent.append(channel.report.remote(self.rank, stats)), **job.rebalance,
             )

@@ -21,7 +21,7 @@ from rnq_ep.rebalance.options import add_rebalance_arguments, rebalance_flags_gi
 from rnq_ep.report import console
 from rnq_ep.routing import POLICIES
 from rnq_ep.runtime.worker import StepStats, _device, join_group, leave_group, run_worker
-from rnq_ep.specs import SpecError, load_plan
+from rnq_ep.specs import FORMATS, SpecError, load_plan
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and batches")
     parser.add_argument("--policy", choices=POLICIES, default="least-loaded", help="copy choice per token")
     parser.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto", help="expert kernels")
+    parser.add_argument("--spill", choices=FORMATS, metavar="FMT",
+                        help="per step, spill what stays over 1.3x the mean GPU load onto the least-loaded GPUs, "
+                        "sending expert copies in FMT (bf16|int8|int4; a quantized copy travels as stored): LLEP "
+                        "with bf16 on a plain-EP plan and --policy static, R&Q + spill on an R&Q plan")
     add_rebalance_arguments(parser)
 
 
@@ -47,13 +51,14 @@ def run_main(args: argparse.Namespace) -> int:
     try:
         stats = run_worker(
             rank, world_size, args.plan, args.model, args.tokens, args.steps,
-            args.loads, args.seed, args.policy, args.backend, **rebalance_kwargs(args),
+            args.loads, args.seed, args.policy, args.backend, spill_fmt=args.spill, **rebalance_kwargs(args),
         )
     except SpecError as err:
         log.error("rank %d: %s", rank, err)
         return 2
     if rank == 0:
-        console().print(steps_table(stats, title=f"rnq-ep run: {world_size} ranks, policy {args.policy}"))
+        spill = f", spill {args.spill}" if args.spill else ""
+        console().print(steps_table(stats, title=f"rnq-ep run: {world_size} ranks, policy {args.policy}{spill}"))
     return 0
 
 
@@ -64,7 +69,7 @@ def run_hf_main(args: argparse.Namespace, rank: int, world_size: int) -> int:
     if args.model:
         log.error("rank %d: --model %s and --hf %s: give one (--hf runs a transformers model)", rank, args.model, args.hf)
         return 2
-    ignored = (["--loads"] if args.loads else []) + rebalance_flags_given(args)
+    ignored = (["--loads"] if args.loads else []) + (["--spill"] if args.spill else []) + rebalance_flags_given(args)
     if ignored:
         log.error("rank %d: %s: not supported with --hf (the model's own router routes the prompt)", rank, ", ".join(ignored))
         return 2
@@ -125,13 +130,14 @@ def rebalance_cells(stats: StepStats) -> list[str]:
 def steps_table(stats: list[StepStats], title: str) -> Table:
     """Rich table of per-step time, balancedness, tokens per GPU, this rank's bytes sent (+ online rebalancing)."""
     rebalancing = any(s.rebalance is not None for s in stats)
+    spilling = any(s.spilling for s in stats)
     table = Table(title=title)
     columns = ["step", "seconds", "balancedness", "tokens per GPU", "bytes sent", "no dedupe"]
-    for column in columns + (REBALANCE_COLUMNS if rebalancing else []):
+    for column in columns + (["MB spilled"] if spilling else []) + (REBALANCE_COLUMNS if rebalancing else []):
         table.add_column(column, justify="right")
     for s in stats:
         row = [str(s.step), f"{s.seconds:.4f}", f"{s.balancedness:.3f}", " ".join(map(str, s.tokens_per_gpu.tolist())),
-               f"{s.bytes_sent:,}", f"{s.bytes_sent_no_dedupe:,}"]
+               f"{s.bytes_sent:,}", f"{s.bytes_sent_no_dedupe:,}", *([f"{s.spilled_bytes / 1e6:.2f}"] if spilling else [])]
         table.add_row(*row, *(rebalance_cells(s) if rebalancing else []))
     if rebalancing and stats[-1].rebalance is not None:
         table.caption = stats[-1].rebalance.summary()

@@ -29,7 +29,8 @@ from rnq_ep.routing import POLICIES
 from rnq_ep.runtime.inputs import (
     BatchSource, Routing, checkpoint_loader, layer_counts, make_batch, random_layer_weights, random_shared_experts,
 )
-from rnq_ep.specs import ModelSpec, Plan, SpecError, load_model, load_plan, load_stats
+from rnq_ep.specs import FORMATS, ModelSpec, Plan, SpecError, load_model, load_plan, load_stats
+from rnq_ep.spill import SpillMoE
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,16 @@ class StepStats:
     def bytes_sent_no_dedupe(self) -> int:
         """This rank's dispatch bytes over all layers without dedupe."""
         return sum(s.bytes_sent_no_dedupe for s in self.layers)
+
+    @property
+    def spilling(self) -> bool:
+        """True when the layers spill per step (SpillMoE), whether or not this step moved anything."""
+        return any(hasattr(s, "moved_bytes") for s in self.layers)
+
+    @property
+    def spilled_bytes(self) -> int:
+        """Expert weight bytes spilled between GPUs this step, all layers and ranks (0 without --spill)."""
+        return sum(getattr(s, "moved_bytes", 0) for s in self.layers)
 
 
 def _resolve_model(plan: Plan, model: str | ModelSpec | None) -> ModelSpec:
@@ -134,16 +145,17 @@ def build_layers(
     policy: str = "least-loaded",
     backend: str = "auto",
     device: torch.device | str = "cpu",
+    spill_fmt: str | None = None,
 ) -> list[EPMoE]:
     """This rank's EPMoE for every plan layer (with the model's shared experts, whole on every rank); each layer's
-    full routed-expert tensors are dropped once sliced."""
+    full routed-expert tensors are dropped once sliced. spill_fmt: a SpillMoE per layer spilling in that format."""
     layers = []
     for index, layer_plan in enumerate(plan.layers):
         w_gate_up, w_down, router = random_layer_weights(model, index, seed, device)
         shared = random_shared_experts(model, index, seed, device)
         shared_experts = None if shared is None else SharedExperts(*shared)
-        layers.append(EPMoE(model, layer_plan, plan.cluster.num_gpus, rank, group, w_gate_up, w_down, router,
-                            shared_experts, policy, backend))
+        args = (model, layer_plan, plan.cluster.num_gpus, rank, group, w_gate_up, w_down, router, shared_experts, policy, backend)
+        layers.append(EPMoE(*args) if spill_fmt is None else SpillMoE(*args, spill_fmt=spill_fmt))
     return layers
 
 
@@ -172,6 +184,7 @@ def run_worker(
     first_step: int = 0,
     on_step: Callable[[StepStats], None] | None = None,
     interleave: Sequence[str] = (),
+    spill_fmt: str | None = None,
 ) -> list[StepStats]:
     """Run steps first_step..steps-1 of `tokens` tokens per rank through every plan layer; this rank's per-step stats.
 
@@ -184,6 +197,8 @@ def run_worker(
     load files and seed), and on_step gets each step's stats as soon as the step is done.
     interleave: more plans of the same layers run on the same batches, every step through each plan
     (order rotating by step, so none always runs first); stats in run order, tagged with `plan`.
+    spill_fmt: every layer spills per step what stays over 1.3x the mean GPU load onto the least-loaded GPUs,
+    sending expert copies in that format (LLEP: bf16 on a plain-EP plan with policy static; docs/policies.md).
     """
     plans = [load_plan(path) for path in (plan_path, *interleave)]
     plan = plans[0]
@@ -203,6 +218,11 @@ def run_worker(
         raise SpecError(f"first_step must be in [0, steps={steps}), got {first_step}")
     if policy not in POLICIES:
         raise SpecError(f"unknown routing policy {policy!r}, expected one of {POLICIES}")
+    if spill_fmt is not None and spill_fmt not in FORMATS:
+        raise SpecError(f"spill format {spill_fmt!r}: expected one of {FORMATS}")
+    if spill_fmt is not None and rebalance_interval:
+        raise SpecError("spilling and online rebalancing together are not supported: migration restacks the layers "
+                        "that spill; pick one")
     spec = _resolve_model(plan, model)
     for other in plans[1:]:
         _resolve_model(other, spec)
@@ -218,7 +238,7 @@ def run_worker(
     group, created = join_group(rank, world_size, device, timeout_s)
     layer_sets, rebalancer = [], None
     try:
-        layer_sets = [build_layers(p, spec, rank, group, seed, policy, backend, device) for p in plans]
+        layer_sets = [build_layers(p, spec, rank, group, seed, policy, backend, device, spill_fmt) for p in plans]
         if rebalance_interval:
             loaders = [checkpoint_loader(spec, index, seed, device) for index in range(len(plan.layers))]
             rebalancer = Rebalancer(
