@@ -231,7 +231,7 @@ def build(skip: set[str]) -> str:
             summary += summary_rows(stem.removeprefix("simulate-"), text)
     parts += bench_section("layer", "EP layer on CPU gloo ranks", skip, log)
     parts += bench_section("layer", "EP layer, the most skewed real layer, on CPU gloo ranks", skip, log,
-                           extra=("--most-skewed", "--repeats", "3"), stem="layer-skewed")
+                           extra=("--most-skewed", "--repeats", "5"), stem="layer-skewed")
     parts += bench_section("e2e", "Every policy end to end on 4 CPU workers, spawned and Ray", skip, log)
     parts += ["## Online rebalancing: the stall of a switch (`python -m rnq_ep.bench.rebalance`)", ""]
     if "rebalance" in skip:
