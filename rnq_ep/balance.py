@@ -150,10 +150,10 @@ def water_fill(table: SlotTable, counts: np.ndarray) -> np.ndarray:
                 if q0 == q0_old and q1 == q1_old:
                     continue  # same split, same loads
                 load[g0], load[g1] = level0 + q0, level1 + q1
-                for g, moved in ((g0, q0 != q0_old), (g1, q1 != q1_old)):
-                    if moved:
-                        for other in touching[g]:
-                            dirty[other] = True
+                for other in touching[g0]:
+                    dirty[other] = True
+                for other in touching[g1]:
+                    dirty[other] = True
                 dirty[p], parts[p], changed = False, [q0, q1], True
                 continue
             if distinct[p]:
@@ -161,19 +161,21 @@ def water_fill(table: SlotTable, counts: np.ndarray) -> np.ndarray:
                 part = _pour(amount, level)
                 if part == old:
                     continue  # same split, same loads
-                for g, lv, q in zip(on, level, part):
-                    load[g] = lv + q
+                for g, lv, q, q_old in zip(on, level, part, old):
+                    if q != q_old:  # else the GPU's load stays
+                        load[g] = lv + q
+                        for other in touching[g]:
+                            dirty[other] = True
             else:
                 for g, q in zip(on, old):
                     load[g] -= q
                 part = _pour(amount, [load[g] for g in on])
-                for g, q in zip(on, part):
+                for g, q, q_old in zip(on, part, old):
                     load[g] += q
-            for g, q, q_old in zip(on, part, old):
-                if q != q_old:
-                    for other in touching[g]:
-                        dirty[other] = True
-                    changed = True
+                    if q != q_old:
+                        for other in touching[g]:
+                            dirty[other] = True
+            changed = changed or part != old
             dirty[p] = False
             parts[p] = part
         if not changed:
@@ -198,22 +200,34 @@ def _pour_two(amount: int, level0: int, level1: int) -> tuple[int, int]:
 
 def _pour(amount: int, level: list[int]) -> list[int]:
     """Integer water-filling of `amount` over bins at `level` (ties: lower index): [c] -> [c] ints summing to amount."""
-    if len(level) == 2:
+    n = len(level)
+    if n == 2:
         return list(_pour_two(amount, *level))
-    order = sorted(range(len(level)), key=level.__getitem__)
-    lv = [level[i] for i in order]
-    # the n lowest bins are filled: the smallest n whose filling up to lv[n] would reach amount
-    n, below = len(lv), lv[0]
-    for i in range(1, len(lv)):
-        if i * lv[i] - below >= amount:
-            n = i
+    order = _order_of_three(*level) if n == 3 else sorted(range(n), key=level.__getitem__)
+    # the k lowest bins are filled: the smallest k whose filling up to the next bin's level would reach amount
+    below, k = level[order[0]], 1
+    for i in order[1:]:
+        if k * level[i] - below >= amount:
             break
-        below += lv[i]
-    water, extra = divmod(amount + below, n)  # the first `extra` bins (lowest, then tie order) get one more
-    part = [0] * len(lv)
-    for k in range(n):
-        part[order[k]] = water - lv[k] + (k < extra)
+        below += level[i]
+        k += 1
+    water, extra = divmod(amount + below, k)  # the first `extra` bins (lowest, then tie order) get one more
+    part = [0] * n
+    for rank in range(k):
+        i = order[rank]
+        part[i] = water - level[i] + (rank < extra)
     return part
+
+
+def _order_of_three(a: int, b: int, c: int) -> tuple[int, int, int]:
+    """Indices of three levels ascending, ties by index (a stable argsort), without sorting."""
+    if a <= b:
+        if b <= c:
+            return 0, 1, 2
+        return (0, 2, 1) if a <= c else (2, 0, 1)
+    if a <= c:
+        return 1, 0, 2
+    return (1, 2, 0) if b <= c else (2, 1, 0)
 
 
 def lp_min_max_load(table: SlotTable, counts: np.ndarray, base_load: np.ndarray | None = None) -> float:

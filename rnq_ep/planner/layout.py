@@ -38,8 +38,8 @@ def layer_plan(layer: int, gpu: np.ndarray, expert: np.ndarray, fmt: np.ndarray,
     """LayerPlan from slot arrays [S]; slots are ordered by GPU, keeping the given order within a GPU."""
     order = np.argsort(gpu, kind="stable")
     slots = [
-        Slot(gpu=int(g), expert=int(e), fmt=FORMATS[f], share=float(s))  # type: ignore[arg-type]
-        for g, e, f, s in zip(gpu[order].tolist(), expert[order].tolist(), fmt[order].tolist(), share[order].tolist())
+        Slot(gpu=g, expert=e, fmt=FORMATS[f], share=s)  # type: ignore[arg-type]  (tolist gives Python ints and floats)
+        for g, e, f, s in zip(gpu[order].tolist(), expert[order].tolist(), fmt[order].tolist(), share[order].astype(np.float64).tolist())
     ]
     return LayerPlan(layer=layer, slots=slots)
 

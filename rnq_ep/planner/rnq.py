@@ -214,25 +214,25 @@ def fewest_quantized_copies(num_copies: int, num_gpus: int, limits: Limits) -> i
 def layer_state(copies: Copies, limits: Limits, num_gpus: int, num_experts: int) -> LayerCopies:
     """Mutable planning state of copies (gpu, expert, fmt, tokens) [S]."""
     gpu, expert, fmt, tokens = copies
-    order = np.lexsort((gpu, expert))
-    by_expert = gpu[order].tolist()  # GPUs of expert 0 ascending, then expert 1, ...
-    bounds = np.searchsorted(expert[order], np.arange(num_experts + 1)).tolist()
-    on_gpu = np.lexsort((expert, gpu))
-    gpu_bounds = np.searchsorted(gpu[on_gpu], np.arange(num_gpus + 1)).tolist()
-    on_gpu = on_gpu.tolist()
+    copies_of = np.bincount(expert, minlength=num_experts)
+    held = np.bincount(gpu, minlength=num_gpus)
+    by_expert = gpu[np.lexsort((gpu, expert))].tolist()  # GPUs of expert 0 ascending, then expert 1, ...
+    bounds = [0, *np.cumsum(copies_of).tolist()]
+    on_gpu = np.lexsort((expert, gpu)).tolist()
+    gpu_bounds = [0, *np.cumsum(held).tolist()]
     gpus, experts = gpu.tolist(), expert.tolist()
     return LayerCopies(
         gpu=gpus,
         expert=experts,
         fmt=fmt.tolist(),
         tokens=tokens.tolist(),
-        slot_of={key: slot for slot, key in enumerate(zip(experts, gpus))},
+        slot_of=dict(zip(zip(experts, gpus), range(len(gpus)))),
         gpus_of=[by_expert[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])],
         slots_by_gpu=[on_gpu[lo:hi] for lo, hi in zip(gpu_bounds[:-1], gpu_bounds[1:])],
-        copies=np.bincount(expert, minlength=num_experts).tolist(),
+        copies=copies_of.tolist(),
         load=np.bincount(gpu, weights=tokens, minlength=num_gpus),
         used=np.bincount(gpu, weights=limits.fmt_bytes[fmt], minlength=num_gpus).astype(np.int64).tolist(),
-        held=np.bincount(gpu, minlength=num_gpus).tolist(),
+        held=held.tolist(),
         quantized_tokens=float(tokens[fmt > 0].sum()),
     )
 
