@@ -63,7 +63,7 @@ def dispatch(
 
     `index`: slot_index(table, x.device), which a layer keeps between steps; built here when None.
     """
-    world = _world_size(group)
+    world = world_size(group)
     if table.num_gpus != world:
         raise ValueError(f"slot table has {table.num_gpus} GPUs but the process group has {world} ranks")
     if world > 1 and rank != dist.get_rank(group):
@@ -124,7 +124,7 @@ def _gather_counts(
     if problem is None:
         local_counts = torch.bincount(topk_ids.reshape(-1).long(), minlength=num_experts)  # [E]
     flags = torch.tensor([x.shape[1] if x.dim() == 2 else -1, problem is None], dtype=torch.int64, device=x.device)
-    gathered = _all_gather(torch.cat([local_counts, flags]), group, world).cpu().numpy()  # [R, E + 2]
+    gathered = all_gather_rows(torch.cat([local_counts, flags]), group, world).cpu().numpy()  # [R, E + 2]
     _raise_on_problems(problem, gathered[:, num_experts], gathered[:, num_experts + 1])
     return local_counts, gathered[:, :num_experts]
 
@@ -219,12 +219,12 @@ def _raise_on_problems(problem: str | None, hidden_sizes: np.ndarray, ok: np.nda
         raise ValueError(f"dispatch: hidden size differs between ranks (by rank: {hidden_sizes.tolist()})")
 
 
-def _world_size(group: dist.ProcessGroup | None) -> int:
+def world_size(group: dist.ProcessGroup | None) -> int:
     """Ranks in `group` (None: the default group), 1 without an initialised process group."""
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
-def _all_gather(t: torch.Tensor, group: dist.ProcessGroup | None, world: int) -> torch.Tensor:
+def all_gather_rows(t: torch.Tensor, group: dist.ProcessGroup | None, world: int) -> torch.Tensor:
     """Every rank's copy of t, stacked: [n] -> [R, n]."""
     if world == 1:
         return t[None]

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from rnq_ep.balance import SlotTable
-from rnq_ep.dispatch import DispatchHandle, combine, dispatch
+from rnq_ep.dispatch import DispatchHandle, combine, dispatch, world_size
 from rnq_ep.experts import LocalExperts
 from rnq_ep.routing import POLICIES, SlotIndex, slot_index
 from rnq_ep.specs import LayerPlan, ModelSpec
@@ -65,11 +65,6 @@ class SharedExperts(torch.nn.Module):
         return gated(x @ self.w_gate_up.to(x.dtype).T) @ self.w_down.to(x.dtype).T  # [T, 2I] -> [T, I] -> [T, H]
 
 
-def _world_size(group: dist.ProcessGroup | None) -> int:
-    """Ranks in `group` (None: the default group, as dispatch reads it), 1 without a process group."""
-    return dist.get_world_size(group) if dist.is_initialized() else 1
-
-
 class EPMoE(torch.nn.Module):
     """A MoE layer whose routed experts are spread over `num_gpus` ranks as `layer_plan` says."""
 
@@ -98,7 +93,7 @@ class EPMoE(torch.nn.Module):
         (GPT-OSS: "swiglu-oai" with biases, torch backend only).
         """
         super().__init__()
-        world = _world_size(group)
+        world = world_size(group)
         if num_gpus != world:
             raise ValueError(
                 f"layer {layer_plan.layer}: the plan has {num_gpus} GPUs but the process group has world size {world}; "

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from rnq_ep.balance import SlotTable
-from rnq_ep.dispatch import _all_gather, _world_size
+from rnq_ep.dispatch import all_gather_rows, world_size
 from rnq_ep.experts import LocalExperts
 from rnq_ep.layer import EPMoE, LayerStats
 from rnq_ep.policies import LLEP_CAPACITY, LLEP_MIN_CHUNK, LLEP_THRESHOLD, Step, llep_spill
@@ -176,13 +176,13 @@ class SpillMoE(EPMoE):
         except ValueError:
             local, ok = torch.zeros(num_experts, dtype=torch.int64, device=topk_ids.device), 0
         flag = torch.tensor([ok], dtype=torch.int64, device=topk_ids.device)
-        gathered = _all_gather(torch.cat([local, flag]), self.group, _world_size(self.group)).cpu().numpy()  # [R, E + 1]
+        gathered = all_gather_rows(torch.cat([local, flag]), self.group, world_size(self.group)).cpu().numpy()  # [R, E + 1]
         return gathered[:, :num_experts] if gathered[:, num_experts].all() else None
 
     def _receive(self, plan: SpillPlan) -> tuple[LocalExperts | None, int, int] | None:
         """Send this rank's spilled copies, receive its own: (temporary experts or None, bytes moved, bytes received);
         None on every rank when any rank failed to pack or unpack."""
-        world, rank, moves = _world_size(self.group), self.rank, list(plan.moves)
+        world, rank, moves = world_size(self.group), self.rank, list(plan.moves)
         matrix = transfer_matrix(moves, self.model, world)  # [src, dst] bytes, the same on every rank
         if not matrix.any():
             return None, 0, 0

@@ -9,7 +9,6 @@ split sizes) or a hang past `timeout` fails instead of blocking the test run.
 from __future__ import annotations
 
 import os
-import socket
 import time
 import traceback
 from multiprocessing.connection import wait
@@ -18,7 +17,7 @@ from typing import Any, Callable
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rnq_ep.runtime.worker import leave_group
+from rnq_ep.runtime.worker import free_port, leave_group
 
 DEFAULT_TIMEOUT_S = 120.0
 
@@ -26,7 +25,7 @@ DEFAULT_TIMEOUT_S = 120.0
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = DEFAULT_TIMEOUT_S) -> list[Any]:
     """fn(rank, world_size, *args) on `world_size` gloo ranks over loopback: results by rank."""
     ctx = mp.get_context("spawn")
-    address = f"tcp://127.0.0.1:{_free_port()}"
+    address = f"tcp://127.0.0.1:{free_port()}"
     pipes = [ctx.Pipe() for _ in range(world_size)]
     procs = [
         ctx.Process(target=_rank_main, args=(fn, rank, world_size, address, child, args))
@@ -84,8 +83,3 @@ def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, address: str,
     leave_group(created=dist.is_initialized())
 
 
-def _free_port() -> int:
-    """A TCP port on loopback that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

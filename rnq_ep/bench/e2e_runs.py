@@ -22,12 +22,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rnq_ep.balance import SlotTable
-from rnq_ep.bench.layer import RANK_TIMEOUT_S, _free_port
+from rnq_ep.bench.layer import RANK_TIMEOUT_S
 from rnq_ep.layer import EPMoE
 from rnq_ep.metrics import gpu_bytes
 from rnq_ep.runtime.inputs import make_batch, random_layer_weights
 from rnq_ep.runtime.ray_driver import make_job, run_job
-from rnq_ep.runtime.worker import StepStats, leave_group, run_step, run_worker
+from rnq_ep.runtime.worker import StepStats, free_port, leave_group, run_step, run_worker
 from rnq_ep.specs import ModelSpec, Plan, encode_json, write_atomic
 from rnq_ep.spill import SpillMoE
 
@@ -74,7 +74,7 @@ def e2e_rank(rank: int, num_ranks: int, rows: list[RowRun], counts: list[np.ndar
 def spawn_e2e(num_ranks: int, rows: list[RowRun], counts: list[np.ndarray], tokens: int, steps: int,
               seed: int) -> list[list[list[StepStats]]]:
     """e2e_rank on `num_ranks` spawned processes (gloo over loopback, one thread each): stats [rank][row][step]."""
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     with tempfile.TemporaryDirectory(prefix="rnq-ep-e2e-") as folder:
         mp.spawn(_rank_main, args=(num_ranks, env, folder, (rows, counts, tokens, steps, seed)), nprocs=num_ranks)
         return [pickle.loads((Path(folder) / f"rank{rank}.pkl").read_bytes()) for rank in range(num_ranks)]

@@ -25,7 +25,6 @@ import argparse
 import multiprocessing
 import os
 import queue
-import socket
 import sys
 import traceback
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from rnq_ep.memory import plain_ep_budget
 from rnq_ep.metrics import gpu_bytes, layer_tables
 from rnq_ep.planner import plan_eplb, plan_plain_ep, plan_rnq
 from rnq_ep.runtime.inputs import layer_counts, make_batch, random_layer_weights
-from rnq_ep.runtime.worker import StepStats, leave_group, run_step
+from rnq_ep.runtime.worker import StepStats, free_port, leave_group, run_step
 from rnq_ep.specs import LoadStats, ModelSpec, Plan, PlanOptions, load_cluster, load_model, load_stats
 
 DEFAULT_LOADS = SHIPPED_LOADS / "olmoe-1b-7b-0924_olmoe-repo_arxiv.json"  # shipped OLMoE file with the largest median plain-EP max/mean at 4 ranks
@@ -150,7 +149,7 @@ def spawn_ranks(num_ranks: int, kwargs: dict) -> list:
     """bench_rank on `num_ranks` local processes (gloo over loopback, one thread each): results by rank."""
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     procs = [ctx.Process(target=_rank_main, args=(rank, num_ranks, env, kwargs, results)) for rank in range(num_ranks)]
     for proc in procs:
         proc.start()
@@ -180,13 +179,6 @@ def _rank_main(rank: int, num_ranks: int, env: dict, kwargs: dict, results) -> N
         results.put((rank, True, bench_rank(rank, num_ranks, **kwargs)))
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
-
-
-def _free_port() -> int:
-    """A loopback TCP port that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def bench_table(rows: list[tuple[Config, list[Measured]]], model: ModelSpec, num_ranks: int, args: argparse.Namespace,

@@ -36,7 +36,7 @@ from rnq_ep.rebalance.migrate import LayerMigration
 from rnq_ep.rebalance.replan import keep_in_place
 from rnq_ep.rebalance.swaps import swap_into_place
 from rnq_ep.runtime.inputs import checkpoint_loader, make_batch
-from rnq_ep.runtime.worker import build_layers, leave_group, run_step
+from rnq_ep.runtime.worker import build_layers, free_port, leave_group, run_step
 from rnq_ep.specs import ModelSpec, Plan, PlanOptions, load_cluster, load_model
 from rnq_ep.synthetic import ZipfLoads, window_stats, zipf_windows
 
@@ -114,7 +114,7 @@ def cpu_records(model: ModelSpec, ranks: int, rounds: int, tokens: int, copies_p
     """Spawn the ranks; rank 0's StepRecords (its clock; every step and migration call ends on a barrier)."""
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=bench_rank, args=(r, ranks, port, model, rounds, tokens, copies_per_step, seed, results)) for r in range(ranks)]
     for proc in procs:
         proc.start()
@@ -186,13 +186,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _free_port() -> int:
-    """A loopback TCP port that was free a moment ago."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from rnq_ep.balance import SlotTable
+from rnq_ep.dispatch import world_size
 from rnq_ep.experts import LocalExperts
 from rnq_ep.layer import EPMoE
 from rnq_ep.memory import INT4_GROUP
@@ -67,7 +68,7 @@ class LayerMigration:
                 "migrated copies are rebuilt as plain SwiGLU without biases"
             )
         self.layer, self.new_table, self.load_expert, self.fault = layer, new_table, load_expert, fault
-        self.world = dist.get_world_size(layer.group) if dist.is_initialized() else 1
+        self.world = world_size(layer.group)
         self.device = layer_device(layer)
         self.moves = copy_moves(layer.table, new_table, layer.model)
         changed = [m for m in self.moves if m.kind != "keep"]  # kept copies cost nothing: staged at the switch

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from rnq_ep.balance import SlotTable
+from rnq_ep.dispatch import world_size
 from rnq_ep.layer import EPMoE
 from rnq_ep.rebalance.migrate import ExpertLoader, FaultHook, LayerMigration, layer_device
 from rnq_ep.rebalance.recorder import LoadRecorder
@@ -108,7 +109,7 @@ class Rebalancer:
     @property
     def world(self) -> int:
         """Ranks in the group (1 without a process group)."""
-        return dist.get_world_size(self.group) if dist.is_initialized() else 1
+        return world_size(self.group)
 
     def after_step(self, step: int) -> float:
         """Between two steps: close the step's counts, then at most one of migrate / poll / start; seconds spent."""

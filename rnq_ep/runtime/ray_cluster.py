@@ -29,7 +29,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rnq_ep.hf import GenerationReport, run_on_rank
 from rnq_ep.runtime.ray_steps import SharedBatch, rank_batches, step_batches
-from rnq_ep.runtime.worker import leave_group, run_worker
+from rnq_ep.runtime.worker import free_port, leave_group, run_worker
 from rnq_ep.specs import LoadStats, ModelSpec, Plan, SpecError
 
 PLACE_TIMEOUT_S = 30.0  # a placement group not ready by then cannot be placed (we do not wait for autoscaling)
@@ -122,9 +122,7 @@ class EPWorker:
 
     def free_port(self) -> int:
         """A TCP port free on this node a moment ago (the rendezvous port, found on rank 0)."""
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("", 0))
-            return sock.getsockname()[1]
+        return free_port("")
 
     def run(self, job: RayJob, env: dict[str, str], channel: ray.actor.ActorHandle, first_step: int) -> None:
         """Set the torchrun env and run steps first_step.. on the batches fed through `channel`, reporting each step there."""

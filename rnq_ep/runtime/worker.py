@@ -12,6 +12,7 @@ import copy
 import gc
 import logging
 import os
+import socket
 import sys
 import time
 import traceback
@@ -270,6 +271,13 @@ def run_worker(
     finally:
         layer_sets = rebalancer = None  # noqa: F841  (drop the group's users before leaving it)
         leave_group(created)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on `host` ("": every interface) that was free a moment ago, for a rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def run_step(
