@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rnq_ep.balance import SlotTable, gpu_loads, lp_min_max_load, share_quotas, water_fill
+from rnq_ep.planner.water_layers import water_fill_layers
 from water_fill_reference import water_fill_reference
 
 
@@ -132,3 +133,20 @@ def test_bad_counts_are_rejected_with_the_shape():
 def test_an_expert_without_a_copy_is_rejected():
     with pytest.raises(ValueError, match="without any copy"):
         SlotTable.from_arrays(np.array([0]), np.array([0]), np.zeros(1), np.ones(1), 2, 2)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(layer_instances(max_experts=14, max_gpus=7), st.integers(0, 3)), min_size=1, max_size=6))
+def test_water_fill_of_layers_side_by_side_equals_water_fill_of_each(layers):
+    tables = [table for (table, _), _ in layers]
+    counts = [counts // 10**scale for (_, counts), scale in layers]  # small counts: ties and remainders
+    for table, layer_counts, quotas in zip(tables, counts, water_fill_layers(tables, counts)):
+        assert np.array_equal(quotas, water_fill(table, layer_counts))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(layer_instances(duplicates=True), min_size=1, max_size=4))
+def test_water_fill_of_layers_equals_water_fill_when_a_gpu_holds_two_copies(layers):
+    tables, counts = [table for table, _ in layers], [counts for _, counts in layers]
+    for table, layer_counts, quotas in zip(tables, counts, water_fill_layers(tables, counts)):
+        assert np.array_equal(quotas, water_fill(table, layer_counts))

@@ -15,7 +15,7 @@ from rnq_ep.planner.limits import Limits
 from rnq_ep.planner.place import copy_counts, pack_by_rounds, replica_order
 from rnq_ep.planner.refine import refine_layer
 from rnq_ep.planner.quantize import cheapest_conversions_by_gpu, sensitivity_costs
-from rnq_ep.planner.routed import drop_until_within, routed_quantized, table_of
+from rnq_ep.planner.routed import drop_until_within, routed_quantized, routed_quantized_layers, table_of
 from rnq_ep.planner.replicate import LayerCopies, spread_load
 from rnq_ep.planner.transport import Copies, transport_spread
 from rnq_ep.specs import FORMATS, ClusterSpec, LoadStats, ModelSpec, Plan, PlanOptions, SpecError
@@ -44,7 +44,7 @@ def plan_rnq(model: ModelSpec, cluster: ClusterSpec, loads: LoadStats, options: 
     check_memory_fits(model, cluster, options, budget, fmt_bytes)
     num_gpus = cluster.num_gpus
     prefer_node = cluster.nodes > 1 and cluster.intra_node_bytes_per_s >= NODE_LOCAL_RATIO * cluster.inter_node_bytes_per_s
-    layers, same_costs = [], None  # without per-layer sensitivities every layer has the same costs
+    limits_of, firsts, same_costs = [], [], None  # without per-layer sensitivities every layer has the same costs
     for index, layer in enumerate(loads.layers):
         weight = np.asarray(loads.counts[index], dtype=np.float64)
         token_budget = options.quality_budget * float(weight.sum())
@@ -60,7 +60,17 @@ def plan_rnq(model: ModelSpec, cluster: ClusterSpec, loads: LoadStats, options: 
         )
         if loads.sensitivity is None and loads.importance is None:
             same_costs = limits  # its cached Python views of the costs carry over
-        gpu, expert, fmt, tokens = plan_layer(weight, num_gpus, limits, layer, options)
+        limits_of.append(limits)
+        reuse: dict = {}  # what the trials compute whatever the quality budget, for the re-plans
+        firsts.append((*planned_copies(weight, num_gpus, limits, layer, options, None, reuse), reuse))
+    counts = [np.rint(np.asarray(row, dtype=np.float64)).astype(np.int64) for row in loads.counts]
+    routed = routed_quantized_layers(
+        [table_of(copies, num_gpus, model.num_experts) for copies, _, _ in firsts], counts, [lim.token_budget for lim in limits_of]
+    )
+    layers = []
+    for index, layer in enumerate(loads.layers):
+        weight = np.asarray(loads.counts[index], dtype=np.float64)
+        gpu, expert, fmt, tokens = plan_layer(weight, num_gpus, limits_of[index], layer, options, (*firsts[index], routed[index]))
         share = shares(expert, tokens, weight.size)
         if align:
             current = share_matrix(gpu, expert, share, num_gpus, weight.size)
@@ -72,28 +82,39 @@ def plan_rnq(model: ModelSpec, cluster: ClusterSpec, loads: LoadStats, options: 
     return Plan(model=model, cluster=cluster, options=options, layers=layers, summary=summary)
 
 
-def plan_layer(weight: np.ndarray, num_gpus: int, limits: Limits, layer: int, options: PlanOptions) -> Copies:
+def planned_copies(
+    weight: np.ndarray, num_gpus: int, planning: Limits, layer: int, options: PlanOptions, replan_from: int | None, reuse: dict
+) -> tuple[Copies, int]:
+    """(Copies (gpu, expert, fmt, tokens) [S] of `balanced_copies`, refined when asked; their initial replica count)."""
+    state, chosen = balanced_copies(weight, num_gpus, planning, layer, replan_from, reuse)
+    copies = (np.array(state.gpu), np.array(state.expert), np.array(state.fmt), np.array(state.tokens))
+    if options.refine:
+        copies = refine_layer(copies, weight, planning, num_gpus, options.refine_time_limit)
+    return copies, chosen
+
+
+def plan_layer(
+    weight: np.ndarray, num_gpus: int, limits: Limits, layer: int, options: PlanOptions, first: tuple[Copies, int, dict, float]
+) -> Copies:
     """Copies (gpu, expert, fmt, tokens) [S] of one layer whose least-loaded routing of weight [E] keeps
-    the quality budget: a layer over it is re-planned with the tokens it spent scaled down by the overshoot
-    (REPLANS times), then quantized copies are dropped (`routed.py`)."""
+    the quality budget, from its first plan `first` (copies, replica count, reuse, routed quantized tokens):
+    a layer over it is re-planned with the tokens it spent scaled down by the overshoot (REPLANS times),
+    then quantized copies are dropped (`routed.py`)."""
     counts = np.rint(weight).astype(np.int64)
-    planning, copies, chosen = limits, None, None
-    reuse: dict = {}  # what the trials compute whatever the quality budget, for the re-plans
-    for _ in range(REPLANS + 1):
-        try:
-            state, chosen = balanced_copies(weight, num_gpus, planning, layer, chosen, reuse)
-        except InfeasiblePlan:
-            if copies is None:
-                raise
-            break
-        copies = (np.array(state.gpu), np.array(state.expert), np.array(state.fmt), np.array(state.tokens))
-        if options.refine:
-            copies = refine_layer(copies, weight, planning, num_gpus, options.refine_time_limit)
-        routed, _ = routed_quantized(table_of(copies, num_gpus, weight.size), counts, limits.token_budget)
+    copies, chosen, reuse, routed = first
+    planning = limits
+    for _ in range(REPLANS):
         if routed <= limits.token_budget:
             return copies
         planned = float(copies[3][copies[2] > 0].sum())  # what the plan spent, at most its budget
         planning = planning.with_token_budget(min(planning.token_budget, planned) * limits.token_budget / routed)
+        try:
+            copies, chosen = planned_copies(weight, num_gpus, planning, layer, options, chosen, reuse)
+        except InfeasiblePlan:
+            break
+        routed, _ = routed_quantized(table_of(copies, num_gpus, weight.size), counts, limits.token_budget)
+    if routed <= limits.token_budget:
+        return copies
     return drop_until_within(copies, counts, limits.token_budget, num_gpus)
 
 

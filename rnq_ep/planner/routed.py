@@ -17,6 +17,7 @@ import numpy as np
 
 from rnq_ep.balance import SlotTable, water_fill
 from rnq_ep.planner.transport import Copies
+from rnq_ep.planner.water_layers import water_fill_layers
 
 
 def routed_quantized(table: SlotTable, counts: np.ndarray, token_budget: float) -> tuple[float, np.ndarray | None]:
@@ -28,6 +29,21 @@ def routed_quantized(table: SlotTable, counts: np.ndarray, token_budget: float) 
         return bound, None
     quotas = water_fill(table, counts)
     return float(quotas[table.fmt > 0].sum()), quotas
+
+
+def routed_quantized_layers(tables: list[SlotTable], counts: list[np.ndarray], token_budgets: list[float]) -> list[float]:
+    """`routed_quantized` of every layer ([L] tables, [L] x [E] counts, [L] budgets) -> [L] tokens; the layers
+    that need water_fill run it side by side (`water_layers.py`, the same quotas)."""
+    routed, pending = [], []
+    for index, (table, count, token_budget) in enumerate(zip(tables, counts, token_budgets)):
+        quantized = np.bincount(table.expert, weights=table.fmt > 0, minlength=count.size)
+        routed.append(float(count[quantized > 0].sum()))
+        if routed[-1] > token_budget:
+            pending.append(index)
+    quotas = water_fill_layers([tables[i] for i in pending], [counts[i] for i in pending])
+    for index, quota in zip(pending, quotas):
+        routed[index] = float(quota[tables[index].fmt > 0].sum())
+    return routed
 
 
 def drop_until_within(copies: Copies, counts: np.ndarray, token_budget: float, num_gpus: int) -> Copies:

@@ -1,0 +1,98 @@
+"""`balance.water_fill` of many independent layers at once: the layers' pours run side by side, numpy over
+the layer axis, so a plan's router check costs a few numpy calls per pour index instead of Python per pour.
+
+The quotas are water_fill's exactly: the same pours in the same order (heaviest expert first, sweeps up to
+MAX_REFINE_PASSES + 1, a layer's sweeps stop changing it once one sweep changed nothing), the same integer
+pour with the same ties (bf16 copies, then lower GPU, fill first). Where water_fill skips a pour whose GPUs
+nobody changed, this one re-pours it, which gives the same split. A layer with two copies of an expert on
+one GPU (EPLB), or with 2**39 tokens or more, goes to water_fill itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rnq_ep.balance import MAX_REFINE_PASSES, SlotTable, water_fill
+
+FULL = 2**40  # level of a padding bin: never filled while a layer's tokens stay below FULL / 2 (C * FULL fits int64)
+
+
+def water_fill_layers(tables: list[SlotTable], counts: list[np.ndarray]) -> list[np.ndarray]:
+    """water_fill(tables[l], counts[l]) for every layer l: [L] tables and [L] x [E_l] counts -> [L] x [S_l] int64."""
+    quotas: list[np.ndarray | None] = [None] * len(tables)
+    pours = []  # (layer, slots per pour heaviest first, amounts) of the layers poured here
+    for index, (table, count) in enumerate(zip(tables, counts)):
+        count = np.asarray(count).astype(np.int64)
+        copy_count = table.copy_count()
+        multi = np.flatnonzero(copy_count > 1)
+        if not len(multi) or _shares_a_gpu(table) or 2 * int(count.sum()) >= FULL:
+            quotas[index] = water_fill(table, count)
+            continue
+        quotas[index] = np.where(copy_count[table.expert] == 1, count[table.expert], 0)
+        multi = multi[np.argsort(-count[multi], kind="stable")]
+        by_tie = np.lexsort((np.arange(table.num_slots), table.gpu, table.fmt, table.expert))
+        first = np.searchsorted(table.expert[by_tie], multi)
+        pours.append((index, [by_tie[f : f + c] for f, c in zip(first, copy_count[multi])], count[multi]))
+    if pours:
+        _pour_side_by_side(tables, quotas, pours)
+    return quotas  # type: ignore[return-value]
+
+
+def _shares_a_gpu(table: SlotTable) -> bool:
+    """True when some GPU holds two copies of one expert."""
+    return np.unique(table.expert * table.num_gpus + table.gpu).size < table.num_slots
+
+
+def _pour_side_by_side(tables: list[SlotTable], quotas: list, pours: list) -> None:
+    """Run the sweeps of every layer in `pours` together and write their replicated experts' quotas (in place);
+    a layer whose sweep changed nothing is final and leaves the batch."""
+    num_layers = len(pours)
+    most_copies = max(len(s) for _, slots, _ in pours for s in slots)
+    num_gpus = max(tables[index].num_gpus for index, _, _ in pours)
+    num_pours = np.array([len(slots) for _, slots, _ in pours])
+    real = np.zeros((num_layers, num_pours.max(), most_copies), dtype=bool)
+    amount = np.zeros((num_layers, num_pours.max()), dtype=np.int64)
+    load = np.zeros((num_layers, num_gpus + 1), dtype=np.int64)  # the last column takes the padding bins
+    gpu = np.full((num_layers, num_pours.max(), most_copies), num_gpus, dtype=np.int64)
+    for row, (index, slots, amounts) in enumerate(pours):
+        table = tables[index]
+        load[row, : table.num_gpus] = np.bincount(table.gpu, weights=quotas[index], minlength=table.num_gpus)
+        amount[row, : len(amounts)] = amounts
+        for p, pour in enumerate(slots):
+            real[row, p, : pour.size] = True
+            gpu[row, p, : pour.size] = table.gpu[pour]
+    parts = np.zeros_like(gpu)
+    final = parts.copy()
+    alive = np.arange(num_layers)  # rows of the layers still sweeping
+    rank = np.arange(most_copies)
+    steps = np.arange(1, most_copies)
+    for _ in range(MAX_REFINE_PASSES + 1):
+        rows = np.arange(alive.size)
+        flat_load = load.ravel()  # a view: flat indices below read and write `load`
+        on_flat = gpu + rows[:, None, None] * (num_gpus + 1)
+        bin_base = rows[:, None] * most_copies  # flat index of each layer's first bin
+        last = rows * most_copies - 1  # + k: flat index of the k-th lowest bin
+        moved = np.zeros(alive.size, dtype=bool)
+        for p in range(num_pours[alive].max()):
+            on, old = on_flat[:, p], parts[:, p]
+            level = np.where(real[:, p], flat_load[on] - old, FULL)
+            order = np.argsort(level, axis=1, kind="stable") + bin_base
+            lv = level.ravel()[order]
+            below = np.cumsum(lv, axis=1)  # below[:, i]: the i + 1 lowest bins
+            # the k lowest bins are filled: the smallest k whose filling up to the next bin's level reaches amount
+            reach = steps * lv[:, 1:] - below[:, :-1] >= amount[:, p, None]
+            k = np.where(reach.any(axis=1), reach.argmax(axis=1) + 1, most_copies)
+            water, extra = np.divmod(amount[:, p] + below.ravel()[last + k], k)
+            part = np.empty_like(level)
+            part.ravel()[order] = np.where(rank < k[:, None], water[:, None] - lv + (rank < extra[:, None]), 0)
+            moved |= (part != old).any(axis=1)
+            flat_load[on] = level + part  # padding bins write FULL into the spare column
+            parts[:, p] = part
+        final[alive] = parts
+        if not moved.all():
+            alive, parts, load, gpu, real, amount = alive[moved], parts[moved], load[moved], gpu[moved], real[moved], amount[moved]
+        if not alive.size:
+            break
+    for row, (index, slots, _) in enumerate(pours):
+        for p, pour in enumerate(slots):
+            quotas[index][pour] = final[row, p, : pour.size]
