@@ -12,9 +12,7 @@ gate rows before the up rows, the layout rnq-ep's experts use.
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,6 @@ from torch import nn
 
 from rnq_ep.layer import EPMoE
 from rnq_ep.specs import ModelSpec, Plan, SpecError
-from rnq_ep.textdata import builtin_text, token_batches, tokenize
 
 TINY_PREFIX = "tiny-"
 _COMMON = dict(
@@ -50,7 +47,7 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "phimoe": ("phimoe", dict(intermediate_size=96, num_local_experts=8, num_experts_per_tok=2)),
 }
 _WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def tiny_config(family: str) -> Any:
@@ -84,7 +81,7 @@ def load_model(source: str, seed: int = 0) -> tuple[nn.Module, Any | None, str]:
     """(model in eval mode, tokenizer or None, name) from `tiny-<family>` or a save_pretrained folder."""
     if source.startswith(TINY_PREFIX):
         return tiny_model(source[len(TINY_PREFIX):], seed), None, source
-    folder = _model_folder(source)
+    folder = model_folder(source)
     if not any(any(folder.glob(pattern)) for pattern in _WEIGHT_FILES):
         raise SpecError(
             f"{folder}: no weights (*.safetensors or pytorch_model*.bin), expected a save_pretrained folder"
@@ -94,7 +91,7 @@ def load_model(source: str, seed: int = 0) -> tuple[nn.Module, Any | None, str]:
 
     try:
         model, loading = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", output_loading_info=True)
-        has_tokenizer = any((folder / name).is_file() for name in _TOKENIZER_FILES)
+        has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)
         tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -106,7 +103,7 @@ def load_model(source: str, seed: int = 0) -> tuple[nn.Module, Any | None, str]:
     return model.eval(), tokenizer, folder.name
 
 
-def _model_folder(source: str) -> Path:
+def model_folder(source: str) -> Path:
     """`source` as a save_pretrained folder with a config.json, or a SpecError saying what it is not."""
     folder = Path(source)
     if not folder.is_dir():
@@ -288,78 +285,3 @@ def _check_plan_fits(model: nn.Module, spec: ModelSpec, plan: Plan, world_size: 
     missing = sorted({layer_id for layer_id, _, _ in moe_layers(model)} - {lp.layer for lp in plan.layers})
     if missing:
         raise SpecError(f"plan: no layer plan for MoE layers {missing} of the model")
-
-
-@dataclass(frozen=True)
-class GenerationReport:
-    """Greedy generation on a converted model: tokens, speed and per-layer balance of this rank."""
-
-    tokens: torch.Tensor  # [B, S + N] prompt followed by the generated ids
-    seconds: float
-    tokens_per_s: float  # generated tokens (B x N) per second of the whole call, prefill included
-    balancedness: list[float]  # [L] max/mean GPU load per MoE layer, averaged over forward steps
-
-
-def generate_greedy(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> GenerationReport:
-    """Exactly `new_tokens` greedy steps from prompt [B, S] (every rank runs the same steps, EOS or not)."""
-    converted = [module for module in model.modules() if isinstance(module, EPExperts)]
-    if not converted:
-        raise SpecError("generate_greedy: the model has no EP layers, call convert() first")
-    steps: list[list[float]] = [[] for _ in converted]
-    handles = [
-        module.register_forward_hook(lambda m, args, out, seen=seen: seen.append(m.ep_layer.last_stats.balancedness))
-        for module, seen in zip(converted, steps)
-    ]
-    started = time.perf_counter()
-    try:
-        with torch.no_grad():
-            tokens = model.generate(
-                prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
-            )
-    finally:
-        for handle in handles:
-            handle.remove()
-    seconds = time.perf_counter() - started
-    return GenerationReport(
-        tokens=tokens,
-        seconds=seconds,
-        tokens_per_s=prompt.shape[0] * new_tokens / seconds,
-        balancedness=[sum(seen) / len(seen) for seen in steps],
-    )
-
-
-def prompt_rows(source: str, rows: int, prompt_len: int) -> torch.Tensor:
-    """Prompts [rows, S] from the builtin text, cut as run_on_rank's ranks take them (rank r: rows r*B..(r+1)*B);
-    reads the config and tokenizer only (the driver needs no weights)."""
-    if source.startswith(TINY_PREFIX):
-        return _builtin_prompts(tiny_config(source[len(TINY_PREFIX):]).vocab_size, None, rows, prompt_len)
-    folder = _model_folder(source)
-    from transformers import AutoConfig, AutoTokenizer
-
-    has_tokenizer = any((folder / name).is_file() for name in _TOKENIZER_FILES)
-    tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
-    return _builtin_prompts(AutoConfig.from_pretrained(folder).vocab_size, tokenizer, rows, prompt_len)
-
-
-def _builtin_prompts(vocab_size: int, tokenizer: Any | None, rows: int, prompt_len: int) -> torch.Tensor:
-    """The first [rows, S] batch of the builtin text's tokens."""
-    ids = tokenize(builtin_text(), vocab_size, tokenizer)
-    return token_batches(ids, rows, prompt_len, rows * prompt_len)[0]
-
-
-def run_on_rank(
-    source: str, plan: Plan, rank: int, world_size: int, group: Any = None, batch: int = 1, prompt_len: int = 32,
-    new_tokens: int = 16, seed: int = 0, policy: str = "least-loaded", device: torch.device | None = None,
-    backend: str = "auto", prompt: torch.Tensor | None = None,
-) -> GenerationReport:
-    """`rnq-ep run --hf`: load `source`, convert for this rank, greedy-generate from `prompt` [B, S] (default: this
-    rank's rows of the builtin text)."""
-    model, tokenizer, _ = load_model(source, seed)
-    device = device or torch.device("cpu")
-    convert(model.to(device), plan, rank, world_size, group, policy, backend)
-    if prompt is None:
-        rows = _builtin_prompts(model.config.vocab_size, tokenizer, batch * world_size, prompt_len)  # [R*B, S]
-        prompt = rows[rank * batch : (rank + 1) * batch]
-    if dist.is_initialized():
-        dist.barrier(group)  # start every rank's clock together: a slower load elsewhere is not generation time
-    return generate_greedy(model, prompt.to(device), new_tokens)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tiny_hf import one_torch_thread, tiny  # noqa: F401  (fixtures; the import skips without transformers)
-from rnq_ep import hf
+from rnq_ep import hf, hf_run
 from rnq_ep.specs import SpecError
 
 FAMILIES = sorted(hf.FAMILIES)
@@ -119,8 +119,8 @@ def test_saved_tiny_model_loads_with_the_same_weights(tiny, tmp_path):
 def test_driver_prompts_are_the_rows_each_rank_would_cut_itself(tmp_path):
     from rnq_ep.textdata import builtin_text, token_batches, tokenize
 
-    rows = hf.prompt_rows("tiny-mixtral", rows=3, prompt_len=8)
+    rows = hf_run.prompt_rows("tiny-mixtral", rows=3, prompt_len=8)
     ids = tokenize(builtin_text(), hf.tiny_model("mixtral").config.vocab_size)
     assert torch.equal(rows, token_batches(ids, 3, 8, 24)[0]) and rows.shape == (3, 8)
     with pytest.raises(SpecError, match="no config.json"):
-        hf.prompt_rows(str(tmp_path), rows=2, prompt_len=8)
+        hf_run.prompt_rows(str(tmp_path), rows=2, prompt_len=8)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tiny_hf import one_torch_thread, tiny  # noqa: F401  (fixtures; the import skips without transformers)
-from rnq_ep import hf
+from rnq_ep import hf, hf_run
 from rnq_ep.specs import ClusterSpec, LayerPlan, LoadStats, Plan, PlanOptions, Slot, SpecError
 from rnq_ep.textdata import builtin_text, token_batches, tokenize
 
@@ -84,7 +84,7 @@ def test_plan_missing_a_moe_layer_is_rejected(tiny):
 def test_greedy_generation_on_a_bf16_conversion_equals_the_original(tiny):
     model, prompt = tiny("qwen3-moe"), builtin_batch(rows=2, seq_len=16)
     converted = hf.convert(copy.deepcopy(model), one_gpu_plan(model, "bf16"), rank=0, world_size=1)
-    report = hf.generate_greedy(converted, prompt, new_tokens=6)
+    report = hf_run.generate_greedy(converted, prompt, new_tokens=6)
     with torch.no_grad():
         expected = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     assert torch.equal(report.tokens, expected)
@@ -95,13 +95,13 @@ def test_greedy_generation_on_a_bf16_conversion_equals_the_original(tiny):
 
 def test_generation_needs_a_converted_model(tiny):
     with pytest.raises(SpecError, match="call convert"):
-        hf.generate_greedy(tiny("mixtral"), builtin_batch(rows=1, seq_len=8), new_tokens=1)
+        hf_run.generate_greedy(tiny("mixtral"), builtin_batch(rows=1, seq_len=8), new_tokens=1)
 
 
 def generate_on_rank(rank: int, world_size: int, plan: Plan) -> tuple[bool, list[float]]:
     """(tokens equal the unconverted model's greedy tokens, balancedness per layer) of this rank."""
     torch.set_num_threads(1)
-    report = hf.run_on_rank("tiny-mixtral", plan, rank, world_size, batch=2, prompt_len=16, new_tokens=4)
+    report = hf_run.run_on_rank("tiny-mixtral", plan, rank, world_size, batch=2, prompt_len=16, new_tokens=4)
     prompt = report.tokens[:, :16]
     with torch.no_grad():
         expected = hf.tiny_model("mixtral").generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)

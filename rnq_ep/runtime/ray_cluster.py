@@ -27,7 +27,7 @@ import torch.distributed as dist
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rnq_ep.hf import GenerationReport, run_on_rank
+from rnq_ep.hf_run import GenerationReport, run_on_rank
 from rnq_ep.runtime.ray_steps import SharedBatch, rank_batches, step_batches
 from rnq_ep.runtime.worker import free_port, leave_group, run_worker
 from rnq_ep.specs import LoadStats, ModelSpec, Plan, SpecError
@@ -148,7 +148,7 @@ class EPWorker:
 
 
 def _generate(rank: int, world_size: int, job: RayJob, prompt: torch.Tensor) -> GenerationReport:
-    """Join the process group from the env and run hf.run_on_rank on `prompt` [1, S]: this rank's greedy generation."""
+    """Join the process group from the env and run hf_run.run_on_rank on `prompt` [1, S]: this rank's greedy generation."""
     device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu")
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=job.timeout_s))

@@ -30,7 +30,7 @@ from rnq_ep.runtime.ray_cluster import (
     start_actors,
     torchrun_env,
 )
-from rnq_ep.hf import prompt_rows
+from rnq_ep.hf_run import prompt_rows
 from rnq_ep.runtime.ray_steps import FEED_AHEAD, StepChannel, StepLog
 from rnq_ep.runtime.inputs import layer_counts
 from rnq_ep.specs import LoadStats, SpecError, load_model, load_plan, load_stats

@@ -64,7 +64,7 @@ def run_main(args: argparse.Namespace) -> int:
 
 def run_hf_main(args: argparse.Namespace, rank: int, world_size: int) -> int:
     """--hf: convert the model on every rank, generate greedily, print rank 0's summary; 0 ok, 2 bad input."""
-    from rnq_ep.hf import run_on_rank  # transformers is only needed here
+    from rnq_ep.hf_run import run_on_rank  # transformers is only needed here
 
     if args.model:
         log.error("rank %d: --model %s and --hf %s: give one (--hf runs a transformers model)", rank, args.model, args.hf)
