@@ -47,50 +47,49 @@ def _pour_side_by_side(tables: list[SlotTable], quotas: list, pours: list) -> No
     """Run the sweeps of every layer in `pours` together and write their replicated experts' quotas (in place);
     a layer whose sweep changed nothing is final and leaves the batch."""
     num_layers = len(pours)
-    most_copies = max(len(s) for _, slots, _ in pours for s in slots)
+    bins = max(len(s) for _, slots, _ in pours for s in slots) + 1  # at least one padding bin per pour
     num_gpus = max(tables[index].num_gpus for index, _, _ in pours)
     num_pours = np.array([len(slots) for _, slots, _ in pours])
-    real = np.zeros((num_layers, num_pours.max(), most_copies), dtype=bool)
     amount = np.zeros((num_layers, num_pours.max()), dtype=np.int64)
-    load = np.zeros((num_layers, num_gpus + 1), dtype=np.int64)  # the last column takes the padding bins
-    gpu = np.full((num_layers, num_pours.max(), most_copies), num_gpus, dtype=np.int64)
+    load = np.zeros((num_layers, num_gpus + 1), dtype=np.int64)
+    load[:, num_gpus] = FULL  # the padding bins' GPU: its level stays FULL as they never fill
+    gpu = np.full((num_layers, num_pours.max(), bins), num_gpus, dtype=np.int64)
     for row, (index, slots, amounts) in enumerate(pours):
         table = tables[index]
         load[row, : table.num_gpus] = np.bincount(table.gpu, weights=quotas[index], minlength=table.num_gpus)
         amount[row, : len(amounts)] = amounts
         for p, pour in enumerate(slots):
-            real[row, p, : pour.size] = True
             gpu[row, p, : pour.size] = table.gpu[pour]
     parts = np.zeros_like(gpu)
     final = parts.copy()
     alive = np.arange(num_layers)  # rows of the layers still sweeping
-    rank = np.arange(most_copies)
-    steps = np.arange(1, most_copies)
+    rank = np.arange(bins)
+    steps = np.arange(1, bins)
     for _ in range(MAX_REFINE_PASSES + 1):
         rows = np.arange(alive.size)
         flat_load = load.ravel()  # a view: flat indices below read and write `load`
         on_flat = gpu + rows[:, None, None] * (num_gpus + 1)
-        bin_base = rows[:, None] * most_copies  # flat index of each layer's first bin
-        last = rows * most_copies - 1  # + k: flat index of the k-th lowest bin
-        moved = np.zeros(alive.size, dtype=bool)
+        bin_base = rows[:, None] * bins  # flat index of each layer's first bin
+        last = rows * bins - 1  # + k: flat index of the k-th lowest bin
+        before = parts.copy()
         for p in range(num_pours[alive].max()):
-            on, old = on_flat[:, p], parts[:, p]
-            level = np.where(real[:, p], flat_load[on] - old, FULL)
+            on = on_flat[:, p]
+            level = flat_load[on] - parts[:, p]
             order = np.argsort(level, axis=1, kind="stable") + bin_base
             lv = level.ravel()[order]
             below = np.cumsum(lv, axis=1)  # below[:, i]: the i + 1 lowest bins
-            # the k lowest bins are filled: the smallest k whose filling up to the next bin's level reaches amount
-            reach = steps * lv[:, 1:] - below[:, :-1] >= amount[:, p, None]
-            k = np.where(reach.any(axis=1), reach.argmax(axis=1) + 1, most_copies)
+            # the k lowest bins are filled: the smallest k whose filling up to the next bin's level reaches
+            # amount (a padding bin always does)
+            k = (steps * lv[:, 1:] - below[:, :-1] >= amount[:, p, None]).argmax(axis=1) + 1
             water, extra = np.divmod(amount[:, p] + below.ravel()[last + k], k)
             part = np.empty_like(level)
             part.ravel()[order] = np.where(rank < k[:, None], water[:, None] - lv + (rank < extra[:, None]), 0)
-            moved |= (part != old).any(axis=1)
-            flat_load[on] = level + part  # padding bins write FULL into the spare column
+            flat_load[on] = level + part
             parts[:, p] = part
         final[alive] = parts
+        moved = (parts != before).any(axis=(1, 2))  # each pour runs once a sweep: a changed split shows here
         if not moved.all():
-            alive, parts, load, gpu, real, amount = alive[moved], parts[moved], load[moved], gpu[moved], real[moved], amount[moved]
+            alive, parts, load, gpu, amount = alive[moved], parts[moved], load[moved], gpu[moved], amount[moved]
         if not alive.size:
             break
     for row, (index, slots, _) in enumerate(pours):
