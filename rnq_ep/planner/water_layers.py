@@ -20,7 +20,7 @@ FULL = 2**40  # level of a padding bin: never filled while a layer's tokens stay
 def water_fill_layers(tables: list[SlotTable], counts: list[np.ndarray]) -> list[np.ndarray]:
     """water_fill(tables[l], counts[l]) for every layer l: [L] tables and [L] x [E_l] counts -> [L] x [S_l] int64."""
     quotas: list[np.ndarray | None] = [None] * len(tables)
-    pours = []  # (layer, slots per pour heaviest first, amounts) of the layers poured here
+    pours = []  # (layer, replicated experts' slots, their pour (heaviest expert first), bin in it, amounts)
     for index, (table, count) in enumerate(zip(tables, counts)):
         count = np.asarray(count).astype(np.int64)
         copy_count = table.copy_count()
@@ -30,9 +30,13 @@ def water_fill_layers(tables: list[SlotTable], counts: list[np.ndarray]) -> list
             continue
         quotas[index] = np.where(copy_count[table.expert] == 1, count[table.expert], 0)
         multi = multi[np.argsort(-count[multi], kind="stable")]
+        pour_of = np.empty(table.num_experts, dtype=np.int64)
+        pour_of[multi] = np.arange(multi.size)
         by_tie = np.lexsort((np.arange(table.num_slots), table.gpu, table.fmt, table.expert))
-        first = np.searchsorted(table.expert[by_tie], multi)
-        pours.append((index, [by_tie[f : f + c] for f, c in zip(first, copy_count[multi])], count[multi]))
+        slots = by_tie[copy_count[table.expert[by_tie]] > 1]  # by expert, each in tie order
+        experts = table.expert[slots]
+        bins = np.arange(slots.size) - np.searchsorted(experts, experts)
+        pours.append((index, slots, pour_of[experts], bins, count[multi]))
     if pours:
         _pour_side_by_side(tables, quotas, pours)
     return quotas  # type: ignore[return-value]
@@ -47,19 +51,18 @@ def _pour_side_by_side(tables: list[SlotTable], quotas: list, pours: list) -> No
     """Run the sweeps of every layer in `pours` together and write their replicated experts' quotas (in place);
     a layer whose sweep changed nothing is final and leaves the batch."""
     num_layers = len(pours)
-    bins = max(len(s) for _, slots, _ in pours for s in slots) + 1  # at least one padding bin per pour
-    num_gpus = max(tables[index].num_gpus for index, _, _ in pours)
-    num_pours = np.array([len(slots) for _, slots, _ in pours])
+    bins = max(int(bin_of.max()) for *_, bin_of, _ in pours) + 2  # at least one padding bin per pour
+    num_gpus = max(tables[index].num_gpus for index, *_ in pours)
+    num_pours = np.array([amounts.size for *_, amounts in pours])
     amount = np.zeros((num_layers, num_pours.max()), dtype=np.int64)
     load = np.zeros((num_layers, num_gpus + 1), dtype=np.int64)
     load[:, num_gpus] = FULL  # the padding bins' GPU: its level stays FULL as they never fill
     gpu = np.full((num_layers, num_pours.max(), bins), num_gpus, dtype=np.int64)
-    for row, (index, slots, amounts) in enumerate(pours):
+    for row, (index, slots, pour_of, bin_of, amounts) in enumerate(pours):
         table = tables[index]
         load[row, : table.num_gpus] = np.bincount(table.gpu, weights=quotas[index], minlength=table.num_gpus)
-        amount[row, : len(amounts)] = amounts
-        for p, pour in enumerate(slots):
-            gpu[row, p, : pour.size] = table.gpu[pour]
+        amount[row, : amounts.size] = amounts
+        gpu[row, pour_of, bin_of] = table.gpu[slots]
     parts = np.zeros_like(gpu)
     final = parts.copy()
     alive = np.arange(num_layers)  # rows of the layers still sweeping
@@ -92,6 +95,5 @@ def _pour_side_by_side(tables: list[SlotTable], quotas: list, pours: list) -> No
             alive, parts, load, gpu, amount = alive[moved], parts[moved], load[moved], gpu[moved], amount[moved]
         if not alive.size:
             break
-    for row, (index, slots, _) in enumerate(pours):
-        for p, pour in enumerate(slots):
-            quotas[index][pour] = final[row, p, : pour.size]
+    for row, (index, slots, pour_of, bin_of, _) in enumerate(pours):
+        quotas[index][slots] = final[row, pour_of, bin_of]
