@@ -26,8 +26,8 @@ from rnq_ep.report import console
 from rnq_ep.runtime.ray_cli import run_live
 from rnq_ep.runtime.ray_cluster import ClusterError, connect
 from rnq_ep.runtime.ray_driver import WorkerFailed, make_job
-from rnq_ep.runtime.inputs import derive_seed, draw_routing, layer_counts, random_layer_weights
-from rnq_ep.runtime.worker import StepStats
+from rnq_ep.runtime.inputs import layer_counts, make_batch, random_layer_weights
+from rnq_ep.runtime.worker import StepStats, seeded_shared_experts
 from rnq_ep.specs import CONFIG_DIR, LoadStats, ModelSpec, Plan, PlanOptions, encode_json, load_cluster, load_model, load_stats, write_atomic
 
 MODEL = "demo-olmoe"
@@ -99,9 +99,10 @@ def demo_main(args: argparse.Namespace) -> int:
 
 
 def unsharded_outputs(plan: Plan, model: ModelSpec, loads: LoadStats | None, world: int, tokens: int, steps: int, seed: int) -> list[list[torch.Tensor]]:
-    """The batches run_worker draws, through the dense model in fp32: [rank][step] -> [T, H]."""
+    """The batches run_worker draws, through the dense model in fp32 (shared experts included): [rank][step] -> [T, H]."""
     counts = layer_counts(plan, loads)
-    weights = [random_layer_weights(model, index, seed) for index in range(len(plan.layers))]
+    weights = [(*random_layer_weights(model, index, seed), seeded_shared_experts(model, index, seed))
+               for index in range(len(plan.layers))]
     outputs = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small matmuls: extra threads only spin, and the Ray workers share the cores
@@ -114,12 +115,11 @@ def unsharded_outputs(plan: Plan, model: ModelSpec, loads: LoadStats | None, wor
 
 
 def _dense_step(model: ModelSpec, counts: list[np.ndarray], weights: list, seed: int, rank: int, step: int, tokens: int) -> torch.Tensor:
-    """One rank's step through the dense model: the same draws in the same order as run_worker's step."""
-    gen = torch.Generator().manual_seed(derive_seed(seed, rank, step))
-    hidden = torch.randn(tokens, model.hidden_size, generator=gen)  # [T, H]
-    routing = [draw_routing(c, tokens, model.top_k, gen) for c in counts]
-    for (w_gate_up, w_down, _), (ids, gate) in zip(weights, routing):
-        hidden = hidden + dense_moe(hidden, ids, gate, w_gate_up, w_down)
+    """One rank's step through the dense model: run_worker's batch (make_batch) through every layer."""
+    hidden, routing = make_batch(model, counts, tokens, seed, rank, step)  # [T, H], per layer (ids, weights) [T, k]
+    for (w_gate_up, w_down, _, shared), (ids, gate) in zip(weights, routing):
+        out = dense_moe(hidden, ids, gate, w_gate_up, w_down)
+        hidden = hidden + (out if shared is None else out + shared(hidden))
     return hidden
 
 

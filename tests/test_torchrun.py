@@ -15,6 +15,7 @@ import torch
 from gloo import run_ranks
 from rnq_ep.layer import SharedExperts
 from rnq_ep.runtime.inputs import draw_routing, inclusion_probabilities, layer_counts, make_batch, random_shared_experts
+from rnq_ep.demo import unsharded_outputs
 from rnq_ep.runtime.worker import run_worker
 from rnq_ep.specs import (
     LayerPlan,
@@ -26,6 +27,7 @@ from rnq_ep.specs import (
     encode_json,
     load_cluster,
     load_model,
+    load_plan,
 )
 
 MODEL = load_model("tiny")
@@ -134,6 +136,24 @@ def test_a_model_with_shared_experts_adds_them_to_each_layer_output(tmp_path):
     shared = SharedExperts(*random_shared_experts(with_shared, 0, 0))
     assert random_shared_experts(MODEL, 0, 0) is None
     torch.testing.assert_close(both, routed + shared(hidden), rtol=1e-5, atol=1e-5)
+
+
+def test_the_dense_reference_adds_the_shared_experts_as_run_worker_does(tmp_path):
+    plan = write_plain_plan(tmp_path / "plan.json", 1)  # bf16 only: the reference is unquantized
+    with_shared = msgspec.structs.replace(MODEL, num_shared_experts=2)
+    stats = run_worker(0, 1, plan, with_shared, tokens=8, steps=2, backend="torch", keep_outputs=True)
+    reference = unsharded_outputs(load_plan(plan), with_shared, None, world=1, tokens=8, steps=2, seed=0)[0]
+    for step, expected in zip(stats, reference):
+        torch.testing.assert_close(step.output, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_expert_weights_are_not_a_replay_of_a_batch_draw():
+    with_shared = msgspec.structs.replace(MODEL, num_shared_experts=1)
+    for layer in range(3):
+        gate_up, _ = random_shared_experts(with_shared, layer, 0)  # [2I, H]
+        hidden, _ = make_batch(MODEL, [np.ones(MODEL.num_experts)], 4, 0, layer, 1)  # rank `layer`, step 1
+        cosine = torch.nn.functional.cosine_similarity(gate_up[0].float(), hidden[0], dim=0)
+        assert abs(float(cosine)) < 0.5
 
 
 def test_a_run_from_a_first_step_gives_the_later_steps_of_a_full_run(tmp_path):

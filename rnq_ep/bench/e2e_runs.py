@@ -23,11 +23,11 @@ import torch.multiprocessing as mp
 
 from rnq_ep.balance import SlotTable
 from rnq_ep.bench.layer import RANK_TIMEOUT_S
-from rnq_ep.layer import EPMoE
+from rnq_ep.layer import EPMoE, SharedExperts
 from rnq_ep.metrics import gpu_bytes
 from rnq_ep.runtime.inputs import make_batch, random_layer_weights
 from rnq_ep.runtime.ray_driver import make_job, run_job
-from rnq_ep.runtime.worker import StepStats, free_port, leave_group, run_step, run_worker
+from rnq_ep.runtime.worker import StepStats, free_port, leave_group, run_step, run_worker, seeded_shared_experts
 from rnq_ep.specs import ModelSpec, Plan, encode_json, write_atomic
 from rnq_ep.spill import SpillMoE
 
@@ -41,9 +41,11 @@ class RowRun:
     spill_fmt: str | None = None  # None: no spilling (EPMoE); else the format spilled bf16 copies travel in
 
 
-def build_row(row: RowRun, index: int, weights: tuple, num_ranks: int, rank: int) -> EPMoE:
-    """One rank's layer `index` of the row: weights (w_gate_up [E, 2I, H], w_down [E, H, I], router [E, H])."""
-    args = (row.plan.model, row.plan.layers[index], num_ranks, rank, dist.group.WORLD, *weights)
+def build_row(row: RowRun, index: int, weights: tuple, shared_experts: SharedExperts | None, num_ranks: int,
+              rank: int) -> EPMoE:
+    """One rank's layer `index` of the row: weights (w_gate_up [E, 2I, H], w_down [E, H, I], router [E, H]) and the
+    layer's shared experts (None: the model has none)."""
+    args = (row.plan.model, row.plan.layers[index], num_ranks, rank, dist.group.WORLD, *weights, shared_experts)
     if row.spill_fmt is None:
         return EPMoE(*args, policy=row.routing, backend="torch")
     return SpillMoE(*args, policy=row.routing, backend="torch", spill_fmt=row.spill_fmt)
@@ -57,9 +59,9 @@ def e2e_rank(rank: int, num_ranks: int, rows: list[RowRun], counts: list[np.ndar
         model = rows[0].plan.model
         layers: list[list[EPMoE]] = [[] for _ in rows]
         for index in range(len(rows[0].plan.layers)):
-            weights = random_layer_weights(model, index, seed)
+            weights, shared = random_layer_weights(model, index, seed), seeded_shared_experts(model, index, seed)
             for row, built in zip(rows, layers):
-                built.append(build_row(row, index, weights, num_ranks, rank))
+                built.append(build_row(row, index, weights, shared, num_ranks, rank))
         stats: list[list[StepStats]] = [[] for _ in rows]
         for step in range(steps + 1):
             hidden, routing = make_batch(model, counts, tokens, seed, rank, step)

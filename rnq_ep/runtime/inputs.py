@@ -14,7 +14,9 @@ from rnq_ep.specs import LoadStats, ModelSpec, Plan, SpecError
 Routing = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: expert ids, router weights [T, k]
 Batch = tuple[torch.Tensor, Routing]  # hidden [T, H] and its routing
 BatchSource = Callable[[int], Batch]  # step -> this rank's batch
-SHARED_EXPERTS_KEY = 1  # seed key that sets a layer's shared-expert draw apart from its routed experts'
+# leading seed key of a layer's shared-expert draw: (seed, layer) seeds its routed experts and (seed, rank, step) a
+# batch, so (seed, layer, 1) would replay rank `layer`'s step-1 batch; a tag above any seed, rank or layer cannot
+SHARED_EXPERTS_KEY = 2**32 + 1
 
 
 def derive_seed(*keys: int) -> int:
@@ -42,7 +44,7 @@ def random_shared_experts(
     w_down [H, SI] (gate rows first, as DeepSeek's shared MLP); None for a model without shared experts."""
     if model.num_shared_experts == 0:
         return None
-    draw = _seeded_draw(torch.device(device), seed, layer, SHARED_EXPERTS_KEY)
+    draw = _seeded_draw(torch.device(device), SHARED_EXPERTS_KEY, seed, layer)
     width, h = model.num_shared_experts * model.moe_intermediate_size, model.hidden_size
     return draw(2 * width, h, fan_in=h), draw(h, width, fan_in=width)
 

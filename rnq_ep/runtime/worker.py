@@ -153,11 +153,16 @@ def build_layers(
     layers = []
     for index, layer_plan in enumerate(plan.layers):
         w_gate_up, w_down, router = random_layer_weights(model, index, seed, device)
-        shared = random_shared_experts(model, index, seed, device)
-        shared_experts = None if shared is None else SharedExperts(*shared)
+        shared_experts = seeded_shared_experts(model, index, seed, device)
         args = (model, layer_plan, plan.cluster.num_gpus, rank, group, w_gate_up, w_down, router, shared_experts, policy, backend)
         layers.append(EPMoE(*args) if spill_fmt is None else SpillMoE(*args, spill_fmt=spill_fmt))
     return layers
+
+
+def seeded_shared_experts(model: ModelSpec, layer: int, seed: int, device: torch.device | str = "cpu") -> SharedExperts | None:
+    """The seeded shared experts of plan layer `layer` (whole on every rank), None for a model without them."""
+    shared = random_shared_experts(model, layer, seed, device)
+    return None if shared is None else SharedExperts(*shared)
 
 
 def run_worker(
