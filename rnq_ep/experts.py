@@ -153,6 +153,15 @@ class LocalExperts:
         """Copies C on this rank."""
         return len(self.slots)
 
+    def check_rebuildable(self, what: str) -> None:
+        """Raise NotImplementedError naming `what` unless the copies are plain SwiGLU without biases, the only kind
+        `from_copies` rebuilds (migration and spilling move copies as weights alone)."""
+        if self.activation != "silu" or any(g.gate_up_bias is not None or g.down_bias is not None for g in self.groups):
+            raise NotImplementedError(
+                f"{what} a layer with activation {self.activation!r} or expert biases (GPT-OSS) is not supported: "
+                "moved copies are rebuilt as plain SwiGLU without biases"
+            )
+
     def _load_group(self, fmt: str, copies: np.ndarray, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> FormatGroup:
         """Slice the copies' experts out of the full tensors and store them in `fmt`."""
         experts = torch.as_tensor(self.experts[copies], device=w_gate_up.device)

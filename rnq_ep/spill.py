@@ -44,7 +44,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SpillStats(LayerStats):
-    """LayerStats plus what the step's spill moved (whole layer, all ranks, unless it says this rank)."""
+    """LayerStats plus what the step's spill moved (whole layer, all ranks, unless it says this rank).
+
+    tokens_per_copy has C + M entries: this rank's C resident copies, then the M spilled onto it this step.
+    """
 
     spilled_copies: int = 0  # copies sent between GPUs this step
     moved_bytes: int = 0  # their weight bytes
@@ -129,6 +132,7 @@ class SpillMoE(EPMoE):
         """EPMoE's arguments (its `policy` is the split before spilling: `static` for LLEP on plain EP), plus
         LLEP's parameters and the format spilled bf16 copies are sent in."""
         super().__init__(*args, **kwargs)
+        self.experts.check_rebuildable("spilling")
         if spill_fmt not in FORMATS:
             raise ValueError(f"spill_fmt {spill_fmt!r}: expected one of {FORMATS}")
         self.spill_fmt, self.threshold, self.capacity, self.min_chunk = spill_fmt, threshold, capacity, min_chunk

@@ -206,6 +206,12 @@ def test_an_unknown_spill_format_is_rejected():
         SpillMoE(MODEL, plain_ep(1), 1, 0, None, w_gate_up, w_down, router, spill_fmt="fp8")
 
 
+def test_a_gpt_oss_layer_is_refused_rather_than_spilled_without_its_biases():
+    w_gate_up, w_down, router = random_layer_weights(MODEL, 0, SEED)
+    with pytest.raises(NotImplementedError, match="spilling a layer with activation 'swiglu-oai'"):
+        SpillMoE(MODEL, plain_ep(1), 1, 0, None, w_gate_up, w_down, router, backend="torch", activation="swiglu-oai")
+
+
 def _table(gpu, expert, fmt) -> SlotTable:
     copies = np.bincount(expert)
     return SlotTable.from_arrays(np.array(gpu), np.array(expert), np.array(fmt, np.int8), 1.0 / copies[expert], 2, 2)

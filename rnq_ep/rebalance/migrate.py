@@ -61,12 +61,7 @@ class LayerMigration:
         copies_per_step: int = 0,
     ) -> None:
         """Plan the moves (the same on every rank); 0 copies_per_step stages the whole layer in one call."""
-        experts = layer.experts
-        if experts.activation != "silu" or any(g.gate_up_bias is not None or g.down_bias is not None for g in experts.groups):
-            raise NotImplementedError(
-                f"migrating a layer with activation {experts.activation!r} or expert biases (GPT-OSS) is not supported: "
-                "migrated copies are rebuilt as plain SwiGLU without biases"
-            )
+        layer.experts.check_rebuildable("migrating")
         self.layer, self.new_table, self.load_expert, self.fault = layer, new_table, load_expert, fault
         self.world = world_size(layer.group)
         self.device = layer_device(layer)

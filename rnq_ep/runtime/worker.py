@@ -31,7 +31,7 @@ from rnq_ep.runtime.inputs import (
     BatchSource, Routing, checkpoint_loader, layer_counts, make_batch, random_layer_weights, random_shared_experts,
 )
 from rnq_ep.specs import FORMATS, ModelSpec, Plan, SpecError, load_model, load_plan, load_stats
-from rnq_ep.spill import SpillMoE
+from rnq_ep.spill import SpillMoE, SpillStats
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +75,12 @@ class StepStats:
     @property
     def spilling(self) -> bool:
         """True when the layers spill per step (SpillMoE), whether or not this step moved anything."""
-        return any(hasattr(s, "moved_bytes") for s in self.layers)
+        return any(isinstance(s, SpillStats) for s in self.layers)
 
     @property
     def spilled_bytes(self) -> int:
         """Expert weight bytes spilled between GPUs this step, all layers and ranks (0 without --spill)."""
-        return sum(getattr(s, "moved_bytes", 0) for s in self.layers)
+        return sum(s.moved_bytes for s in self.layers if isinstance(s, SpillStats))
 
 
 def _resolve_model(plan: Plan, model: str | ModelSpec | None) -> ModelSpec:
