@@ -6,12 +6,12 @@ and bf16+int8+int4; LLEP-style spilling on plain EP; R&Q bf16+int8+int4 + int8 o
 planned on one load file and run on batches whose routing follows another (or the same, labelled in
 sample), under both launchers users have:
 - spawn: torchrun-style spawned gloo ranks; every runnable policy built in one process group from
-  the same weights and run on the same batches, interleaved step by step (`bench/e2e_ranks.py`),
+  the same weights and run on the same batches, interleaved step by step (`bench/e2e_runs.py`),
   outputs kept and compared with the unquantized single-process reference (fp32 dense MoE);
 - ray: one Ray job per policy (`make_job`/`run_job`, the actors call `run_worker`), outputs compared too.
 LLEP and R&Q + spill run as SpillMoE layers (`rnq_ep/spill.py`): every step they spill what their
 routing leaves over LLEP's threshold onto the least-loaded workers, sending the expert weights along
-(spawn only: Ray's workers build EPMoE layers). Every row also carries the cost model's prediction.
+(spawned, and on Ray with --ray-all). Every row also carries the cost model's prediction.
 With a GPU, each plan also runs at world size 1 with all of its copies on the one GPU and static
 routing, so each copy serves its planned share: the cost of the plan's bf16/int8/int4 kernel mix.
 """
@@ -183,6 +183,8 @@ def run_case(case: Case, args: argparse.Namespace, console: Console) -> BenchTab
                     stats = run_ray(rows[i].plan, RUNTIME_ROUTING[policy.routing], folder, case.run_loads, args.tokens,
                                     args.steps, args.seed, args.timeout, spill_fmt)
                 rows[i].measured["ray"] = summarise(stats)
+                if policy.routing in SPILLING and rows[i].spill is None:  # spawn's figures, when it ran
+                    rows[i] = replace(rows[i], spill=spill_figures(stats, model, layer_tables(rows[i].plan)))
                 if rows[i].error is None:  # spawn's, when it ran: the same batches and weights
                     rows[i] = replace(rows[i], error=output_error([[s.output for s in rank] for rank in stats], reference))
         if torch.cuda.is_available():
@@ -259,7 +261,7 @@ def e2e_table(rows: list[Row], model: ModelSpec, ranks: int, case: Case, tokens:
                  "least-loaded workers in chunks of >= 1024 (token, expert) rows, each new copy's weights sent in the "
                  "step (bf16, or int8/int4 quantized by the sender); weights moved: median per step over all layers and "
                  "workers; their wall time includes the counts all-gather and the weight exchange, critical does not; "
-                 "memory: with the spilled copies a worker held. Spawn only: Ray's workers build plain EPMoE layers.")
+                 "memory: with the spilled copies a worker held (from the spawn run, else the Ray run).")
     if not gpu:
         notes.append("GPU x1 (the plan's copies on one GPU, to measure the kernel mix): not run, no GPU on this machine.")
     return BenchTable(title, header, table_rows, "\n".join(notes))

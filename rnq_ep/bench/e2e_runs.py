@@ -3,7 +3,7 @@
 The spawned ranks build every row's layers from the same seeded weights and run them on the same
 batches, interleaved step by step: EPMoE for routing-only policies, SpillMoE for LLEP and R&Q +
 spill. Batches and weights are run_worker's (`runtime/inputs.py`), so every launcher's outputs
-compare with `demo.unsharded_outputs`, the dense fp32 reference of the same draws.
+compare with `demo.unsharded_outputs`, the dense fp32 reference of the same draws (shared experts included).
 """
 
 from __future__ import annotations
