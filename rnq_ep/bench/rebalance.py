@@ -33,8 +33,7 @@ from rnq_ep.bench.rebalance_stall import StepRecord, stall_rows
 from rnq_ep.memory import expert_bytes
 from rnq_ep.planner import plan_rnq
 from rnq_ep.rebalance.migrate import LayerMigration
-from rnq_ep.rebalance.replan import keep_in_place
-from rnq_ep.rebalance.swaps import swap_into_place
+from rnq_ep.rebalance.replan import placed_like
 from rnq_ep.runtime.inputs import checkpoint_loader, make_batch
 from rnq_ep.runtime.worker import build_layers, free_port, leave_group, run_step
 from rnq_ep.specs import ModelSpec, Plan, PlanOptions, load_cluster, load_model
@@ -43,14 +42,15 @@ from rnq_ep.synthetic import ZipfLoads, window_stats, zipf_windows
 TARGET_RATIO = 1.5  # no step during a switch slower than this times steady state
 
 
-def drifted_plans(model: ModelSpec, num_ranks: int, seed: int) -> tuple[Plan, Plan, np.ndarray]:
-    """(plan on the old load, plan on the new load kept in place as replan does, new counts [L, E]) for `num_ranks` CPU workers."""
+def drifted_plans(model: ModelSpec, num_ranks: int, seed: int, tokens: int) -> tuple[Plan, Plan, np.ndarray]:
+    """(plan on the old load, plan on the new load placed as replan places it for `tokens` per worker, new counts
+    [L, E]) for `num_ranks` CPU workers."""
     cluster = msgspec.structs.replace(load_cluster("cpu4"), name=f"cpu{num_ranks}", gpus_per_node=num_ranks)
     windows = zipf_windows(ZipfLoads(1.2, drift=1.0), model.num_layers, model.num_experts, model.top_k, 2, 4096, seed)
     options = PlanOptions(formats=("bf16", "int8", "int4"))
     old = plan_rnq(model, cluster, window_stats(windows[0], model.top_k, model.name), options)
     new = plan_rnq(model, cluster, window_stats(windows[1], model.top_k, model.name), options)
-    layers = [swap_into_place(a, keep_in_place(a, b, model, cluster), row) for a, b, row in zip(old.layers, new.layers, windows[1])]
+    layers = [placed_like(a, b, row, model, cluster, tokens) for a, b, row in zip(old.layers, new.layers, windows[1])]
     return old, msgspec.structs.replace(new, layers=layers), windows[1]
 
 
@@ -62,7 +62,7 @@ def bench_rank(
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        old, new, counts = drifted_plans(model, world, seed)
+        old, new, counts = drifted_plans(model, world, seed, tokens)
         group, g, e = dist.group.WORLD, world, model.num_experts
         tables = [SlotTable.from_layer(layer, g, e) for layer in new.layers]
         loaders = [checkpoint_loader(model, index, seed, "cpu") for index in range(len(tables))]

@@ -81,14 +81,22 @@ def replan(
     model, cluster = plan.model, plan.cluster
     layers, decisions = [], []
     for old, new, row in zip(plan.layers, fresh.layers, counts):
-        new = keep_in_place(old, new, model, cluster)
-        swapped = swap_into_place(old, new, row)
-        if _layer_time(swapped, row, model, cluster, tokens_per_gpu) <= (1 + SWAP_SLACK) * _layer_time(new, row, model, cluster, tokens_per_gpu):
-            new = swapped
+        new = placed_like(old, new, row, model, cluster, tokens_per_gpu)
         decision = _decide(old, new, row, model, cluster, horizon_steps, tokens_per_gpu)
         layers.append(new if decision.move else old)
         decisions.append(decision)
     return Replan(msgspec.structs.replace(plan, layers=layers, summary={}), decisions)
+
+
+def placed_like(
+    old: LayerPlan, new: LayerPlan, counts: np.ndarray, model: ModelSpec, cluster: ClusterSpec, tokens_per_gpu: int
+) -> LayerPlan:
+    """`new` relabelled to keep old copies in place, then swapped into place where the layer's predicted time for
+    counts [E] grows by at most SWAP_SLACK: the layer replan would move to."""
+    new = keep_in_place(old, new, model, cluster)
+    swapped = swap_into_place(old, new, counts)
+    time_of = lambda layer: _layer_time(layer, counts, model, cluster, tokens_per_gpu)  # noqa: E731
+    return swapped if time_of(swapped) <= (1 + SWAP_SLACK) * time_of(new) else new
 
 
 def keep_in_place(old: LayerPlan, new: LayerPlan, model: ModelSpec, cluster: ClusterSpec) -> LayerPlan:
