@@ -20,6 +20,7 @@ from torch import nn
 
 from rnq_ep import hf
 from rnq_ep.quant import FORMATS, dequantize, quantize
+from rnq_ep.report import check_folder
 from rnq_ep.specs import LoadStats, SpecError, encode_json, stats_to_dict, write_atomic
 from rnq_ep.textdata import BUILTIN, load_text, token_batches, tokenize
 
@@ -263,8 +264,7 @@ def calibrate_main(args: argparse.Namespace) -> int:
     from transformers.utils import logging as transformers_logging
 
     for flag, path in (("--out", args.out), ("--spec-out", args.spec_out)):
-        if path is not None and not Path(path).resolve().parent.is_dir():  # fail now, not after the whole run
-            raise SpecError(f"{flag} {path}: folder {Path(path).resolve().parent} does not exist")
+        check_folder(None if path is None else Path(path), flag)  # fail now, not after the whole run
     transformers_logging.disable_progress_bar()  # one rich bar, not transformers' tqdm ones
     model, tokenizer, name = hf.load_model(args.model, args.seed)
     ids = tokenize(load_text(args.data), model.config.vocab_size, tokenizer)

@@ -41,9 +41,13 @@ def print_table(table: BenchTable) -> None:
 
 
 def check_folder(path: Path | None, flag: str) -> None:
-    """Fail before any work when an output's folder does not exist."""
-    if path is not None and not path.resolve().parent.is_dir():
-        raise SpecError(f"{flag}: folder {path.resolve().parent} does not exist")
+    """Fail before any work when an output's folder does not exist or the output path is itself a folder."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise SpecError(f"{flag} {path}: is a folder, expected a file path")
+    if not path.resolve().parent.is_dir():
+        raise SpecError(f"{flag} {path}: folder {path.resolve().parent} does not exist")
 
 
 def cpu_name() -> str:

@@ -230,7 +230,8 @@ def drawn_windows(recorded: LoadStats, windows: int, tokens: int, seed: int) -> 
     """Consecutive (plan on, score on) pairs of `windows` windows of `tokens` tokens drawn from `recorded`."""
     counts = sampled_windows(recorded, windows, tokens, seed)
     name = recorded.model or "load file"
-    stats = [msgspec.structs.replace(window_stats(c, recorded.top_k, f"{name}, sampled window {w}"), layer_ids=recorded.layer_ids)
+    stats = [msgspec.structs.replace(window_stats(c, recorded.top_k, f"{name}, sampled window {w}"), layer_ids=recorded.layer_ids,
+                                     sensitivity=recorded.sensitivity, importance=recorded.importance)  # calibrated costs stay
              for w, c in enumerate(counts)]
     return list(zip(stats[:-1], stats[1:]))
 

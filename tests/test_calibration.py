@@ -212,6 +212,11 @@ def test_missing_out_folder_is_refused_before_loading_the_model(tmp_path):
         run_cli("--model", "tiny-llama4", "--out", str(tmp_path / "absent" / "stats.json"))
 
 
+def test_an_out_path_that_is_a_folder_is_refused_before_loading_the_model(tmp_path):
+    with pytest.raises(SpecError, match=r"--out .*: is a folder, expected a file path"):
+        run_cli("--model", "tiny-llama4", "--out", str(tmp_path))
+
+
 def test_empty_data_file_is_a_clear_error(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(SpecError, match="data file has no text"):

@@ -3,8 +3,8 @@
 from pathlib import Path
 
 from rnq_ep.policies import POLICIES, PolicyRun
-from rnq_ep.simulate import main, ratios, scale_table, sweep_table
-from rnq_ep.specs import load_model
+from rnq_ep.simulate import drawn_windows, main, ratios, scale_table, sweep_table
+from rnq_ep.specs import LoadStats, load_model
 
 SHIPPED = Path(__file__).resolve().parent.parent / "configs" / "loads"
 TINY = ["--model", "tiny", "--layers", "2", "--sweep-layers", "2", "--tokens-per-gpu", "2048"]
@@ -72,3 +72,11 @@ def test_cli_rejects_a_malformed_generator_with_exit_code_2(capsys):
 def test_cli_refuses_a_missing_output_folder_before_any_work(tmp_path, capsys):
     code = main([*TINY, "--markdown", str(tmp_path / "no" / "sim.md")])
     assert code == 2 and "--markdown" in capsys.readouterr().err
+
+
+def test_sampled_windows_keep_the_recorded_layer_ids_and_calibrated_costs():
+    recorded = LoadStats(counts=[[5, 1], [1, 5]], num_experts=2, top_k=1, layer_ids=[3, 7],
+                         sensitivity=[[{"int8": 0.1}, {"int8": 0.2}]] * 2, importance=[[1.0, 2.0]] * 2)
+    for plan_on, score_on in drawn_windows(recorded, windows=3, tokens=100, seed=0):
+        for stats in (plan_on, score_on):
+            assert (stats.layer_ids, stats.sensitivity, stats.importance) == (recorded.layer_ids, recorded.sensitivity, recorded.importance)
