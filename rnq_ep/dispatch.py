@@ -58,10 +58,12 @@ def dispatch(
     group: dist.ProcessGroup | None = None,
     policy: str = "least-loaded",
     index: SlotIndex | None = None,
+    counts: tuple[torch.Tensor, np.ndarray] | None = None,
 ) -> tuple[torch.Tensor, DispatchHandle]:
     """Send each token once per destination GPU and fan it out there: x [T, H] -> recv [N, H] by local copy.
 
     `index`: slot_index(table, x.device), which a layer keeps between steps; built here when None.
+    `counts`: gather_counts of these inputs when the caller has made that all-gather already (SpillMoE).
     """
     world = world_size(group)
     if table.num_gpus != world:
@@ -74,7 +76,7 @@ def dispatch(
         index = slot_index(table, x.device)
     elif index.table is not table or index.device != x.device:
         raise ValueError(f"dispatch: index was built for another table or device ({index.device}; x is on {x.device})")
-    local_counts, counts = _gather_counts(x, topk_ids, topk_weights, table.num_experts, group, world)  # [E], [R, E]
+    local_counts, counts = counts or gather_counts(x, topk_ids, topk_weights, table.num_experts, group, world)  # [E], [R, E]
     quotas = step_quotas(counts, index, policy)
     slots = step_route(counts, index, topk_ids.reshape(-1).long(), local_counts, rank, policy, quotas)  # [T*k]
     slots = slots.reshape(topk_ids.shape)  # [T*k] -> [T, k]
@@ -110,7 +112,7 @@ def dispatch(
     return x_recv[recv_row], handle
 
 
-def _gather_counts(
+def gather_counts(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,

@@ -145,15 +145,19 @@ class EPMoE(torch.nn.Module):
         topk_ids, topk_weights = self.router(x)
         return self.forward_routed(x, topk_ids, topk_weights)
 
-    def forward_routed(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    def forward_routed(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+        counts: tuple[torch.Tensor, np.ndarray] | None = None,
+    ) -> torch.Tensor:
         """x [T, H] with the caller's routing topk_ids/topk_weights [T, k] -> [T, H]; records last_stats.
 
         Routing inputs are checked inside dispatch, where a bad rank makes every rank raise; the
-        hidden size is checked after it, when all ranks are known to share one.
+        hidden size is checked after it, when all ranks are known to share one. `counts`: dispatch's
+        gather_counts of these inputs, when the caller made that all-gather already.
         """
         if self._index is None or self._index.table is not self.table or self._index.device != x.device:
             self._index = slot_index(self.table, x.device)
-        recv, handle = dispatch(x, topk_ids, topk_weights, self.table, self.rank, self.group, self.policy, self._index)
+        recv, handle = dispatch(x, topk_ids, topk_weights, self.table, self.rank, self.group, self.policy, self._index, counts)
         self._check_hidden(x)
         if self.routed_counts is not None:  # device-side accumulate: no host sync per step
             self.routed_counts += handle.expert_counts

@@ -2,8 +2,9 @@
 sending the expert weights along (LLEP; R&Q + int8/int4 spill).
 
 Per forward, on every rank:
-1. all_gather(counts [E + 1] int64): this step's per-expert counts of every rank (+ an input-ok flag).
-   Dispatch gathers the same counts again inside; it cannot take them from the caller.
+1. dispatch.gather_counts: one all_gather of this step's per-expert counts of every rank (+ hidden size and
+   an input-ok flag; every rank raises on any rank's bad input). Dispatch takes the result instead of
+   gathering again, so a spilling step makes the same one counts all-gather as EPMoE's.
 2. The same Step everywhere (`spill_step`, pure): the layer's routing policy splits the counts over
    the copies (`static` on plain EP: LLEP's start; `least-loaded`: R&Q's), then `policies.llep_spill`
    moves what is over the threshold, appending spilled copies to the table.
@@ -31,13 +32,13 @@ import numpy as np
 import torch
 
 from rnq_ep.balance import SlotTable
-from rnq_ep.dispatch import all_gather_rows, world_size
+from rnq_ep.dispatch import gather_counts, world_size
 from rnq_ep.experts import LocalExperts
 from rnq_ep.layer import EPMoE, LayerStats
 from rnq_ep.policies import LLEP_CAPACITY, LLEP_MIN_CHUNK, LLEP_THRESHOLD, Step, llep_spill
 from rnq_ep.rebalance.migrate import all_ready, exchange_bytes, layer_device, pack_copies, stage_copies
 from rnq_ep.rebalance.moves import CopyMove, transfer_matrix
-from rnq_ep.routing import SlotIndex, check_topk_ids, slot_index, step_quotas
+from rnq_ep.routing import SlotIndex, slot_index, step_quotas
 from rnq_ep.specs import FORMATS
 
 log = logging.getLogger(__name__)
@@ -138,13 +139,17 @@ class SpillMoE(EPMoE):
         self.spill_fmt, self.threshold, self.capacity, self.min_chunk = spill_fmt, threshold, capacity, min_chunk
         self.last_spill: SpillPlan | None = None  # the last forward's (None: a rank's inputs were bad or a move failed)
 
-    def forward_routed(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        """x [T, H] with topk_ids/topk_weights [T, k] -> [T, H]; last_stats is a SpillStats."""
+    def forward_routed(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+        counts: tuple[torch.Tensor, np.ndarray] | None = None,
+    ) -> torch.Tensor:
+        """x [T, H] with topk_ids/topk_weights [T, k] -> [T, H]; last_stats is a SpillStats. The one counts
+        all-gather (dispatch.gather_counts: every rank raises on any rank's bad input) serves the spill and dispatch."""
         start_s = time.perf_counter()
-        counts = self._gather_counts(topk_ids)
         self.last_spill = None
-        if counts is None:  # some rank's ids are bad: dispatch raises its error on every rank
-            return super().forward_routed(x, topk_ids, topk_weights)
+        gathered = counts or gather_counts(x, topk_ids, topk_weights, self.table.num_experts, self.group,
+                                           world_size(self.group))  # ([E], [R, E])
+        counts = gathered[1]
         if self._index is None or self._index.table is not self.table:
             self._index = slot_index(self.table, topk_ids.device)
         plan = spill_step(self.table, counts, self.policy, self.spill_fmt, self.threshold, self.capacity,
@@ -153,7 +158,7 @@ class SpillMoE(EPMoE):
         self.last_spill = None if plan.changed and exchange is None else plan
         if exchange is None:  # nothing over the threshold, or a rank could not move its copies
             spill_seconds = time.perf_counter() - start_s
-            out = super().forward_routed(x, topk_ids, topk_weights)
+            out = super().forward_routed(x, topk_ids, topk_weights, gathered)
             self.last_stats = SpillStats(**vars(self.last_stats), spill_seconds=spill_seconds)
             return out
         spilled, moved_bytes, received = exchange
@@ -163,25 +168,12 @@ class SpillMoE(EPMoE):
         self.table, self.experts = quota_table(plan.step), SpilledExperts(self.experts, spilled)
         self.policy, self._index = "static", None
         try:
-            out = super().forward_routed(x, topk_ids, topk_weights)
+            out = super().forward_routed(x, topk_ids, topk_weights, gathered)
         finally:
             self.table, self.experts, self.policy, self._index = resident
         self.last_stats = SpillStats(**vars(self.last_stats), spilled_copies=len(plan.moves), moved_bytes=moved_bytes,
                                      received_bytes=received, spill_seconds=spill_seconds)
         return out
-
-    def _gather_counts(self, topk_ids: torch.Tensor) -> np.ndarray | None:
-        """Every rank's per-expert counts [R, E] (one all_gather), or None if any rank's topk_ids are invalid."""
-        num_experts = self.table.num_experts
-        try:
-            check_topk_ids(topk_ids, num_experts)
-            local = torch.bincount(topk_ids.reshape(-1).long(), minlength=num_experts)  # [E]
-            ok = 1
-        except ValueError:
-            local, ok = torch.zeros(num_experts, dtype=torch.int64, device=topk_ids.device), 0
-        flag = torch.tensor([ok], dtype=torch.int64, device=topk_ids.device)
-        gathered = all_gather_rows(torch.cat([local, flag]), self.group, world_size(self.group)).cpu().numpy()  # [R, E + 1]
-        return gathered[:, :num_experts] if gathered[:, num_experts].all() else None
 
     def _receive(self, plan: SpillPlan) -> tuple[LocalExperts | None, int, int] | None:
         """Send this rank's spilled copies, receive its own: (temporary experts or None, bytes moved, bytes received);

@@ -12,6 +12,7 @@ import os
 import time
 import traceback
 from multiprocessing.connection import wait
+from collections import Counter
 from typing import Any, Callable
 
 import torch.distributed as dist
@@ -20,6 +21,15 @@ import torch.multiprocessing as mp
 from rnq_ep.runtime.worker import free_port, leave_group
 
 DEFAULT_TIMEOUT_S = 120.0
+COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_gather_object", "all_reduce", "all_to_all",
+               "all_to_all_single", "broadcast", "barrier", "send", "recv")
+# (seed, tokens on each rank, policy); rank 1 of the last case has no tokens at all
+CASES = [
+    (1, (9, 5, 7, 6), "least-loaded"),
+    (2, (16, 3, 11, 8), "static"),
+    (3, (4, 12, 6, 9), "hash"),
+    (4, (7, 0, 5, 3), "least-loaded"),
+]
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = DEFAULT_TIMEOUT_S) -> list[Any]:
@@ -83,3 +93,24 @@ def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, address: str,
     leave_group(created=dist.is_initialized())
 
 
+
+
+def count_collectives(step: Callable[[], Any]) -> dict[str, int]:
+    """Run step() counting each torch.distributed collective it calls: name -> calls (only those called)."""
+    calls: Counter = Counter()
+    originals = {name: getattr(dist, name) for name in COLLECTIVES}
+
+    def counted(name: str, collective: Callable) -> Callable:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            return collective(*args, **kwargs)
+        return call
+
+    for name, collective in originals.items():
+        setattr(dist, name, counted(name, collective))
+    try:
+        step()
+    finally:
+        for name, collective in originals.items():
+            setattr(dist, name, collective)
+    return dict(calls)

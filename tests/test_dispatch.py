@@ -1,13 +1,11 @@
 """Dispatch -> experts -> combine over 1, 2 and 4 gloo ranks equals one dense computation."""
 
-from collections import Counter
 from dataclasses import FrozenInstanceError
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-from gloo import run_ranks
+from gloo import count_collectives, run_ranks
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from routing_cases import draw_topk, random_table
@@ -17,8 +15,6 @@ from rnq_ep.dispatch import combine, dispatch
 from rnq_ep.routing import POLICIES, copy_quotas, slot_index
 
 NUM_EXPERTS, HIDDEN, TOP_K = 6, 8, 3
-COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_gather_object", "all_reduce", "all_to_all",
-               "all_to_all_single", "broadcast", "barrier", "send", "recv")
 # (seed, tokens on each rank, policy); rank 1 of the last case has no tokens at all
 CASES = [
     (1, (9, 5, 7, 6), "least-loaded"),
@@ -72,23 +68,7 @@ def _run_cases(rank, world):
 
 def _collectives_of_one_step(table, x, ids, weights, maps, rank):
     """How often one dispatch -> combine calls each torch.distributed collective: name -> calls."""
-    calls = Counter()
-    originals = {name: getattr(dist, name) for name in COLLECTIVES}
-
-    def counted(name, collective):
-        def call(*args, **kwargs):
-            calls[name] += 1
-            return collective(*args, **kwargs)
-        return call
-
-    for name, collective in originals.items():
-        setattr(dist, name, counted(name, collective))
-    try:
-        _ep_step(table, x, ids, weights, maps, rank, "least-loaded")
-    finally:
-        for name, collective in originals.items():
-            setattr(dist, name, collective)
-    return dict(calls)
+    return count_collectives(lambda: _ep_step(table, x, ids, weights, maps, rank, "least-loaded"))
 
 
 def _ranks_run_cases(rank, world):

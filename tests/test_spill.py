@@ -15,7 +15,7 @@ import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gloo import run_ranks
+from gloo import count_collectives, run_ranks
 from rnq_ep.balance import SlotTable, gpu_loads, share_quotas
 from rnq_ep.memory import expert_bytes
 from rnq_ep.policies import Step, llep_spill
@@ -109,6 +109,19 @@ def bad_ids(rank: int, world: int) -> str:
     return ""
 
 
+def collectives_by_case(rank: int, world: int) -> dict[str, dict[str, int]]:
+    """Collectives of one step of an LLEP layer that spills (skewed) and of one that does not (even loads)."""
+    w_gate_up, w_down, router = random_layer_weights(MODEL, 0, SEED)
+    layer = SpillMoE(MODEL, plain_ep(world), world, rank, dist.group.WORLD, w_gate_up, w_down, router,
+                     policy="static", backend="torch", min_chunk=1)
+    out = {}
+    for name, skewed in (("spills", True), ("stays", False)):
+        ids, weights = routing_of(rank, skewed)
+        out[name] = count_collectives(lambda: layer.forward_routed(tokens_of(rank), ids, weights))
+        assert (layer.last_stats.spilled_copies > 0) == skewed
+    return out
+
+
 def reference(world: int, skewed: bool, fmt_served: list[torch.Tensor]) -> torch.Tensor:
     """Dense layer over all ranks' tokens, each (token, k) through its expert dequantised from the format that served it."""
     w_gate_up, w_down, _ = random_layer_weights(MODEL, 0, SEED)
@@ -194,6 +207,12 @@ def test_moved_bytes_are_the_steps_moves_times_expert_bytes_of_their_format(worl
 
 
 @pytest.mark.slow
+def test_a_step_makes_one_counts_all_gather_and_a_spilling_one_adds_only_the_weight_exchange_and_its_vote():
+    for by_case in run_ranks(collectives_by_case, 2):
+        assert by_case["stays"] == {"all_gather": 1, "all_to_all_single": 3}  # as EPMoE: counts, meta, rows, rows back
+        assert by_case["spills"] == {"all_gather": 1, "all_to_all_single": 4, "all_reduce": 1}
+
+
 def test_bad_expert_ids_on_one_rank_raise_on_every_rank():
     errors = run_ranks(bad_ids, 2)
     assert "expert id 8 out of range" in errors[0]
