@@ -30,6 +30,7 @@ from rnq_ep.balance import SlotTable
 from rnq_ep.bench.planner import BenchTable, to_markdown
 from rnq_ep.bench.rebalance_cost import cost_model_table
 from rnq_ep.bench.rebalance_stall import StepRecord, stall_rows
+from rnq_ep.layer import EPMoE
 from rnq_ep.memory import expert_bytes
 from rnq_ep.planner import plan_rnq
 from rnq_ep.rebalance.migrate import LayerMigration
@@ -55,7 +56,8 @@ def drifted_plans(model: ModelSpec, num_ranks: int, seed: int, tokens: int) -> t
 
 
 def bench_rank(
-    rank: int, world: int, port: int, model: ModelSpec, rounds: int, tokens: int, copies_per_step: int, seed: int, results
+    rank: int, world: int, port: int, model: ModelSpec, rounds: int, tokens: int, copies_per_step: int, seed: int,
+    results: mp.Queue,
 ) -> None:
     """One spawned rank: `rounds` of (staged switch, steady steps interleaved; then stop-the-world); puts its StepRecords."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -72,7 +74,8 @@ def bench_rank(
         records: list[StepRecord] = []
         ordinal = lambda round_: sum(r.round == round_ for r in records)  # noqa: E731  (a steady step's place in its round)
 
-        def timed(layers, kind: str, round_: int, position: tuple[int, int], migrations=()) -> bool:
+        def timed(layers: list[EPMoE], kind: str, round_: int, position: tuple[int, int],
+                  migrations: tuple[LayerMigration, ...] = ()) -> bool:
             """One step, then one advance() of each migration, barrier to barrier; True once they all switched."""
             step_s = run_step(len(records), layers, hidden, routing, group, False).seconds
             moved = sum(expert_bytes(model, m.fmt) for mig in migrations for m in mig.chunks[0] if m.kind in ("peer", "host"))

@@ -26,6 +26,7 @@ class ExpertsInTurns:
     """Stands in for a layer's LocalExperts: rank r computes during turn r of `num_ranks`, timed alone."""
 
     def __init__(self, experts: LocalExperts, rank: int, num_ranks: int, group: dist.ProcessGroup | None) -> None:
+        """Wrap `experts` of `rank` of `num_ranks` in `group`."""
         self.experts, self.rank, self.num_ranks, self.group = experts, rank, num_ranks, group
         self.seconds = 0.0  # CPU time of this rank's last call, fastest of TRIES
 
