@@ -150,3 +150,11 @@ def test_water_fill_of_layers_equals_water_fill_when_a_gpu_holds_two_copies(laye
     tables, counts = [table for table, _ in layers], [counts for _, counts in layers]
     for table, layer_counts, quotas in zip(tables, counts, water_fill_layers(tables, counts)):
         assert np.array_equal(quotas, water_fill(table, layer_counts))
+
+
+def test_water_fill_of_layers_rejects_bad_counts_like_water_fill():
+    table = SlotTable.from_arrays(np.array([0, 1]), np.array([0, 0]), np.zeros(2), np.full(2, 0.5), 2, 1)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        water_fill_layers([table], [np.array([-3])])
+    with pytest.raises(ValueError, match="shape"):
+        water_fill_layers([table], [np.array([3, 4])])

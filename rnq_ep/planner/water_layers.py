@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rnq_ep.balance import MAX_REFINE_PASSES, SlotTable, water_fill
+from rnq_ep.balance import MAX_REFINE_PASSES, SlotTable, _check_counts, water_fill
 
 FULL = 2**40  # level of a padding bin: never filled while a layer's tokens stay below FULL / 2 (C * FULL fits int64)
 
@@ -22,7 +22,7 @@ def water_fill_layers(tables: list[SlotTable], counts: list[np.ndarray]) -> list
     quotas: list[np.ndarray | None] = [None] * len(tables)
     pours = []  # (layer, replicated experts' slots, their pour (heaviest expert first), bin in it, amounts)
     for index, (table, count) in enumerate(zip(tables, counts)):
-        count = np.asarray(count).astype(np.int64)
+        count = _check_counts(table, count)  # int64 [E]; bad shape, NaN or negative counts raise as in water_fill
         copy_count = table.copy_count()
         multi = np.flatnonzero(copy_count > 1)
         if not len(multi) or _shares_a_gpu(table) or 2 * int(count.sum()) >= FULL:
