@@ -14,9 +14,9 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from rnq_ep.bench.planner import EPLB_EXTRA, RNQ, WITH_INT4, BenchTable, compare_policies
+from rnq_ep.bench.planner import WITH_INT4, BenchTable, with_budget
 from rnq_ep.metrics import score_plan
-from rnq_ep.planner import plan_rnq
+from rnq_ep.planner import plan_eplb, plan_rnq
 from rnq_ep.specs import ClusterSpec, LoadStats, PlanOptions, load_model, load_stats
 
 # (model config, file-name prefix of one source's corpora); only groups with >= 2 files are used
@@ -36,11 +36,13 @@ def pair_ratios(
     model = load_model(model_name)
     stats: dict[Path, LoadStats] = {f: load_stats(f, model) for f in files}
     with_int4 = msgspec.structs.replace(options, formats=WITH_INT4)
+    same_budget = with_budget(cluster, model, options)  # as compare_policies gives the EPLB-equivalent
     median, mean, int4 = [], [], []
     for plan_on, score_on in itertools.permutations(files, 2):
-        results = {r.name: r for r in compare_policies(model, cluster, stats[plan_on], options, eval_loads=stats[score_on])}
-        rnq, eplb = results[RNQ].score.balancedness_best, results[EPLB_EXTRA].score.balancedness_best  # [L] each
-        rnq4 = score_plan(plan_rnq(model, cluster, stats[plan_on], with_int4), stats[score_on]).balancedness_best
+        best = lambda plan: score_plan(plan, stats[score_on]).balancedness_best  # noqa: E731  [L]
+        rnq = best(plan_rnq(model, cluster, stats[plan_on], options))
+        eplb = best(plan_eplb(model, same_budget, stats[plan_on], extra_memory=0.125))
+        rnq4 = best(plan_rnq(model, cluster, stats[plan_on], with_int4))
         median.append(np.median(rnq) / np.median(eplb))
         mean.append(rnq.mean() / eplb.mean())
         int4.append(np.median(rnq4) / np.median(eplb))
