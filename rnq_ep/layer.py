@@ -139,6 +139,12 @@ class EPMoE(torch.nn.Module):
         self.table, self.experts = table, experts
         self._index = None
 
+    def slot_index(self, device: torch.device) -> SlotIndex:
+        """slot_index of the table being served, on `device`: kept between steps, rebuilt when either changes."""
+        if self._index is None or self._index.table is not self.table or self._index.device != device:
+            self._index = slot_index(self.table, device)
+        return self._index
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H]: route with the layer's router, then forward_routed."""
         self._check_hidden(x)
@@ -155,9 +161,8 @@ class EPMoE(torch.nn.Module):
         hidden size is checked after it, when all ranks are known to share one. `counts`: dispatch's
         gather_counts of these inputs, when the caller made that all-gather already.
         """
-        if self._index is None or self._index.table is not self.table or self._index.device != x.device:
-            self._index = slot_index(self.table, x.device)
-        recv, handle = dispatch(x, topk_ids, topk_weights, self.table, self.rank, self.group, self.policy, self._index, counts)
+        index = self.slot_index(x.device)
+        recv, handle = dispatch(x, topk_ids, topk_weights, self.table, self.rank, self.group, self.policy, index, counts)
         self._check_hidden(x)
         if self.routed_counts is not None:  # device-side accumulate: no host sync per step
             self.routed_counts += handle.expert_counts

@@ -149,11 +149,8 @@ class SpillMoE(EPMoE):
         self.last_spill = None
         gathered = counts or gather_counts(x, topk_ids, topk_weights, self.table.num_experts, self.group,
                                            world_size(self.group))  # ([E], [R, E])
-        counts = gathered[1]
-        if self._index is None or self._index.table is not self.table:
-            self._index = slot_index(self.table, topk_ids.device)
-        plan = spill_step(self.table, counts, self.policy, self.spill_fmt, self.threshold, self.capacity,
-                          self.min_chunk, self._index)
+        plan = spill_step(self.table, gathered[1], self.policy, self.spill_fmt, self.threshold, self.capacity,
+                          self.min_chunk, self.slot_index(x.device))
         exchange = self._receive(plan) if plan.changed else None
         self.last_spill = None if plan.changed and exchange is None else plan
         if exchange is None:  # nothing over the threshold, or a rank could not move its copies
@@ -164,9 +161,9 @@ class SpillMoE(EPMoE):
         spilled, moved_bytes, received = exchange
         spill_seconds = time.perf_counter() - start_s
         # EPMoE's forward serves the step from the spilled table: rebind what it reads for this one call
-        resident = self.table, self.experts, self.policy, self._index
+        resident = self.table, self.experts, self.policy, self._index  # the index too: kept for the next step
         self.table, self.experts = quota_table(plan.step), SpilledExperts(self.experts, spilled)
-        self.policy, self._index = "static", None
+        self.policy = "static"
         try:
             out = super().forward_routed(x, topk_ids, topk_weights, gathered)
         finally:
