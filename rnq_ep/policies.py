@@ -11,9 +11,9 @@ plain EP unless it says otherwise) and a rule that splits each step's counts ove
   over lambda, with the spilled copies sent as int8 or int4 (a half or a quarter of LLEP's bf16
   bytes; the sender quantizes a bf16 copy, a quantized copy travels as stored).
 The runtime runs LLEP and `rnq-spill` too (`rnq_ep.spill.SpillMoE`, the same `llep_spill` per step).
-`run_policy` plans on one window and scores the next with the cost model: per layer the step
-time of the slowest GPU (FLOP or HBM time, all-to-all) plus LLEP's weight moves, which are not
-overlapped with compute.
+`run_policy` plans on one window and `score`s the next with the cost model: per layer the step
+time of the slowest GPU (FLOP or HBM time, all-to-all) plus weight moves, not overlapped with
+compute (LLEP's per step; `rnq_ep.replan_sim`'s re-plans, amortised over their interval).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from rnq_ep.balance import SlotTable, gpu_loads, share_quotas, water_fill
 from rnq_ep.costmodel import predict_layer_time, scale_counts, weight_move_time
 from rnq_ep.metrics import balancedness, gpu_bytes, layer_tables, quantized_fraction
 from rnq_ep.planner import plan_eplb, plan_plain_ep, plan_rnq
-from rnq_ep.specs import FORMATS, ClusterSpec, LoadStats, ModelSpec, PlanOptions, SpecError
+from rnq_ep.specs import FORMATS, ClusterSpec, LoadStats, ModelSpec, Plan, PlanOptions, SpecError
 from rnq_ep.synthetic import ZipfLoads, window_stats, zipf_windows
 
 HASH, LEAST_LOADED, LLEP, RNQ_SPILL = "hash", "least-loaded", "llep", "rnq-spill"
@@ -79,10 +79,15 @@ def place(policy: Policy, model: ModelSpec, cluster: ClusterSpec, loads: LoadSta
     """The policy's placement planned on `loads`: one SlotTable per layer (budget: the cluster's)."""
     if policy.placement == "plain":
         return plain_ep_tables(model, cluster, len(loads.counts))
+    return layer_tables(plan_placement(policy, model, cluster, loads))
+
+
+def plan_placement(policy: Policy, model: ModelSpec, cluster: ClusterSpec, loads: LoadStats) -> Plan:
+    """The Plan of an 'eplb' or 'rnq' placement on `loads` (what a re-plan starts from and replaces)."""
     if policy.placement == "eplb":
-        return layer_tables(plan_eplb(model, cluster, loads, extra_memory=policy.extra_memory))
+        return plan_eplb(model, cluster, loads, extra_memory=policy.extra_memory)
     if policy.placement == "rnq":
-        return layer_tables(plan_rnq(model, cluster, loads, PlanOptions(formats=policy.formats)))
+        return plan_rnq(model, cluster, loads, PlanOptions(formats=policy.formats))
     raise ValueError(f"policy {policy.name!r}: unknown placement {policy.placement!r}, expected plain, eplb or rnq")
 
 
@@ -183,7 +188,7 @@ class PolicyRun:
     flop_s: float = float("nan")  # parts on the slowest GPU
     hbm_s: float = float("nan")
     comm_s: float = float("nan")
-    move_s: float = float("nan")
+    move_s: float = float("nan")  # LLEP's per-step moves, or a re-plan's amortised over its interval
     balancedness: float = float("nan")  # median over layers and windows of max/mean GPU load
     quantized_fraction: float = float("nan")  # mean over layers and windows
     max_bytes_per_gpu: int = 0  # largest over layers and GPUs, LLEP's spilled copies included
@@ -191,6 +196,20 @@ class PolicyRun:
     simulation_s: float = 0.0  # per window, all layers
     gpu_loads: np.ndarray | None = None  # [L, G] tokens per GPU in the last scored window
     error: str = ""
+    replans: int = 0  # re-plan policies: re-plans made; the means below are per re-plan, all layers, unamortised
+    replan_layers: float = 0.0  # layers moved
+    replan_bytes: float = 0.0  # bytes sent or reloaded
+    replan_s: float = 0.0  # link time of the moves, layer after layer (cost model)
+
+
+@dataclass(frozen=True)
+class Served:
+    """The placement that serves one scored window, the planner seconds it took, and per layer [L] the seconds of
+    weight moves charged to each step (a re-plan's moves amortised over its interval; () for none)."""
+
+    tables: list[SlotTable]
+    planner_s: float
+    move_s: tuple[float, ...] = ()
 
 
 Placements = dict[tuple, tuple[list[SlotTable] | SpecError, float]]  # (placement key, window) -> (tables or error, s)
@@ -202,14 +221,15 @@ def run_policy(
 ) -> PolicyRun:
     """Plan on each window's first loads, route and time the second: the policy's averaged PolicyRun.
 
-    `placements`: plans already made for these windows, shared by policies that place alike (R&Q + spill plans as
-    R&Q does); a reused plan reports the planner time it took when it was made.
+    Windows that plan on the same LoadStats object share one plan. `placements`: plans already made for these
+    windows, shared by policies that place alike (R&Q + spill plans as R&Q does); a reused plan reports the planner
+    time it took when it was made.
     """
-    g = cluster.num_gpus
     placements = {} if placements is None else placements
-    parts, balance, quantized, peak, planner_s, simulation_s = [], [], [], 0, 0.0, 0.0
-    for window, (plan_on, score_on) in enumerate(windows):
-        key = (policy.placement, policy.extra_memory, policy.formats, window)
+    served = []
+    for plan_on, _ in windows:
+        first = next(w for w, (other, _) in enumerate(windows) if other is plan_on)
+        key = (policy.placement, policy.extra_memory, policy.formats, first)
         if key not in placements:
             start = time.perf_counter()
             try:
@@ -219,15 +239,28 @@ def run_policy(
             placements[key] = (placed, time.perf_counter() - start)
         tables, seconds = placements[key]
         if isinstance(tables, SpecError):
-            return PolicyRun(policy.name, g, error=str(tables))
-        planner_s += seconds
+            return PolicyRun(policy.name, cluster.num_gpus, error=str(tables))
+        served.append(Served(tables, seconds))
+    return score(policy, model, cluster, served, [score_on for _, score_on in windows], tokens_per_gpu)
+
+
+def score(
+    policy: Policy, model: ModelSpec, cluster: ClusterSpec, served: list[Served], scored: list[LoadStats],
+    tokens_per_gpu: int,
+) -> PolicyRun:
+    """Route and time each scored window on the placement that serves it: means over layers and windows."""
+    g = cluster.num_gpus
+    parts, balance, quantized, peak, planner_s, simulation_s = [], [], [], 0, 0.0, 0.0
+    for placement, score_on in zip(served, scored, strict=True):
+        planner_s += placement.planner_s
         start = time.perf_counter()
         loads = []
-        for table, row in zip(tables, score_on.counts):
+        charged = placement.move_s or (0.0,) * len(placement.tables)
+        for table, row, replan_s in zip(placement.tables, score_on.counts, charged, strict=True):
             step = route(policy, table, scale_counts(np.asarray(row), model, g, tokens_per_gpu))
             layer = predict_layer_time(model, cluster, step.table, step.quotas)
             slowest = int(np.argmax(layer.compute_s + layer.comm_s))
-            move_s = weight_move_time(model, cluster, list(step.moves)) if step.moves else 0.0
+            move_s = (weight_move_time(model, cluster, list(step.moves)) if step.moves else 0.0) + replan_s
             parts.append((layer.total_s + move_s, layer.flop_s[slowest], layer.hbm_s[slowest], layer.comm_s[slowest], move_s))
             loads.append(np.bincount(step.table.gpu, weights=step.quotas, minlength=g))
             balance.append(balancedness(loads[-1]))
@@ -237,8 +270,8 @@ def run_policy(
     layer_s, flop_s, hbm_s, comm_s, move_s = np.mean(parts, axis=0).tolist()
     return PolicyRun(
         policy.name, g, layer_s, flop_s, hbm_s, comm_s, move_s, balancedness=float(np.median(balance)),
-        quantized_fraction=float(np.mean(quantized)), max_bytes_per_gpu=peak, planner_s=planner_s / len(windows),
-        simulation_s=simulation_s / len(windows), gpu_loads=np.array(loads),
+        quantized_fraction=float(np.mean(quantized)), max_bytes_per_gpu=peak, planner_s=planner_s / len(served),
+        simulation_s=simulation_s / len(served), gpu_loads=np.array(loads),
     )
 
 

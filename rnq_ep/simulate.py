@@ -3,7 +3,9 @@
 For each GPU count (a cluster scaled from a config: its node size, budget as plain EP) every policy
 of `rnq_ep.policies` plans on one window of loads and is scored on the next (synthetic Zipf
 windows whose hot sets drift; two load files, a shift of domain; windows drawn from one load
-file, stationary traffic; one file twice is labelled in-sample). Tables give
+file, stationary traffic; one file twice is labelled in-sample). With `--eval-loads FILE --windows W`
+the static policies plan once and are scored on W windows drawn from FILE, beside the re-plan
+policies of `rnq_ep.replan_sim` (what online rebalancing recovers after the shift). Tables give
 each policy's time per layer as a ratio to plain EP and to the best other policy of the same GPU
 count in the same run, the time parts, balance, quantized tokens, memory, and planner and
 simulation seconds. A Zipf-exponent sweep at one GPU count shows the skew at which each policy wins.
@@ -19,17 +21,16 @@ import shlex
 import sys
 from pathlib import Path
 
-import msgspec
-import numpy as np
-
 from rnq_ep.bench.planner import BenchTable, scaled_cluster, to_markdown
 from rnq_ep.costmodel import DEFAULT_TOKENS_PER_GPU
 from rnq_ep.memory import plain_ep_budget
 from rnq_ep.policies import (
-    PLAIN_EP, POLICIES, PolicyRun, Windows, expert_skew, run_all, synthetic_windows,
+    PLAIN_EP, POLICIES, PolicyRun, expert_skew, run_all, synthetic_windows,
 )
-from rnq_ep.specs import LoadStats, ModelSpec, SpecError, load_cluster, load_model, load_stats, write_atomic
-from rnq_ep.synthetic import DEFAULT_DRIFT, ZipfLoads, parse_zipf, sampled_windows, window_stats
+from rnq_ep.replan_sim import DEFAULT_REPLAN_INTERVAL, REPLAN_POLICIES, run_replanning
+from rnq_ep.load_windows import drawn_windows, real_windows, shifted_windows
+from rnq_ep.specs import ModelSpec, SpecError, load_cluster, load_model, load_stats, write_atomic
+from rnq_ep.synthetic import DEFAULT_DRIFT, ZipfLoads, parse_zipf
 
 DEFAULT_GPUS = "8,32,64,256,1024"
 DEFAULT_CLUSTER = "h100x32"  # node size and links that --gpus scales
@@ -43,7 +44,12 @@ SCALE_NOTE = (
     "this GPU count. Memory: largest expert bytes one GPU holds for one layer (LLEP: with spilled copies) vs plain EP. "
     "Planner s: one plan of all simulated layers; simulation s: routing + cost model of one window."
 )
-PLOT_POLICIES = ("plain EP", "EPLB +12.5 % mem, least-loaded", "LLEP spill", "R&Q bf16+int8")
+REPLAN_NOTE = (
+    " Re-plan policies: window 1 on the plan made from the --loads file, each later window on `replan` of the plan "
+    "before from the previous window's counts (kept in place, a layer moved only if its gain over the interval pays "
+    "for the moves); a moved layer's link time is in 'moves', divided by the interval; the last column is per "
+    "re-plan, all layers, not amortised: layers moved / MB sent or reloaded / link ms, layer after layer."
+)
 
 
 def ratios(runs: list[PolicyRun]) -> list[tuple[float, float]]:
@@ -60,6 +66,8 @@ def scale_table(runs_by_gpus: dict[int, list[PolicyRun]], model: ModelSpec, titl
     """One row per (GPU count, policy): time per layer, ratios, time parts, balance, memory, planner cost."""
     header = ("GPUs", "policy", "MoE us/layer", "time / plain EP", "time / best other", "FLOP / HBM / all-to-all / moves, us",
               "balancedness (median)", "quantized tokens", "max bytes/GPU (vs plain EP)", "planner s", "simulation s")
+    replanning = any(r.replans for runs in runs_by_gpus.values() for r in runs)
+    header += ("re-plan moves: layers / MB / ms",) if replanning else ()
     rows = []
     for g, runs in runs_by_gpus.items():
         budget = plain_ep_budget(model, g)
@@ -73,8 +81,15 @@ def scale_table(runs_by_gpus: dict[int, list[PolicyRun]], model: ModelSpec, titl
                 f"{r.balancedness:.2f}", f"{100 * r.quantized_fraction:.1f} %",
                 f"{r.max_bytes_per_gpu / 2**20:,.0f} MiB ({100 * r.max_bytes_per_gpu / budget:.0f} %)",
                 f"{r.planner_s:.3f}", f"{r.simulation_s:.3f}",
-            ))
-    return BenchTable(title, header, rows, SCALE_NOTE)
+            ) + ((replan_cell(r),) if replanning else ()))
+    return BenchTable(title, header, rows, SCALE_NOTE + (REPLAN_NOTE if replanning else ""))
+
+
+def replan_cell(run: PolicyRun) -> str:
+    """'layers / MB / ms' moved per re-plan (unamortised), or a dash for a policy that does not re-plan."""
+    if not run.replans:
+        return "—"
+    return f"{run.replan_layers:.1f} / {run.replan_bytes / 2**20:,.0f} / {run.replan_s * 1e3:.2f}"
 
 
 def sweep_table(sweep: dict[float, tuple[float, list[PolicyRun]]], num_gpus: int, title: str) -> BenchTable:
@@ -100,11 +115,18 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loads", default=DEFAULT_LOADS, metavar="FILE|zipf:S[:drift=D]",
                    help=f"load file to plan on, or seeded Zipf windows with exponent S whose hot sets drift by D (default drift {DEFAULT_DRIFT})")
     p.add_argument("--eval-loads", metavar=f"FILE|{SAMPLED}",
-                   help="load file to score on (default: the --loads file, in sample); "
+                   help="load file to score on (default: the --loads file, in sample); with --windows W, W windows of "
+                        "GPUs x --tokens-per-gpu tokens drawn from it, beside the re-plan policies; "
                         f"{SAMPLED}: windows of GPUs x --tokens-per-gpu tokens drawn from the --loads file's per-layer "
                         "frequencies, plan on each, score on the next (stationary traffic of that domain)")
-    p.add_argument("--windows", type=int, default=2, metavar="W",
-                   help=f"synthetic or {SAMPLED} windows: plan on each, score on the next")
+    p.add_argument("--windows", type=int, metavar="W",
+                   help=f"synthetic or {SAMPLED} windows (default 2): plan on each, score on the next; with --eval-loads "
+                        "FILE: windows drawn from FILE (static policies plan once on --loads; re-plan policies re-plan "
+                        "each window from the one before)")
+    p.add_argument("--replan-interval", type=int, metavar="STEPS",
+                   help="with --eval-loads FILE --windows W: steps between two re-plans, which the moves are amortised "
+                        f"over and must pay for themselves over (default {DEFAULT_REPLAN_INTERVAL}: the README's "
+                        "--rebalance-interval; the runtime's horizon defaults to its interval)")
     p.add_argument("--layers", type=int, default=0, metavar="N",
                    help="synthetic layers per window (0: the model's; load files use all of theirs)")
     p.add_argument("--tokens-per-gpu", type=int, default=DEFAULT_TOKENS_PER_GPU, metavar="N", help="tokens per GPU in one step")
@@ -138,17 +160,36 @@ def parse_sweep(text: str) -> list[float]:
         raise SpecError(f"--sweep: expected comma separated exponents or none, got {text!r}") from None
 
 
+def check_windows(args: argparse.Namespace) -> tuple[int, int]:
+    """(windows, re-plan interval) from --windows and --replan-interval, refused where the scenario has no use for them."""
+    sampled, synthetic = args.eval_loads == SAMPLED, args.loads.startswith("zipf")
+    if synthetic and args.eval_loads:
+        raise SpecError(f"--eval-loads {args.eval_loads}: needs --loads FILE, got the generator {args.loads!r}")
+    if args.windows is not None and not (synthetic or args.eval_loads):
+        raise SpecError(f"--windows {args.windows}: needs zipf loads or --eval-loads (--loads {args.loads} alone is "
+                        "scored in sample, on the whole file)")
+    shifted = bool(args.eval_loads) and not sampled and args.windows is not None
+    if args.replan_interval is not None and not shifted:
+        raise SpecError(f"--replan-interval {args.replan_interval}: only the re-plan policies of --eval-loads FILE "
+                        "--windows W use it")
+    windows = 2 if args.windows is None else args.windows
+    interval = DEFAULT_REPLAN_INTERVAL if args.replan_interval is None else args.replan_interval
+    for flag, value, least in (("--windows", windows, 2), ("--replan-interval", interval, 1),
+                               ("--tokens-per-gpu", args.tokens_per_gpu, 1), ("--layers", args.layers, 0),
+                               ("--sweep-gpus", args.sweep_gpus, 1), ("--sweep-layers", args.sweep_layers, 1)):
+        if value < least:
+            raise SpecError(f"{flag}: must be >= {least}, got {value}")
+    return windows, interval
+
+
 def simulate_main(args: argparse.Namespace) -> int:
     """`rnq-ep simulate`: run every policy at every GPU count (+ the sweep), print, write markdown/plot."""
     from rnq_ep.report import check_folder, console, print_table
+    from rnq_ep.simulate_plot import plot_study
 
     for path, flag in ((args.markdown, "--markdown"), (args.plot, "--plot")):
         check_folder(path, flag)
-    for flag, value, least in (("--windows", args.windows, 2), ("--tokens-per-gpu", args.tokens_per_gpu, 1),
-                               ("--layers", args.layers, 0), ("--sweep-gpus", args.sweep_gpus, 1),
-                               ("--sweep-layers", args.sweep_layers, 1)):
-        if value < least:
-            raise SpecError(f"{flag}: must be >= {least}, got {value}")
+    num_windows, interval = check_windows(args)
     model = load_model(args.model)
     base = load_cluster(args.cluster or DEFAULT_CLUSTER)
     if args.cluster and not args.gpus:
@@ -159,26 +200,33 @@ def simulate_main(args: argparse.Namespace) -> int:
     layers = args.layers or model.num_layers
     synthetic = parse_zipf(args.loads) if args.loads.startswith("zipf") else None
     sampled = args.eval_loads == SAMPLED
-    if synthetic and args.eval_loads:
-        raise SpecError(f"--eval-loads {args.eval_loads}: needs --loads FILE, got the generator {args.loads!r}")
     eval_path = None if sampled or not args.eval_loads else Path(args.eval_loads)
+    shifted = eval_path is not None and args.windows is not None
     real = None if synthetic or sampled else real_windows(model, Path(args.loads), eval_path)
     recorded = load_stats(Path(args.loads), model) if sampled else None
     show = console()
     runs_by_gpus = {}
     for cluster in clusters:
-        g = cluster.num_gpus
+        g, tokens = cluster.num_gpus, cluster.num_gpus * args.tokens_per_gpu
         if sampled:
-            windows = drawn_windows(recorded, args.windows, g * args.tokens_per_gpu, args.seed)
+            windows = drawn_windows(recorded, num_windows, tokens, args.seed)
+        elif shifted:
+            windows = shifted_windows(*real[0], num_windows, tokens, args.seed)
         else:
-            windows = real or synthetic_windows(model, synthetic, layers, args.windows, g * args.tokens_per_gpu, args.seed)
+            windows = real or synthetic_windows(model, synthetic, layers, num_windows, tokens, args.seed)
         with show.status(f"{model.name}: {len(windows)} window(s) on {g} GPUs"):
             runs_by_gpus[g] = run_all(model, cluster, windows, args.tokens_per_gpu, POLICIES)
+            if shifted:
+                runs_by_gpus[g] += [run_replanning(p, model, cluster, windows, args.tokens_per_gpu, interval)
+                                    for p in REPLAN_POLICIES]
     if synthetic:
-        source = f"{synthetic.label}, {layers} layers, {args.windows} windows (plan on one, score on the next)"
+        source = f"{synthetic.label}, {layers} layers, {num_windows} windows (plan on one, score on the next)"
     elif sampled:
-        source = (f"{args.windows} windows of GPUs x {args.tokens_per_gpu} tokens drawn from {Path(args.loads).name} "
+        source = (f"{num_windows} windows of GPUs x {args.tokens_per_gpu} tokens drawn from {Path(args.loads).name} "
                   "(stationary: plan on one, score on the next)")
+    elif shifted:
+        source = (f"planned on {Path(args.loads).name}, scored on {num_windows} windows of GPUs x {args.tokens_per_gpu} "
+                  f"tokens drawn from {eval_path.name} (a shift of domain; re-plan every {interval} steps)")
     elif eval_path:
         source = f"planned on {Path(args.loads).name}, scored on {eval_path.name}"
     else:
@@ -215,68 +263,6 @@ def write_markdown(args: argparse.Namespace, tables: list[BenchTable], model_nam
     if args.plot:
         text += f"\n![{model_name} simulation]({os.path.relpath(args.plot, args.markdown.resolve().parent)})\n"
     write_atomic(args.markdown, text.encode())
-
-
-def real_windows(model: ModelSpec, loads: Path, eval_loads: Path | None) -> Windows:
-    """One (plan on, score on) pair from load files; the same file twice when no --eval-loads."""
-    plan_on = load_stats(loads, model)
-    score_on = load_stats(eval_loads, model) if eval_loads else plan_on
-    if len(score_on.counts) != len(plan_on.counts):
-        raise SpecError(f"{eval_loads}: has {len(score_on.counts)} layers but {loads} has {len(plan_on.counts)}; layers are matched by position")
-    return [(plan_on, score_on)]
-
-
-def drawn_windows(recorded: LoadStats, windows: int, tokens: int, seed: int) -> Windows:
-    """Consecutive (plan on, score on) pairs of `windows` windows of `tokens` tokens drawn from `recorded`."""
-    counts = sampled_windows(recorded, windows, tokens, seed)
-    name = recorded.model or "load file"
-    stats = [msgspec.structs.replace(window_stats(c, recorded.top_k, f"{name}, sampled window {w}"), layer_ids=recorded.layer_ids,
-                                     sensitivity=recorded.sensitivity, importance=recorded.importance)  # calibrated costs stay
-             for w, c in enumerate(counts)]
-    return list(zip(stats[:-1], stats[1:]))
-
-
-def plot_study(runs_by_gpus: dict[int, list[PolicyRun]], sweep: dict, path: Path, model_name: str) -> None:
-    """PNG: time per layer vs GPU count, tokens per GPU in plain EP's worst layer, and the sweep's ratios."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    fig, axes = plt.subplots(1, 3 if sweep else 2, figsize=(18 if sweep else 12, 4.5))
-    gpus = list(runs_by_gpus)
-    for i, name in enumerate(r.policy for r in runs_by_gpus[gpus[0]]):
-        times = [next(r.layer_s for r in runs_by_gpus[g] if r.policy == name) * 1e6 for g in gpus]
-        axes[0].plot(gpus, times, marker="o", linestyle="-" if i < 6 else "--", label=name)
-    axes[0].set(xscale="log", yscale="log", xlabel="GPUs", ylabel="MoE us per layer (cost model)",
-                title=f"{model_name}: step time vs GPUs")
-    axes[0].set_xticks(gpus, [str(g) for g in gpus])
-    axes[0].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    axes[0].legend(fontsize=7)
-    g = min(gpus, key=lambda n: abs(n - 32))
-    runs = {r.policy: r for r in runs_by_gpus[g] if not r.error}
-    plain = runs["plain EP"].gpu_loads
-    worst = int(np.argmax(plain.max(axis=1) / plain.mean(axis=1)))
-    shown = [n for n in PLOT_POLICIES if n in runs]
-    width = 0.8 / len(shown)
-    for i, name in enumerate(shown):
-        loads = runs[name].gpu_loads[worst]
-        axes[1].bar(np.arange(g) + (i - (len(shown) - 1) / 2) * width, loads, width, label=f"{name} (max/mean {loads.max() / loads.mean():.2f})")
-    axes[1].set(xlabel="GPU", ylabel="(token, expert) assignments", title=f"tokens per GPU, {g} GPUs, plain EP's worst layer")
-    axes[1].legend(fontsize=7)
-    if sweep:
-        exponents = list(sweep)
-        for name in (r.policy for r in next(iter(sweep.values()))[1]):
-            ratio = [next(r.layer_s for r in runs if r.policy == name) / runs[0].layer_s for _, runs in sweep.values()]
-            axes[2].plot(exponents, ratio, marker="o", label=name)
-        axes[2].set(xlabel="Zipf exponent s", ylabel="time / plain EP", title="skew sweep (lower is faster)")
-        axes[2].legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:

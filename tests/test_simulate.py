@@ -3,11 +3,16 @@
 from pathlib import Path
 
 from rnq_ep.policies import POLICIES, PolicyRun
-from rnq_ep.simulate import drawn_windows, main, ratios, scale_table, sweep_table
+from rnq_ep.load_windows import drawn_windows
+from rnq_ep.replan_sim import REPLAN_POLICIES
+from rnq_ep.simulate import main, ratios, replan_cell, scale_table, sweep_table
 from rnq_ep.specs import LoadStats, load_model
 
 SHIPPED = Path(__file__).resolve().parent.parent / "configs" / "loads"
 TINY = ["--model", "tiny", "--layers", "2", "--sweep-layers", "2", "--tokens-per-gpu", "2048"]
+OLMOE_SHIFT = ["--model", "olmoe-1b-7b", "--gpus", "8", "--loads", str(SHIPPED / "olmoe-1b-7b-0924_olmoe-repo_arxiv.json"),
+               "--eval-loads", str(SHIPPED / "olmoe-1b-7b-0924_olmoe-repo_github.json"), "--tokens-per-gpu", "512",
+               "--sweep", "none"]
 
 
 def run(policy: str, layer_s: float, error: str = "") -> PolicyRun:
@@ -57,6 +62,48 @@ def test_cli_scores_sampled_windows_of_one_load_file_as_stationary_traffic(tmp_p
                  "--windows", "3", "--tokens-per-gpu", "512", "--sweep", "none", "--markdown", str(md)])
     assert code == 0 and "3 windows of GPUs x 512 tokens drawn from" in capsys.readouterr().out
     assert sum(line.startswith("| 8 | ") for line in md.read_text().splitlines()) == len(POLICIES)
+
+
+def test_cli_scores_windows_drawn_after_a_shift_with_the_replan_policies_beside_the_static_ones(tmp_path, capsys):
+    md = tmp_path / "sim.md"
+    code = main([*OLMOE_SHIFT, "--windows", "3", "--replan-interval", "5", "--markdown", str(md)])
+    assert code == 0 and "scored on 3 windows of GPUs x 512 tokens drawn from" in capsys.readouterr().out
+    lines = md.read_text().splitlines()
+    assert sum(line.startswith("| 8 | ") for line in lines) == len(POLICIES) + len(REPLAN_POLICIES)
+    assert "re-plan every 5 steps" in md.read_text() and "re-plan moves: layers / MB / ms |" in md.read_text()
+    assert all(any(line.startswith(f"| 8 | {p.name} |") for line in lines) for p in REPLAN_POLICIES)
+
+
+def test_cli_keeps_one_pair_of_whole_files_without_windows(capsys):
+    code = main(OLMOE_SHIFT)
+    out = capsys.readouterr().out
+    assert code == 0 and "re-plan" not in out and "scored on olmoe-1b-7b-0924_olmoe-repo_github.json" in out
+
+
+def test_replan_cell_shows_moves_per_replan_and_a_dash_for_static_policies():
+    moved = PolicyRun("R&Q + re-plan", 8, replans=3, replan_layers=1.5, replan_bytes=3 * 2**20, replan_s=2e-3)
+    assert (replan_cell(moved), replan_cell(run("plain EP", 1.0))) == ("1.5 / 3 / 2.00", "—")
+
+
+def test_cli_refuses_a_replan_interval_outside_the_windowed_shift(capsys):
+    code = main([*OLMOE_SHIFT, "--replan-interval", "10"])
+    assert code == 2 and "--replan-interval 10: only the re-plan policies of --eval-loads FILE --windows W" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_replan_interval_below_one_step(capsys):
+    code = main([*OLMOE_SHIFT, "--windows", "2", "--replan-interval", "0"])
+    assert code == 2 and "--replan-interval: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_cli_refuses_windows_for_one_load_file_scored_in_sample(capsys):
+    loads = SHIPPED / "mixtral-8x7b-v0.1_olmoe-repo_github.json"
+    code = main(["--model", "mixtral-8x7b", "--gpus", "8", "--loads", str(loads), "--windows", "4", "--sweep", "none"])
+    assert code == 2 and "--windows 4: needs zipf loads or --eval-loads" in capsys.readouterr().err
+
+
+def test_cli_refuses_fewer_than_two_windows_after_a_shift(capsys):
+    code = main([*OLMOE_SHIFT, "--windows", "1"])
+    assert code == 2 and "--windows: must be >= 2, got 1" in capsys.readouterr().err
 
 
 def test_cli_refuses_eval_loads_with_a_synthetic_generator(capsys):
