@@ -58,19 +58,26 @@ def pack_by_rounds(expert: np.ndarray, load: np.ndarray, num_gpus: int) -> np.nd
     so every GPU ends with floor(S/G) or ceil(S/G) copies. A copy whose GPU already holds its
     expert takes the lightest GPU of the round that does not (copies of an expert <= G).
     """
-    order = np.lexsort((expert, -load))
-    gpu_of = np.empty(expert.size, dtype=np.int64)
-    gpu_load = np.zeros(num_gpus)
-    holds = np.zeros((int(expert.max()) + 1, num_gpus), dtype=bool)
-    for start in range(0, expert.size, num_gpus):
-        batch = order[start : start + num_gpus]
-        lightest = np.argsort(gpu_load, kind="stable")[: batch.size]
-        clash = holds[expert[batch], lightest]
-        if clash.any():
-            lightest = _resolve_clashes(expert[batch], lightest, holds, np.argsort(gpu_load, kind="stable"))
-        gpu_of[batch] = lightest
-        gpu_load[lightest] += load[batch]
-        holds[expert[batch], lightest] = True
+    return pack_rows_by_rounds(expert[None], load[None], num_gpus)[0]
+
+
+def pack_rows_by_rounds(expert: np.ndarray, load: np.ndarray, num_gpus: int) -> np.ndarray:
+    """`pack_by_rounds` of every row of expert [L, S] and load [L, S] at once (numpy over the rows) -> gpu [L, S]."""
+    rows = np.arange(expert.shape[0])[:, None]
+    order = np.lexsort((expert, -load))  # [L, S]: per row, heaviest first, ties by expert
+    gpu_of = np.empty(expert.shape, dtype=np.int64)
+    gpu_load = np.zeros((expert.shape[0], num_gpus))
+    holds = np.zeros((expert.shape[0], int(expert.max()) + 1, num_gpus), dtype=bool)
+    for start in range(0, expert.shape[1], num_gpus):
+        batch = order[:, start : start + num_gpus]
+        batch_expert = expert[rows, batch]
+        by_load = np.argsort(gpu_load, axis=1, kind="stable")
+        lightest = by_load[:, : batch.shape[1]].copy()
+        for row in np.flatnonzero(holds[rows, batch_expert, lightest].any(axis=1)):
+            lightest[row] = _resolve_clashes(batch_expert[row], lightest[row], holds[row], by_load[row])
+        gpu_of[rows, batch] = lightest
+        gpu_load[rows, lightest] += load[rows, batch]
+        holds[rows, batch_expert, lightest] = True
     return gpu_of
 
 

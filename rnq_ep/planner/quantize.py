@@ -111,15 +111,17 @@ def cheapest_conversions_by_gpu(
     GPUs that cannot free need[g] bytes keep their copies unchanged (callers check the bytes).
     Without `allow_smallest` only the best-ratio format step is used (no fallback to the smallest).
     """
-    if not (need > 0).any():
-        return fmt.copy()
+    new_fmt = fmt.copy()
+    on = np.flatnonzero(need[gpu] > 0)  # the copies of GPUs that must free bytes; the others keep theirs
+    if not on.size:
+        return new_fmt
+    gpu, fmt, tokens, cost = gpu[on], fmt[on], tokens[on], cost[on]
     rows = np.arange(fmt.size)
     held = fmt_bytes[fmt]
     smaller = np.isfinite(cost) & (fmt_bytes < held[:, None])
     gain = np.where(smaller, held[:, None] - fmt_bytes, 0)
     price = np.where(smaller, tokens[:, None] * np.where(smaller, cost - cost[rows, fmt][:, None], 0.0), np.inf)
     ratio = price / np.maximum(gain, 1)
-    new_fmt = fmt.copy()
     pending = need > 0  # [G] GPUs not yet fitted
     targets = (np.argmin(ratio, axis=1), np.argmax(gain, axis=1))
     for target in targets if allow_smallest else targets[:1]:
@@ -131,7 +133,7 @@ def cheapest_conversions_by_gpu(
         before -= before[first]  # bytes freed by the cheaper copies of the same GPU
         enough = np.bincount(gpu[order], weights=freed, minlength=need.size) >= need
         take = order[movable[order] & (before < need[gpu[order]]) & enough[gpu[order]]]
-        new_fmt[take] = target[take]
+        new_fmt[on[take]] = target[take]
         pending &= ~enough
         if not pending.any():
             break

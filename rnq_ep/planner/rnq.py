@@ -10,11 +10,12 @@ import numpy as np
 
 from rnq_ep.memory import gpu_budget
 from rnq_ep.planner.affinity import align_to_previous, share_matrix
+from rnq_ep.planner.initial import first_fitting_counts, initial_copies
 from rnq_ep.planner.layout import InfeasiblePlan, format_bytes, layer_plan
 from rnq_ep.planner.limits import Limits
-from rnq_ep.planner.place import copy_counts, pack_by_rounds, replica_order
+from rnq_ep.planner.place import copy_counts, replica_order
 from rnq_ep.planner.refine import refine_layer
-from rnq_ep.planner.quantize import cheapest_conversions_by_gpu, sensitivity_costs
+from rnq_ep.planner.quantize import sensitivity_costs
 from rnq_ep.planner.routed import drop_until_within, routed_quantized, routed_quantized_layers, table_of
 from rnq_ep.planner.replicate import LayerCopies, spread_load
 from rnq_ep.planner.transport import Copies, transport_spread
@@ -44,9 +45,9 @@ def plan_rnq(model: ModelSpec, cluster: ClusterSpec, loads: LoadStats, options: 
     check_memory_fits(model, cluster, options, budget, fmt_bytes)
     num_gpus = cluster.num_gpus
     prefer_node = cluster.nodes > 1 and cluster.intra_node_bytes_per_s >= NODE_LOCAL_RATIO * cluster.inter_node_bytes_per_s
-    limits_of, firsts, same_costs = [], [], None  # without per-layer sensitivities every layer has the same costs
-    for index, layer in enumerate(loads.layers):
-        weight = np.asarray(loads.counts[index], dtype=np.float64)
+    limits_of, same_costs = [], None  # without per-layer sensitivities every layer has the same costs
+    weights = np.asarray(loads.counts, dtype=np.float64)  # [L, E]
+    for index, weight in enumerate(weights):
         token_budget = options.quality_budget * float(weight.sum())
         limits = same_costs.with_token_budget(token_budget) if same_costs is not None else Limits(
             budget=budget,
@@ -61,15 +62,22 @@ def plan_rnq(model: ModelSpec, cluster: ClusterSpec, loads: LoadStats, options: 
         if loads.sensitivity is None and loads.importance is None:
             same_costs = limits  # its cached Python views of the costs carry over
         limits_of.append(limits)
-        reuse: dict = {}  # what the trials compute whatever the quality budget, for the re-plans
-        firsts.append((*planned_copies(weight, num_gpus, limits, layer, options, None, reuse), reuse))
+    candidates = replica_counts(model.num_experts, num_gpus, limits_of[0])  # max_held is the same in every layer
+    # what the trials compute whatever the quality budget (the replica ranking, packings, transport), for the re-plans
+    reuses = [{"ranked": replica_order(weight, candidates[0], lim.max_copies)} for weight, lim in zip(weights, limits_of)]
+    starts = first_fitting_counts(
+        weights, [reuse["ranked"] for reuse in reuses], num_gpus, [replica_limits(lim) for lim in limits_of], [c for c in candidates if c], reuses
+    )
+    firsts = [
+        (*planned_copies(weight, num_gpus, limits, layer, options, start, False, reuse, fitted), reuse)
+        for weight, limits, layer, (start, fitted), reuse in zip(weights, limits_of, loads.layers, starts, reuses)
+    ]
     counts = [np.rint(np.asarray(row, dtype=np.float64)).astype(np.int64) for row in loads.counts]
     routed = routed_quantized_layers(
         [table_of(copies, num_gpus, model.num_experts) for copies, _, _ in firsts], counts, [lim.token_budget for lim in limits_of]
     )
     layers = []
-    for index, layer in enumerate(loads.layers):
-        weight = np.asarray(loads.counts[index], dtype=np.float64)
+    for index, (layer, weight) in enumerate(zip(loads.layers, weights)):
         gpu, expert, fmt, tokens = plan_layer(weight, num_gpus, limits_of[index], layer, options, (*firsts[index], routed[index]))
         share = shares(expert, tokens, weight.size)
         if align:
@@ -83,10 +91,18 @@ def plan_rnq(model: ModelSpec, cluster: ClusterSpec, loads: LoadStats, options: 
 
 
 def planned_copies(
-    weight: np.ndarray, num_gpus: int, planning: Limits, layer: int, options: PlanOptions, replan_from: int | None, reuse: dict
+    weight: np.ndarray,
+    num_gpus: int,
+    planning: Limits,
+    layer: int,
+    options: PlanOptions,
+    most: int,
+    replan: bool,
+    reuse: dict,
+    fitted: Copies | None = None,
 ) -> tuple[Copies, int]:
     """(Copies (gpu, expert, fmt, tokens) [S] of `balanced_copies`, refined when asked; their initial replica count)."""
-    state, chosen = balanced_copies(weight, num_gpus, planning, layer, replan_from, reuse)
+    state, chosen = balanced_copies(weight, num_gpus, planning, layer, most, replan, reuse, fitted)
     copies = (np.array(state.gpu), np.array(state.expert), np.array(state.fmt), np.array(state.tokens))
     if options.refine:
         copies = refine_layer(copies, weight, planning, num_gpus, options.refine_time_limit)
@@ -109,7 +125,7 @@ def plan_layer(
         planned = float(copies[3][copies[2] > 0].sum())  # what the plan spent, at most its budget
         planning = planning.with_token_budget(min(planning.token_budget, planned) * limits.token_budget / routed)
         try:
-            copies, chosen = planned_copies(weight, num_gpus, planning, layer, options, chosen, reuse)
+            copies, chosen = planned_copies(weight, num_gpus, planning, layer, options, chosen, True, reuse)
         except InfeasiblePlan:
             break
         routed, _ = routed_quantized(table_of(copies, num_gpus, weight.size), counts, limits.token_budget)
@@ -137,27 +153,27 @@ def check_memory_fits(
 
 
 def balanced_copies(
-    weight: np.ndarray, num_gpus: int, limits: Limits, layer: int, replan_from: int | None, reuse: dict
+    weight: np.ndarray, num_gpus: int, limits: Limits, layer: int, most: int, replan: bool, reuse: dict, fitted: Copies | None = None
 ) -> tuple[LayerCopies, int]:
-    """(Copies, their initial replica count): initial replicas (most first, see EXTRA_REPLICAS_PER_GPU)
+    """(Copies, their initial replica count): initial replicas (`replica_counts` up to `most`, most first)
     spread to balance; the first that reaches the mean load wins, else fewer replicas are tried while
     that lowers the max GPU load and the best plan so far is more than NEAR_FLOOR above `load_floor`
     (fewer replicas could gain little there, and the replicas are what keeps least-loaded routing
-    balanced when the loads shift). A re-plan (`replan_from`: the count that won the last plan, made
-    with a few % more quality budget) takes the first count from there down that fits. `reuse` keeps the
-    budget-independent work (packing, transport) of each count for the layer's re-plans."""
+    balanced when the loads shift). A first plan's `most` is its first count whose initial copies fit
+    (`initial.first_fitting_counts`); a re-plan's the count that won the last plan (made with a few %
+    more quality budget), and it takes the first count from there down that fits. `reuse` holds the
+    layer's replica ranking ("ranked", `place.replica_order` for the largest count) and keeps the
+    budget-independent work (packing, transport) of each count for the layer's re-plans. `fitted`: the
+    initial copies of `most`, when known to fit (the first plans')."""
     floor = load_floor(weight, num_gpus, limits) * (1 + NEAR_FLOOR)
-    leave_room = limits.with_token_budget(limits.token_budget * (1.0 - SPREAD_RESERVE))
+    leave_room = replica_limits(limits)
     best, chosen = None, 0
-    room = limits.max_held * num_gpus - weight.size  # replicas that fill every GPU in the smallest format
-    candidates = sorted({min(room, int(f * num_gpus)) for f in EXTRA_REPLICAS_PER_GPU} | {0}, reverse=True)
-    if replan_from is not None:
-        candidates = [c for c in candidates if c <= replan_from]
-    ranked = replica_order(weight, candidates[0], limits.max_copies)  # extra copies, best first
-    for extra in candidates:
-        counts = 1 + np.bincount(ranked[:extra], minlength=weight.size)  # = copy_counts(weight, extra, ...)
+    for extra in [c for c in replica_counts(weight.size, num_gpus, limits) if c <= most]:
+        counts = 1 + np.bincount(reuse["ranked"][:extra], minlength=weight.size)  # = copy_counts(weight, extra, ...)
         try:
-            copies = initial_copies(weight, counts, num_gpus, leave_room if extra else limits, layer, reuse)
+            copies = fitted if fitted is not None and extra == most else initial_copies(
+                weight, counts, num_gpus, leave_room if extra else limits, layer, reuse
+            )
         except InfeasiblePlan:
             if extra:
                 continue
@@ -171,9 +187,21 @@ def balanced_copies(
         if best is not None and state.load.max() >= best.load.max():
             break  # fewer replicas stopped helping
         best, chosen = state, extra
-        if state.load.max() <= floor or replan_from is not None:
+        if state.load.max() <= floor or replan:
             break
     return best, chosen
+
+
+def replica_counts(num_experts: int, num_gpus: int, limits: Limits) -> list[int]:
+    """Initial replica counts to try, descending: EXTRA_REPLICAS_PER_GPU, at most what fills every GPU in
+    the smallest format, and 0."""
+    room = limits.max_held * num_gpus - num_experts
+    return sorted({min(room, int(f * num_gpus)) for f in EXTRA_REPLICAS_PER_GPU} | {0}, reverse=True)
+
+
+def replica_limits(limits: Limits) -> Limits:
+    """The limits of a trial with replicas: SPREAD_RESERVE of the quality budget is left to the spread."""
+    return limits.with_token_budget(limits.token_budget * (1.0 - SPREAD_RESERVE))
 
 
 def load_floor(weight: np.ndarray, num_gpus: int, limits: Limits) -> float:
@@ -184,52 +212,6 @@ def load_floor(weight: np.ndarray, num_gpus: int, limits: Limits) -> float:
         counts = copy_counts(weight, num_gpus - weight.size, limits.max_copies)
         floor = max(floor, float((weight / counts).max()))
     return floor
-
-
-def initial_copies(
-    weight: np.ndarray, counts: np.ndarray, num_gpus: int, limits: Limits, layer: int, reuse: dict
-) -> Copies:
-    """counts [E] copies of each expert, packed by load; GPUs over budget quantize their cheapest copies
-    (the packing is kept in `reuse` by replica count: it does not depend on the quality budget)."""
-    num_experts = weight.size
-    extra = int(counts.sum()) - num_experts
-    expert = np.repeat(np.arange(num_experts), counts)
-    tokens = weight[expert] / counts[expert]
-    needed = fewest_quantized_copies(expert.size, num_gpus, limits) if extra else 0
-    if needed and np.partition(tokens, needed - 1)[:needed].sum() > limits.token_budget:
-        raise InfeasiblePlan(
-            f"layer {layer}: {extra} replicas need at least {needed} quantized copies, more tokens than the "
-            f"quality budget allows ({limits.token_budget:.0f} tokens) on the GPUs holding the most copies"
-        )
-    if ("packed", extra) not in reuse:
-        gpu = pack_by_rounds(expert, tokens, num_gpus)
-        used = np.bincount(gpu, minlength=num_gpus) * int(limits.fmt_bytes[0])
-        over = np.maximum(used - limits.budget, 0)
-        fmt = np.zeros(expert.size, dtype=np.int64)
-        reuse["packed", extra] = gpu, cheapest_conversions_by_gpu(gpu, fmt, tokens, limits.cost[expert], limits.fmt_bytes, over), over
-    gpu, fmt, over = reuse["packed", extra]
-    still_over = np.bincount(gpu, weights=limits.fmt_bytes[fmt], minlength=num_gpus) > limits.budget
-    short = [f"GPU {g} ({int(over[g])} bytes over in bf16)" for g in np.flatnonzero(still_over)]
-    if tokens[fmt > 0].sum() > limits.token_budget:
-        short = [f"GPU {g} ({int(over[g])} bytes over in bf16)" for g in np.flatnonzero(over > 0)]
-    if short:
-        raise InfeasiblePlan(
-            f"layer {layer}: fitting the budget of {limits.budget} bytes needs more quantized tokens than the "
-            f"quality budget allows ({limits.token_budget:.0f} tokens); missing room on {', '.join(short[:8])}"
-        )
-    return gpu, expert, fmt, tokens
-
-
-def fewest_quantized_copies(num_copies: int, num_gpus: int, limits: Limits) -> int:
-    """Lower bound on copies to quantize when `num_copies` are spread evenly, all in the smallest format."""
-    most = math.ceil(num_copies / num_gpus)
-    crowded = num_copies - (most - 1) * num_gpus  # GPUs holding `most` copies, the rest hold one fewer
-    smallest = limits.smallest_common
-    saved = int(limits.fmt_bytes[0]) - smallest
-    if saved == 0:
-        return 0
-    per_gpu = [max(0, math.ceil((m * int(limits.fmt_bytes[0]) - limits.budget) / saved)) for m in (most, most - 1)]
-    return crowded * per_gpu[0] + (num_gpus - crowded) * per_gpu[1]
 
 
 def layer_state(copies: Copies, limits: Limits, num_gpus: int, num_experts: int) -> LayerCopies:

@@ -1,0 +1,85 @@
+"""The planner's work on all layers at once gives each layer what the one-layer code gives it."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from rnq_ep.planner.initial import first_fitting_counts, initial_copies
+from rnq_ep.planner.layout import InfeasiblePlan
+from rnq_ep.planner.limits import Limits
+from rnq_ep.planner.place import pack_by_rounds, pack_rows_by_rounds, replica_order
+
+FMT_BYTES = np.array([100, 52, 28])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 2**31), st.integers(1, 5), st.integers(1, 12), st.integers(1, 6))
+def test_packing_rows_at_once_packs_each_row_as_alone(seed, num_rows, num_experts, num_gpus):
+    rng = np.random.default_rng(seed)
+    copies = num_experts + int(rng.integers(0, num_experts * (num_gpus - 1) + 1))
+    expert = np.empty((num_rows, copies), dtype=np.int64)
+    for row in range(num_rows):  # every expert 1..G copies, `copies` in all
+        counts = np.ones(num_experts, dtype=np.int64)
+        for _ in range(copies - num_experts):
+            counts[rng.choice(np.flatnonzero(counts < num_gpus))] += 1
+        expert[row] = rng.permutation(np.repeat(np.arange(num_experts), counts))
+    load = rng.integers(0, 4, (num_rows, copies)).astype(np.float64)  # few values: ties and clashes
+    packed = pack_rows_by_rounds(expert, load, num_gpus)
+    for row in range(num_rows):
+        assert np.array_equal(packed[row], pack_by_rounds(expert[row], load[row], num_gpus))
+
+
+def layer_limits(rng: np.random.Generator, num_experts: int, weight: np.ndarray, slots: int) -> Limits:
+    """Limits of a random layer: a budget of `slots` bf16 experts per GPU, int4 allowed or not, a random
+    sensitivity scale and quality budget."""
+    cost = np.tile([0.0, 1.0, 4.0], (num_experts, 1)) * rng.integers(1, 4, (num_experts, 1))
+    if rng.random() < 0.5:
+        cost[:, 2] = np.inf
+    return Limits(
+        budget=slots * int(FMT_BYTES[0]),
+        fmt_bytes=FMT_BYTES,
+        cost=cost,
+        token_budget=float(rng.choice([0.05, 0.25, 0.6])) * float(weight.sum()),
+        max_copies=99,
+        max_held=slots * int(FMT_BYTES[0]) // int(FMT_BYTES[1 if np.isinf(cost[0, 2]) else 2]),
+        gpus_per_node=2,
+        prefer_node=False,
+    )
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.integers(0, 2**31), st.integers(1, 6), st.integers(2, 24), st.integers(1, 6), st.integers(1, 3))
+def test_first_fitting_counts_are_each_layers_first_count_whose_initial_copies_fit(seed, num_layers, num_experts, num_gpus, slots):
+    rng = np.random.default_rng(seed)
+    num_gpus = min(num_gpus, num_experts)
+    slots = max(slots, -(-num_experts // num_gpus))  # one bf16 copy of every expert fits
+    weights = (rng.zipf(1.5, (num_layers, num_experts)) % 200).astype(np.float64)
+    limits = [layer_limits(rng, num_experts, weight, slots) for weight in weights]
+    room = min(lim.max_held for lim in limits) * num_gpus - num_experts  # as rnq.replica_counts: every GPU can hold its copies
+    assume(room > 0)
+    counts = sorted({int(c) for c in rng.integers(1, room + 1, 3)}, reverse=True)
+    rankings = [replica_order(weight, counts[0], num_gpus) for weight in weights]
+    reuses: list[dict] = [{} for _ in weights]
+    found = first_fitting_counts(weights, rankings, num_gpus, limits, counts, reuses)
+    for layer, (weight, ranked, lim, (start, fitted), reuse) in enumerate(zip(weights, rankings, limits, found, reuses)):
+        alone: dict = {}
+        expected = (0, None)
+        for extra in counts:
+            if ranked.size < extra:  # few experts: the layer leaves the batch here, its own trials go on from it
+                expected = (extra, None)
+                break
+            try:
+                copies = initial_copies(weight, 1 + np.bincount(ranked[:extra], minlength=num_experts), num_gpus, lim, layer, alone)
+            except InfeasiblePlan:
+                continue
+            expected = (extra, copies)
+            break
+        assert start == expected[0]
+        assert (fitted is None) == (expected[1] is None)
+        if fitted is not None:
+            assert all(np.array_equal(a, b) for a, b in zip(fitted, expected[1]))
+        assert reuse.keys() == alone.keys()
+        for key, packing in reuse.items():
+            assert all(np.array_equal(a, b) for a, b in zip(packing, alone[key]))
