@@ -23,7 +23,9 @@ def plot_study(runs_by_gpus: dict[int, list[PolicyRun]], sweep: dict, path: Path
     gpus = list(runs_by_gpus)
     for i, name in enumerate(r.policy for r in runs_by_gpus[gpus[0]]):
         times = [next(r.layer_s for r in runs_by_gpus[g] if r.policy == name) * 1e6 for g in gpus]
-        axes[0].plot(gpus, times, marker="o", linestyle="-" if i < 6 else "--", label=name)
+        replans = name.endswith(" + re-plan")  # past the colour cycle's 10: told apart by line and marker
+        axes[0].plot(gpus, times, marker="s" if replans else "o", linestyle=":" if replans else "-" if i < 6 else "--",
+                     linewidth=2.5 if replans else 1.5, label=name)
     axes[0].set(xscale="log", yscale="log", xlabel="GPUs", ylabel="MoE us per layer (cost model)",
                 title=f"{model_name}: step time vs GPUs")
     axes[0].set_xticks(gpus, [str(g) for g in gpus])
