@@ -52,7 +52,7 @@ def run_replanning(
     policy: Policy, model: ModelSpec, cluster: ClusterSpec, windows: Windows, tokens_per_gpu: int,
     interval: int = DEFAULT_REPLAN_INTERVAL,
 ) -> PolicyRun:
-    """Plan window 0 on its plan-on loads, re-plan each later window from the previous scored window's counts."""
+    """Plan the first window on its plan-on loads, re-plan each later one from the previous scored window's counts."""
     if interval < 1:
         raise ValueError(f"re-plan interval must be >= 1 step, got {interval}")
     scored = [score_on for _, score_on in windows]

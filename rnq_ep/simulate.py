@@ -47,8 +47,9 @@ SCALE_NOTE = (
 REPLAN_NOTE = (
     " Re-plan policies: window 1 on the plan made from the --loads file, each later window on `replan` of the plan "
     "before from the previous window's counts (kept in place, a layer moved only if its gain over the interval pays "
-    "for the moves); a moved layer's link time is in 'moves', divided by the interval; the last column is per "
-    "re-plan, all layers, not amortised: layers moved / MB sent or reloaded / link ms, layer after layer."
+    "for the moves); a moved layer's link time is in 'moves', divided by the interval; planner s: the mean of the "
+    "first plan and the re-plans; the last column is per re-plan, all layers, not amortised: layers moved / MB sent "
+    "or reloaded / link ms, layer after layer."
 )
 
 
