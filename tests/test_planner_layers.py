@@ -10,6 +10,8 @@ from rnq_ep.planner.initial import first_fitting_counts, initial_copies
 from rnq_ep.planner.layout import InfeasiblePlan
 from rnq_ep.planner.limits import Limits
 from rnq_ep.planner.place import pack_by_rounds, pack_rows_by_rounds, replica_order
+from rnq_ep.planner.transport import transport_layers
+from transport_reference import transport_reference
 
 FMT_BYTES = np.array([100, 52, 28])
 
@@ -83,3 +85,33 @@ def test_first_fitting_counts_are_each_layers_first_count_whose_initial_copies_f
         assert reuse.keys() == alone.keys()
         for key, packing in reuse.items():
             assert all(np.array_equal(a, b) for a, b in zip(packing, alone[key]))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(0, 2**31), st.integers(1, 6), st.integers(8, 48), st.integers(2, 8), st.integers(1, 3))
+def test_transport_of_layers_end_to_end_gives_each_layer_its_own_pass(seed, num_layers, num_experts, num_gpus, slots):
+    rng = np.random.default_rng(seed)
+    num_gpus = min(num_gpus, num_experts)
+    slots = max(slots, -(-num_experts // num_gpus))
+    weights = (rng.zipf(1.5, (num_layers, num_experts)) % 200).astype(np.float64)
+    weights[rng.random(num_layers) < 0.2] = 7.0  # some layers may be balanced already
+    copies_of, limits_of = [], []
+    for layer, weight in enumerate(weights):
+        limits = layer_limits(rng, num_experts, weight, slots)
+        room = limits.max_held * num_gpus - num_experts
+        extra = int(rng.integers(0, room + 1))
+        ranked = replica_order(weight, extra, num_gpus)
+        try:
+            copies = initial_copies(weight, 1 + np.bincount(ranked, minlength=num_experts), num_gpus, limits, layer, {})
+        except InfeasiblePlan:
+            continue
+        copies_of.append(copies)
+        limits_of.append(limits)
+    assume(copies_of)
+    together = transport_layers(copies_of, limits_of, num_gpus, num_experts)
+    for copies, limits, (moved, quantized) in zip(copies_of, limits_of, together):
+        expected, expected_quantized = transport_reference(copies, limits, num_gpus, num_experts)
+        assert quantized == expected_quantized
+        for column, expected_column in zip(moved, expected):
+            assert column.dtype == expected_column.dtype
+            assert np.array_equal(column, expected_column)

@@ -18,7 +18,7 @@ from rnq_ep.planner.refine import refine_layer
 from rnq_ep.planner.quantize import sensitivity_costs
 from rnq_ep.planner.routed import drop_until_within, routed_quantized, routed_quantized_layers, table_of
 from rnq_ep.planner.replicate import LayerCopies, spread_load
-from rnq_ep.planner.transport import Copies, transport_spread
+from rnq_ep.planner.transport import Copies, transport_layers, transport_spread
 from rnq_ep.specs import FORMATS, ClusterSpec, LoadStats, ModelSpec, Plan, PlanOptions, SpecError
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,10 @@ def plan_rnq(model: ModelSpec, cluster: ClusterSpec, loads: LoadStats, options: 
     starts = first_fitting_counts(
         weights, [reuse["ranked"] for reuse in reuses], num_gpus, [replica_limits(lim) for lim in limits_of], [c for c in candidates if c], reuses
     )
+    fitted = [index for index, (_, copies) in enumerate(starts) if copies is not None]
+    moved = transport_layers([starts[i][1] for i in fitted], [limits_of[i] for i in fitted], num_gpus, model.num_experts)
+    for index, result in zip(fitted, moved):
+        reuses[index]["moved", starts[index][0]] = result
     firsts = [
         (*planned_copies(weight, num_gpus, limits, layer, options, start, False, reuse, fitted), reuse)
         for weight, limits, layer, (start, fitted), reuse in zip(weights, limits_of, loads.layers, starts, reuses)
