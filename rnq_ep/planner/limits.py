@@ -7,6 +7,8 @@ from functools import cached_property
 
 import numpy as np
 
+from rnq_ep.planner.quantize import format_moves
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -24,7 +26,7 @@ class Limits:
     def with_token_budget(self, token_budget: float) -> Limits:
         """The same limits with another quality budget; the cached Python views below carry over."""
         other = replace(self, token_budget=token_budget)
-        cached = ("allowed_codes", "cost_rows", "sizes", "smallest_common")
+        cached = ("allowed_codes", "cost_rows", "moves", "sizes", "smallest_common")
         other.__dict__.update({k: v for k, v in self.__dict__.items() if k in cached})
         return other
 
@@ -42,6 +44,15 @@ class Limits:
     def cost_rows(self) -> list[list[float]]:
         """`cost` as Python lists [E][3], for the per-step code that works on a few copies."""
         return self.cost.tolist()
+
+    @cached_property
+    def moves(self) -> list[list[list[tuple[int, float, int, int]]]]:
+        """`quantize.format_moves` of each expert [E][3], for the per-step code that frees room on a GPU."""
+        of_row: dict[tuple[float, ...], list] = {}  # experts with equal costs share their moves
+        for row in self.cost_rows:
+            if tuple(row) not in of_row:
+                of_row[tuple(row)] = format_moves(row, self.sizes)
+        return [of_row[tuple(row)] for row in self.cost_rows]
 
     @cached_property
     def sizes(self) -> list[int]:

@@ -46,15 +46,27 @@ def cheapest_conversions(
     enough, to its smallest allowed format); copies go in order of cost per freed byte. Returns
     (new fmt [c], added cost, added quantized tokens), or None when nothing frees enough.
     """
-    found = conversions_for_needs(fmt.tolist(), tokens.tolist(), cost.tolist(), fmt_bytes.tolist(), [need])[0]
+    sizes = fmt_bytes.tolist()
+    moves = [format_moves(row, sizes)[f] for row, f in zip(cost.tolist(), fmt.tolist())]
+    found = conversions_for_needs(fmt.tolist(), tokens.tolist(), moves, [need])[0]
     return None if found is None else (np.array(found[0], dtype=fmt.dtype), found[1], found[2])
 
 
+def format_moves(cost: list[float], sizes: list[int]) -> list[list[tuple[int, float, int, int]]]:
+    """For a copy with quality costs cost [3] held in format f, per f [3]: its moves to smaller allowed formats k
+    (larger first) as (k, cost change per token, freed bytes, freed bytes but at least 1)."""
+    return [
+        [(k, c - cost[f], sizes[f] - size, max(sizes[f] - size, 1)) for k, (size, c) in enumerate(zip(sizes, cost)) if size < sizes[f] and math.isfinite(c)]
+        for f in range(len(sizes))
+    ]
+
+
 def conversions_for_needs(
-    fmt: list[int], tokens: list[float], cost: list[list[float]], sizes: list[int], needs: list[int]
+    fmt: list[int], tokens: list[float], moves: list[list[tuple[int, float, int, int]]], needs: list[int]
 ) -> list[tuple[list[int], float, float] | None]:
-    """`cheapest_conversions` of one GPU's copies (as lists) for each of several byte needs, sharing the
-    sorting work: (new formats, added cost, added quantized tokens) or None per need.
+    """`cheapest_conversions` of one GPU's copies (as lists; moves[i]: `format_moves` of copy i in its format)
+    for each of several byte needs, sharing the sorting work: (new formats, added cost, added quantized
+    tokens) or None per need.
 
     Plain Python: a GPU holds a handful of copies, where numpy's per-call overhead would dominate.
     """
@@ -63,25 +75,26 @@ def conversions_for_needs(
     if not pending:
         return results
     cheapest, largest = [], []  # per copy: (cost per freed byte, freed bytes, cost, format) or None
-    for f, t, c in zip(fmt, tokens, cost):
+    one_move = True  # every copy has at most one move: the largest moves are the cheapest
+    for t, options in zip(tokens, moves):
         cheap = large = None  # the first of equal moves wins: the larger format
-        for k, size in enumerate(sizes):
-            if size < sizes[f] and math.isfinite(c[k]):
-                price = t * (c[k] - c[f])
-                move = (price / max(sizes[f] - size, 1), sizes[f] - size, price, k)
-                if cheap is None or move[0] < cheap[0]:
-                    cheap = move
-                if large is None or move[1] > large[1]:
-                    large = move
+        for k, change, gain, divisor in options:
+            price = t * change
+            move = (price / divisor, gain, price, k)
+            if cheap is None or move[0] < cheap[0]:
+                cheap = move
+            if large is None or move[1] > large[1]:
+                large = move
         cheapest.append(cheap)
         largest.append(large)
+        one_move = one_move and cheap is large
     if len(fmt) == 1:  # one copy (every GPU at one expert per GPU): nothing to order or add up
         for move in (cheapest[0], largest[0]):
             for p in [p for p in pending if move is not None and move[1] >= needs[p]]:
                 results[p] = ([move[3]], float(move[2]), float(tokens[0]) if fmt[0] == 0 else 0.0)
                 pending.remove(p)
         return results
-    for target in (cheapest, largest):
+    for target in (cheapest,) if one_move else (cheapest, largest):  # the same list again frees no more
         if not pending:
             break
         order = sorted((i for i, m in enumerate(target) if m is not None), key=lambda i: target[i][0])

@@ -188,11 +188,9 @@ def _room_plans(state: LayerCopies, limits: Limits, sink: int) -> list:
     (also None for a format no expert may use)."""
     room = limits.budget - state.used[sink]
     slots = state.slots_on(sink)
-    sink_cost = [limits.cost_rows[state.expert[s]] for s in slots]
+    moves = [limits.moves[state.expert[s]][state.fmt[s]] for s in slots]
     needs = [limits.sizes[code] - room for code in limits.allowed_codes]
-    freed_by_code = conversions_for_needs(
-        [state.fmt[s] for s in slots], [state.tokens[s] for s in slots], sink_cost, limits.sizes, needs
-    )
+    freed_by_code = conversions_for_needs([state.fmt[s] for s in slots], [state.tokens[s] for s in slots], moves, needs)
     plans: list = [None] * limits.fmt_bytes.size
     for code, freed in zip(limits.allowed_codes, freed_by_code):
         plans[code] = None if freed is None else (slots, freed[0], freed[1], freed[2])
