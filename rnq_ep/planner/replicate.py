@@ -32,7 +32,6 @@ class LayerCopies:
     expert: list[int]
     fmt: list[int]  # 0 bf16, 1 int8, 2 int4
     tokens: list[float]
-    slot_of: dict[tuple[int, int], int]  # (expert, gpu) -> slot index of that copy
     gpus_of: list[list[int]]  # [E] GPUs holding a copy of expert e, ascending
     slots_by_gpu: list[list[int]]  # [G] slots on GPU g, by expert
     copies: list[int]  # [E] copies per expert
@@ -48,6 +47,11 @@ class LayerCopies:
     def slots_on(self, gpu: int) -> list[int]:
         """Slot indices held by `gpu`, by expert -> [c]."""
         return list(self.slots_by_gpu[gpu])
+
+    def slot_of(self, expert: int, gpu: int) -> int:
+        """Slot index of `expert`'s copy on `gpu` (which holds one)."""
+        slots = self.slots_by_gpu[gpu]
+        return slots[bisect.bisect_left(slots, expert, key=self.expert.__getitem__)]
 
 
 def spread_load(state: LayerCopies, limits: Limits, give_up_at: float = np.inf) -> None:
@@ -131,7 +135,7 @@ def _pour_to_existing(
         sink = min(state.gpus_of[expert], key=loads.__getitem__)  # ties: lower GPU
         if loads[sink] >= ceiling - tol:
             continue
-        other = state.slot_of[expert, sink]
+        other = state.slot_of(expert, sink)
         if finite:
             amount = min(loads[source] - target, target - loads[sink], state.tokens[slot])
         else:
@@ -241,7 +245,6 @@ def _apply(
     state.used[sink] += fmt_bytes[code]
     if moves_all:
         state.used[source] -= fmt_bytes[state.fmt[slot]]
-        state.slot_of[expert, sink] = state.slot_of.pop((expert, source))
         state.gpus_of[expert].remove(source)
         bisect.insort(state.gpus_of[expert], sink)
         state.slots_by_gpu[source].remove(slot)
@@ -249,7 +252,6 @@ def _apply(
         state.gpu[slot], state.fmt[slot] = sink, code
         return
     state.tokens[slot] -= amount
-    state.slot_of[expert, sink] = len(state.gpu)
     bisect.insort(state.gpus_of[expert], sink)
     state.gpu.append(sink)
     state.expert.append(expert)

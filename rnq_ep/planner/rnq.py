@@ -227,13 +227,11 @@ def layer_state(copies: Copies, limits: Limits, num_gpus: int, num_experts: int)
     bounds = [0, *np.cumsum(copies_of).tolist()]
     on_gpu = np.lexsort((expert, gpu)).tolist()
     gpu_bounds = [0, *np.cumsum(held).tolist()]
-    gpus, experts = gpu.tolist(), expert.tolist()
     return LayerCopies(
-        gpu=gpus,
-        expert=experts,
+        gpu=gpu.tolist(),
+        expert=expert.tolist(),
         fmt=fmt.tolist(),
         tokens=tokens.tolist(),
-        slot_of=dict(zip(zip(experts, gpus), range(len(gpus)))),
         gpus_of=[by_expert[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])],
         slots_by_gpu=[on_gpu[lo:hi] for lo, hi in zip(gpu_bounds[:-1], gpu_bounds[1:])],
         copies=copies_of.tolist(),
