@@ -10,7 +10,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "rnq_ep"
 PURE = [
     "planner", "routing.py", "balance.py", "costmodel.py", "quant.py", "memory.py", "metrics.py", "specs.py",
-    "policies.py", "synthetic.py",
+    "policies.py", "synthetic.py", "replan_sim.py", "load_windows.py",
 ]
 
 
