@@ -61,11 +61,14 @@ def test_first_fitting_counts_are_each_layers_first_count_whose_initial_copies_f
     limits = [layer_limits(rng, num_experts, weight, slots) for weight in weights]
     room = min(lim.max_held for lim in limits) * num_gpus - num_experts  # as rnq.replica_counts: every GPU can hold its copies
     assume(room > 0)
-    counts = sorted({int(c) for c in rng.integers(1, room + 1, 3)}, reverse=True)
+    counts = sorted({int(c) for c in rng.integers(1, room + 1, 3)} | {0}, reverse=True)
     rankings = [replica_order(weight, counts[0], num_gpus) for weight in weights]
+    replica_limits = [lim.with_token_budget(lim.token_budget * 0.8) for lim in limits]
     reuses: list[dict] = [{} for _ in weights]
-    found = first_fitting_counts(weights, rankings, num_gpus, limits, counts, reuses)
-    for layer, (weight, ranked, lim, (start, fitted), reuse) in enumerate(zip(weights, rankings, limits, found, reuses)):
+    found = first_fitting_counts(weights, rankings, num_gpus, limits, replica_limits, counts, reuses)
+    for layer, (weight, ranked, lim, replica_lim, (start, fitted), reuse) in enumerate(
+        zip(weights, rankings, limits, replica_limits, found, reuses)
+    ):
         alone: dict = {}
         expected = (0, None)
         for extra in counts:
@@ -73,7 +76,8 @@ def test_first_fitting_counts_are_each_layers_first_count_whose_initial_copies_f
                 expected = (extra, None)
                 break
             try:
-                copies = initial_copies(weight, 1 + np.bincount(ranked[:extra], minlength=num_experts), num_gpus, lim, layer, alone)
+                counts_of_expert = 1 + np.bincount(ranked[:extra], minlength=num_experts)
+                copies = initial_copies(weight, counts_of_expert, num_gpus, replica_lim if extra else lim, layer, alone)
             except InfeasiblePlan:
                 continue
             expected = (extra, copies)

@@ -17,7 +17,7 @@ from rnq_ep.planner.layout import InfeasiblePlan
 from rnq_ep.planner.limits import Limits
 from rnq_ep.planner.place import pack_by_rounds, pack_rows_by_rounds
 from rnq_ep.planner.quantize import cheapest_conversions_by_gpu
-from rnq_ep.planner.transport import Copies
+from rnq_ep.planner.transport import BATCH_CELLS, Copies
 
 
 def initial_copies(
@@ -66,13 +66,19 @@ def fewest_quantized_copies(num_copies: int, num_gpus: int, limits: Limits) -> i
 
 
 def first_fitting_counts(
-    weights: np.ndarray, rankings: list[np.ndarray], num_gpus: int, limits_of: list[Limits], counts: list[int], reuses: list[dict]
+    weights: np.ndarray,
+    rankings: list[np.ndarray],
+    num_gpus: int,
+    limits_of: list[Limits],
+    replica_limits_of: list[Limits],
+    counts: list[int],
+    reuses: list[dict],
 ) -> list[tuple[int, Copies | None]]:
-    """Per layer of weights [L, E]: the first of the positive replica counts `counts` (descending) to try,
-    and its `initial_copies` when they fit limits_of[l] (the trials' limits), else (0, None): the counts
-    before it do not fit. Every packing made goes into reuses[l] as `initial_copies` keeps it.
-    rankings[l]: `place.replica_order` of the layer for counts[0]; a layer whose ranking is shorter than
-    a count leaves the batch at that count, without copies."""
+    """Per layer of weights [L, E]: the first of the replica counts `counts` (descending) to try, and its
+    `initial_copies` when they fit the layer's limits (replica_limits_of[l] for a positive count, limits_of[l]
+    for 0), else (0, None): the counts before it do not fit. Every packing made goes into reuses[l] as
+    `initial_copies` keeps it. rankings[l]: `place.replica_order` of the layer for counts[0]; a layer whose
+    ranking is shorter than a count leaves the batch at that count, without copies."""
     start: list[tuple[int, Copies | None]] = [(0, None)] * len(weights)
     pending = list(range(len(weights)))
     for extra in counts:
@@ -80,7 +86,12 @@ def first_fitting_counts(
             if rankings[index].size < extra:
                 start[index] = (extra, None)
         pending = [index for index in pending if rankings[index].size >= extra]
-        fitted = _fitted(weights, rankings, num_gpus, limits_of, extra, reuses, pending) if pending else []
+        trial_limits = replica_limits_of if extra else limits_of
+        batch = max(1, BATCH_CELLS // (weights.shape[1] * num_gpus))
+        fitted = [
+            copies for lo in range(0, len(pending), batch)
+            for copies in _fitted(weights, rankings, num_gpus, trial_limits, extra, reuses, pending[lo : lo + batch])
+        ]
         for index, copies in zip(pending, fitted):
             if copies is not None:
                 start[index] = (extra, copies)
@@ -100,7 +111,7 @@ def _fitted(
     tokens = weights[rows][row, expert] / counts[row, expert]
     limits = [limits_of[i] for i in rows]
     smallest = [lim.smallest_common for lim in limits]  # all that fewest_quantized_copies reads of a layer's limits
-    needed_of = {s: fewest_quantized_copies(expert.shape[1], num_gpus, limits[smallest.index(s)]) for s in set(smallest)}
+    needed_of = {s: fewest_quantized_copies(expert.shape[1], num_gpus, limits[smallest.index(s)]) if extra else 0 for s in set(smallest)}
     needed = np.array([needed_of[s] for s in smallest])
     fits = np.ones(num_rows, dtype=bool)
     for need in set(needed_of.values()) - {0}:

@@ -24,10 +24,10 @@ class Limits:
     prefer_node: bool  # keep an expert's copies on its node when that node has room
 
     def with_token_budget(self, token_budget: float) -> Limits:
-        """The same limits with another quality budget; the cached Python views below carry over."""
+        """The same limits with another quality budget, sharing the cached Python views below (made here
+        when missing, so that every copy of these limits shares them)."""
         other = replace(self, token_budget=token_budget)
-        cached = ("allowed_codes", "cost_rows", "moves", "sizes", "smallest_common")
-        other.__dict__.update({k: v for k, v in self.__dict__.items() if k in cached})
+        other.__dict__.update({key: getattr(self, key) for key in ("allowed_codes", "cost_rows", "moves", "sizes", "smallest_common")})
         return other
 
     @cached_property

@@ -65,9 +65,8 @@ def plan_rnq(model: ModelSpec, cluster: ClusterSpec, loads: LoadStats, options: 
     candidates = replica_counts(model.num_experts, num_gpus, limits_of[0])  # max_held is the same in every layer
     # what the trials compute whatever the quality budget (the replica ranking, packings, transport), for the re-plans
     reuses = [{"ranked": replica_order(weight, candidates[0], lim.max_copies)} for weight, lim in zip(weights, limits_of)]
-    starts = first_fitting_counts(
-        weights, [reuse["ranked"] for reuse in reuses], num_gpus, [replica_limits(lim) for lim in limits_of], [c for c in candidates if c], reuses
-    )
+    rankings = [reuse["ranked"] for reuse in reuses]
+    starts = first_fitting_counts(weights, rankings, num_gpus, limits_of, [replica_limits(lim) for lim in limits_of], candidates, reuses)
     fitted = [index for index, (_, copies) in enumerate(starts) if copies is not None]
     moved = transport_layers([starts[i][1] for i in fitted], [limits_of[i] for i in fitted], num_gpus, model.num_experts)
     for index, result in zip(fitted, moved):
