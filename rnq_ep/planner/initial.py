@@ -122,13 +122,14 @@ def _fitted(
     fitted: list[Copies | None] = [None] * num_rows
     if not packed.size:
         return fitted
-    fmt_bytes, budget = limits[0].fmt_bytes, limits[0].budget  # the model's and the cluster's: one for all layers
+    fmt_bytes = limits[0].fmt_bytes  # the model's: one for all layers
+    budget = np.repeat([limits[j].budget for j in packed.tolist()], num_gpus)  # [F * G]
     gpu = pack_rows_by_rounds(expert[packed], tokens[packed], num_gpus)  # [F, S]
     flat_gpu = (gpu + np.arange(packed.size)[:, None] * num_gpus).ravel()  # layer f's GPU g is f * G + g
-    over = np.maximum(np.bincount(flat_gpu, minlength=packed.size * num_gpus) * int(fmt_bytes[0]) - budget, 0)
+    over = np.maximum(np.bincount(flat_gpu, minlength=budget.size) * int(fmt_bytes[0]) - budget, 0)
     cost = np.stack([limits[j].cost for j in packed])[np.arange(packed.size)[:, None], expert[packed]].reshape(-1, 3)
     fmt = cheapest_conversions_by_gpu(flat_gpu, np.zeros(flat_gpu.size, dtype=np.int64), tokens[packed].ravel(), cost, fmt_bytes, over)
-    still_over = np.bincount(flat_gpu, weights=fmt_bytes[fmt], minlength=over.size).reshape(packed.size, num_gpus) > budget
+    still_over = (np.bincount(flat_gpu, weights=fmt_bytes[fmt], minlength=budget.size) > budget).reshape(packed.size, num_gpus)
     fmt, over = fmt.reshape(gpu.shape), over.reshape(packed.size, num_gpus)
     for f, j in enumerate(packed.tolist()):
         reuses[rows[j]]["packed", extra] = gpu[f], fmt[f], over[f]
