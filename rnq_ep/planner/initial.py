@@ -105,14 +105,14 @@ def _fitted(
     """`initial_copies` of layers `rows` with `extra` replicas at once, None where they do not fit; packings into reuses."""
     num_rows, num_experts = len(rows), weights.shape[1]
     row = np.arange(num_rows)[:, None]
-    counts = 1 + np.bincount((np.stack([rankings[i][:extra] for i in rows]) + row * num_experts).ravel(), minlength=num_rows * num_experts)
-    counts = counts.reshape(num_rows, num_experts)
+    ranked = np.stack([rankings[i][:extra] for i in rows]) + row * num_experts  # [P, extra], layer p's experts from p * E
+    counts = 1 + np.bincount(ranked.ravel(), minlength=num_rows * num_experts).reshape(num_rows, num_experts)
     expert = np.repeat(np.tile(np.arange(num_experts), num_rows), counts.ravel()).reshape(num_rows, -1)  # [P, E + extra]
     tokens = weights[rows][row, expert] / counts[row, expert]
     limits = [limits_of[i] for i in rows]
-    smallest = [lim.smallest_common for lim in limits]  # all that fewest_quantized_copies reads of a layer's limits
-    needed_of = {s: fewest_quantized_copies(expert.shape[1], num_gpus, limits[smallest.index(s)]) if extra else 0 for s in set(smallest)}
-    needed = np.array([needed_of[s] for s in smallest])
+    keys = [(lim.smallest_common, lim.budget) for lim in limits]  # what fewest_quantized_copies reads but the sizes
+    needed_of = {key: fewest_quantized_copies(expert.shape[1], num_gpus, limits[keys.index(key)]) if extra else 0 for key in set(keys)}
+    needed = np.array([needed_of[key] for key in keys])
     fits = np.ones(num_rows, dtype=bool)
     for need in set(needed_of.values()) - {0}:
         some = np.flatnonzero(needed == need)

@@ -56,7 +56,11 @@ def format_moves(cost: list[float], sizes: list[int]) -> list[list[tuple[int, fl
     """For a copy with quality costs cost [3] held in format f, per f [3]: its moves to smaller allowed formats k
     (larger first) as (k, cost change per token, freed bytes, freed bytes but at least 1)."""
     return [
-        [(k, c - cost[f], sizes[f] - size, max(sizes[f] - size, 1)) for k, (size, c) in enumerate(zip(sizes, cost)) if size < sizes[f] and math.isfinite(c)]
+        [
+            (k, c - cost[f], sizes[f] - size, max(sizes[f] - size, 1))
+            for k, (size, c) in enumerate(zip(sizes, cost))
+            if size < sizes[f] and math.isfinite(c)
+        ]
         for f in range(len(sizes))
     ]
 
