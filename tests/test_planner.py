@@ -214,7 +214,7 @@ def test_sink_order_is_the_head_of_a_full_stable_sort(seed, num_gpus, gpus_per_n
     held, max_held, open_below = rng.integers(0, 3, num_gpus), 2, 4.5
     holders = sorted(rng.choice(num_gpus, int(rng.integers(0, num_gpus)), replace=False).tolist())  # GPUs with the expert
     state = SimpleNamespace(
-        loads=load.tolist(), held=held, open_below=open_below, gpus_of=[holders],
+        loads=load.tolist(), held=held, open_below=open_below, gpus_of={0: holders},
         open=sorted((x, g) for g, x in enumerate(load.tolist()) if x < open_below and held[g] < max_held),
     )
     limits = SimpleNamespace(gpus_per_node=gpus_per_node, prefer_node=prefer_node, max_held=max_held)

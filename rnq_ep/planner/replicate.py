@@ -32,7 +32,7 @@ class LayerCopies:
     expert: list[int]
     fmt: list[int]  # 0 bf16, 1 int8, 2 int4
     tokens: list[float]
-    gpus_of: list[list[int]]  # [E] GPUs holding a copy of expert e, ascending
+    gpus_of: dict[int, list[int]]  # expert with 2+ copies -> the GPUs holding them, ascending (one copy: not here)
     slots_by_gpu: list[list[int]]  # [G] slots on GPU g, by expert
     copies: list[int]  # [E] copies per expert
     load: np.ndarray  # [G] planned tokens per GPU
@@ -169,7 +169,7 @@ def _change(state: LayerCopies, limits: Limits, gpu: int, amount: float, copies:
 def _sink_order(state: LayerCopies, limits: Limits, expert: int, source: int, target: float, want: float) -> list[int]:
     """The first TRIED_SINKS GPUs below the target with a free slot and no copy of `expert`, least loaded
     first (ties: lower GPU); with prefer_node, same-node GPUs that can take `want` lead."""
-    holders = state.gpus_of[expert]
+    holders = state.gpus_of.get(expert, (source,))  # not there: its one copy is the one on `source`
     order = []
     for _, g in state.open:
         if g not in holders:
@@ -245,14 +245,15 @@ def _apply(
     state.used[sink] += fmt_bytes[code]
     if moves_all:
         state.used[source] -= fmt_bytes[state.fmt[slot]]
-        state.gpus_of[expert].remove(source)
-        bisect.insort(state.gpus_of[expert], sink)
+        if expert in state.gpus_of:
+            state.gpus_of[expert].remove(source)
+            bisect.insort(state.gpus_of[expert], sink)
         state.slots_by_gpu[source].remove(slot)
         bisect.insort(state.slots_by_gpu[sink], slot, key=state.expert.__getitem__)
         state.gpu[slot], state.fmt[slot] = sink, code
         return
     state.tokens[slot] -= amount
-    bisect.insort(state.gpus_of[expert], sink)
+    bisect.insort(state.gpus_of.setdefault(expert, [source]), sink)
     state.gpu.append(sink)
     state.expert.append(expert)
     bisect.insort(state.slots_by_gpu[sink], len(state.gpu) - 1, key=state.expert.__getitem__)

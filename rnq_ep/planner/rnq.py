@@ -231,7 +231,7 @@ def layer_state(copies: Copies, limits: Limits, num_gpus: int, num_experts: int)
         expert=expert.tolist(),
         fmt=fmt.tolist(),
         tokens=tokens.tolist(),
-        gpus_of=[by_expert[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])],
+        gpus_of={e: by_expert[bounds[e] : bounds[e + 1]] for e in np.flatnonzero(copies_of > 1).tolist()},
         slots_by_gpu=[on_gpu[lo:hi] for lo, hi in zip(gpu_bounds[:-1], gpu_bounds[1:])],
         copies=copies_of.tolist(),
         load=np.bincount(gpu, weights=tokens, minlength=num_gpus),
