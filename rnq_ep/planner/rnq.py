@@ -62,15 +62,7 @@ def plan_rnq(model: ModelSpec, cluster: ClusterSpec, loads: LoadStats, options: 
         if loads.sensitivity is None and loads.importance is None:
             same_costs = limits  # its cached Python views of the costs carry over
         limits_of.append(limits)
-    candidates = replica_counts(model.num_experts, num_gpus, limits_of[0])  # max_held is the same in every layer
-    # what the trials compute whatever the quality budget (the replica ranking, packings, transport), for the re-plans
-    reuses = [{"ranked": replica_order(weight, candidates[0], lim.max_copies)} for weight, lim in zip(weights, limits_of)]
-    rankings = [reuse["ranked"] for reuse in reuses]
-    starts = first_fitting_counts(weights, rankings, num_gpus, limits_of, [replica_limits(lim) for lim in limits_of], candidates, reuses)
-    fitted = [index for index, (_, copies) in enumerate(starts) if copies is not None]
-    moved = transport_layers([starts[i][1] for i in fitted], [limits_of[i] for i in fitted], num_gpus, model.num_experts)
-    for index, result in zip(fitted, moved):
-        reuses[index]["moved", starts[index][0]] = result
+    starts, reuses = first_stage(weights, num_gpus, limits_of)
     firsts = [
         (*planned_copies(weight, num_gpus, limits, layer, options, start, False, reuse, fitted), reuse)
         for weight, limits, layer, (start, fitted), reuse in zip(weights, limits_of, loads.layers, starts, reuses)
@@ -91,6 +83,21 @@ def plan_rnq(model: ModelSpec, cluster: ClusterSpec, loads: LoadStats, options: 
         layers.append(layer_plan(layer, gpu, expert, fmt, share))
     summary = {"planner_seconds": time.perf_counter() - started}
     return Plan(model=model, cluster=cluster, options=options, layers=layers, summary=summary)
+
+
+def first_stage(weights: np.ndarray, num_gpus: int, limits_of: list[Limits]) -> tuple[list[tuple[int, Copies | None]], list[dict]]:
+    """Steps 1-4 of every layer's first plan at once for weights [L, E]: per layer (the first replica count
+    to try, its initial copies when they fit; `initial.first_fitting_counts`) and its `reuse` of
+    `balanced_copies`, with the replica ranking, the packings made and the transport pass of that count."""
+    candidates = replica_counts(weights.shape[1], num_gpus, limits_of[0])  # max_held is the same in every layer
+    reuses = [{"ranked": replica_order(weight, candidates[0], limits.max_copies)} for weight, limits in zip(weights, limits_of)]
+    rankings = [reuse["ranked"] for reuse in reuses]
+    starts = first_fitting_counts(weights, rankings, num_gpus, limits_of, [replica_limits(lim) for lim in limits_of], candidates, reuses)
+    fit = [index for index, (_, copies) in enumerate(starts) if copies is not None]
+    moved = transport_layers([starts[i][1] for i in fit], [limits_of[i] for i in fit], num_gpus, weights.shape[1])
+    for index, result in zip(fit, moved):
+        reuses[index]["moved", starts[index][0]] = result
+    return starts, reuses
 
 
 def planned_copies(
