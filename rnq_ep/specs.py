@@ -139,7 +139,7 @@ class LoadStats(msgspec.Struct, **_FROZEN):
         return list(self.layer_ids) if self.layer_ids is not None else list(range(len(self.counts)))
 
 
-class Slot(msgspec.Struct, **_FROZEN):
+class Slot(msgspec.Struct, **_FROZEN, gc=False):  # scalars only: no cycles; ~17k per plan
     """One physical expert copy: which GPU, which logical expert, its format and planned share."""
 
     gpu: int
