@@ -99,6 +99,10 @@ def add_plan(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine", action="store_true", help="exact HiGHS refine of each layer's placement")
     p.add_argument("--refine-time-limit", type=float, metavar="S", default=PlanOptions().refine_time_limit,
                    help="seconds per layer for --refine")
+    p.add_argument("--hedge", action="store_true",
+                   help="spend the quality budget the balance left unused on spare int8 copies of single-copy quantized "
+                        "experts (no planned tokens): steadier balance when served loads differ from --loads, more "
+                        "tokens on quantized copies; see docs/planner.md")
     p.add_argument("--tokens-per-gpu", type=int, metavar="N", default=DEFAULT_TOKENS_PER_GPU,
                    help="tokens per GPU in one step for the predicted time (loads are rescaled to it)")
     p.add_argument("--export", metavar="sglang:PATH", help="also write the plan for a serving system: sglang:PATH")
@@ -125,6 +129,7 @@ def run_plan(args: argparse.Namespace) -> int:
         memory_budget=parse_budget(args.memory_budget, model, cluster),
         refine=args.refine,
         refine_time_limit=args.refine_time_limit,
+        hedge=args.hedge,
     )
     export_path = parse_export(args.export)
     for path, flag in ((args.out, "--out"), (export_path, "--export"), (args.plot, "--plot")):

@@ -42,6 +42,14 @@ def test_plan_slots_are_ordered_by_gpu(tmp_path, capsys):
         assert gpus == sorted(gpus)
 
 
+def test_hedge_flag_plans_spare_copies_and_records_the_option(tmp_path, capsys):
+    plain, hedged = tmp_path / "plain.json", tmp_path / "hedged.json"
+    assert main(plan_args(plain)) == 0 and main(plan_args(hedged, "--hedge")) == 0
+    slots = lambda path: sum(len(layer.slots) for layer in load_plan(path).layers)  # noqa: E731
+    assert load_plan(hedged).options.hedge and not load_plan(plain).options.hedge
+    assert slots(hedged) > slots(plain)
+
+
 def test_eval_loads_are_named_in_the_table_title(tmp_path, capsys):
     assert main(plan_args(tmp_path / "plan.json", "--eval-loads", GITHUB)) == 0
     printed = capsys.readouterr().out
@@ -98,7 +106,7 @@ def test_help_explains_every_flag_with_defaults(capsys):
     assert main(["plan", "--help"]) == 0
     text = capsys.readouterr().out
     for flag in ("--model", "--cluster", "--loads", "--out", "--eval-loads", "--formats", "--quality-budget",
-                 "--memory-budget", "--max-copies", "--refine", "--refine-time-limit", "--export", "--plot"):
+                 "--memory-budget", "--max-copies", "--refine", "--refine-time-limit", "--hedge", "--export", "--plot"):
         assert flag in text
     assert "default: bf16,int8" in text
 

@@ -50,6 +50,7 @@ def planning_problems(draw):
         quality_budget=draw(st.sampled_from([0.0, 0.1, 0.25, 1.0])),
         max_copies=draw(st.integers(0, 4)),
         memory_budget=budget,
+        hedge=draw(st.booleans()),
     )
     return model, cluster, loads, options
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from rnq_ep.memory import gpu_budget
 from rnq_ep.planner.affinity import align_to_previous, share_matrix
+from rnq_ep.planner.hedge import hedge_copies
 from rnq_ep.planner.initial import first_fitting_counts, initial_copies
 from rnq_ep.planner.layout import InfeasiblePlan, format_bytes, layer_plan
 from rnq_ep.planner.limits import Limits
@@ -30,6 +31,7 @@ SPREAD_RESERVE = 0.2  # share of the quality budget the initial replicas leave t
 NEAR_FLOOR = 0.02  # fewer replicas are not tried once the max load is within 2 % of a lower bound
 NODE_LOCAL_RATIO = 4.0  # prefer same-node copies when intra-node links are this many times faster
 REPLANS = 2  # re-plans of a layer whose routed quantized tokens exceed the quality budget
+HEDGE_RESERVE = 0.15  # share of the quality budget hedge copies leave unspent, for what the router adds in sample
 
 
 def plan_rnq(model: ModelSpec, cluster: ClusterSpec, loads: LoadStats, options: PlanOptions) -> Plan:
@@ -111,11 +113,14 @@ def planned_copies(
     reuse: dict,
     fitted: Copies | None = None,
 ) -> tuple[Copies, int]:
-    """(Copies (gpu, expert, fmt, tokens) [S] of `balanced_copies`, refined when asked; their initial replica count)."""
+    """(Copies (gpu, expert, fmt, tokens) [S] of `balanced_copies`, refined when asked, plus hedge copies when
+    options.hedge; their initial replica count)."""
     state, chosen = balanced_copies(weight, num_gpus, planning, layer, most, replan, reuse, fitted)
     copies = (np.array(state.gpu), np.array(state.expert), np.array(state.fmt), np.array(state.tokens))
     if options.refine:
         copies = refine_layer(copies, weight, planning, num_gpus, options.refine_time_limit)
+    if options.hedge:
+        copies = hedge_copies(copies, planning.with_token_budget(planning.token_budget * (1.0 - HEDGE_RESERVE)), num_gpus)
     return copies, chosen
 
 

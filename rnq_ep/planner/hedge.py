@@ -1,0 +1,85 @@
+"""Hedge copies: spend the quality budget that balancing the planning loads left on spare copies.
+
+An expert's load on another data set is barely predicted by its planning load (OLMoE, 6 corpora x 3 layers,
+every ordered pair: correlation 0.13 between an expert's load in one corpus and in another), so out of sample
+the most loaded GPU is one whose single-copy experts turned hot, and the router can move nothing off it. A
+spare copy of a single-copy expert, with no planned tokens, gives the router that way out. Only quantized
+singles get one: the router splits an expert's tokens over its copies, and between two quantized copies that
+moves no tokens onto quantized copies in sample. Room is made by re-formatting the sink's bf16 copies of least
+quality cost, so the quality budget prices every hedge.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rnq_ep.planner.limits import Limits
+from rnq_ep.planner.transport import Copies
+
+
+def hedge_copies(copies: Copies, limits: Limits, num_gpus: int) -> Copies:
+    """Copies (gpu, expert, fmt, tokens) [S] plus token-free copies [S + h] of quantized single-copy experts
+    (heaviest first), at most one per GPU, on the GPUs whose room costs the fewest re-formatted bf16 tokens
+    first, while the quantized tokens stay within limits.token_budget."""
+    gpu, expert, fmt, tokens = copies
+    spare = limits.token_budget - float(tokens[fmt > 0].sum())
+    code = hedge_format(limits) if spare >= 0 and limits.max_copies > 1 else None
+    if code is None:
+        return copies
+    single = np.bincount(expert, minlength=limits.cost.shape[0])[expert] == 1
+    waiting = np.flatnonzero(single & (fmt > 0))
+    if waiting.size == 0:
+        return copies
+    waiting = waiting[np.argsort(-tokens[waiting], kind="stable")].tolist()
+    cost, converted = room_costs(copies, limits, num_gpus, code)
+    sinks = np.flatnonzero(np.isfinite(cost))
+    sinks = sinks[np.argsort(cost[sinks], kind="stable")]
+    chosen, hedged = [], []
+    for sink, price in zip(sinks.tolist(), cost[sinks].tolist()):
+        if price > spare:
+            break  # sinks come cheapest first
+        slot = next((s for s in waiting if gpu[s] != sink), None)
+        if slot is not None:
+            waiting.remove(slot)
+            chosen.append(sink)
+            hedged.append(int(expert[slot]))
+            spare -= price
+    if not chosen:
+        return copies
+    is_sink = np.zeros(num_gpus, dtype=bool)
+    is_sink[chosen] = True
+    fmt = np.where(converted & is_sink[gpu], code, fmt)
+    new = len(chosen)
+    return (
+        np.concatenate([gpu, chosen]),
+        np.concatenate([expert, hedged]),
+        np.concatenate([fmt, np.full(new, code, dtype=fmt.dtype)]),
+        np.concatenate([tokens, np.zeros(new)]),
+    )
+
+
+def hedge_format(limits: Limits) -> int | None:
+    """The finest quantized format code that every expert may use, or None."""
+    allowed = np.isfinite(limits.cost).all(axis=0)
+    codes = [code for code in range(1, allowed.size) if allowed[code]]
+    return codes[0] if codes else None
+
+
+def room_costs(copies: Copies, limits: Limits, num_gpus: int, code: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens re-formatted to make room for one more copy in format `code`, per GPU [G], inf where it cannot;
+    the bf16 copies [S] each GPU re-formats for it): its bf16 copies of least quality cost first."""
+    gpu, expert, fmt, tokens = copies
+    sizes = limits.fmt_bytes
+    room = limits.budget - np.bincount(gpu, weights=sizes[fmt], minlength=num_gpus)
+    need = np.maximum(int(sizes[code]) - room, 0)
+    needed = -(-need // int(sizes[0] - sizes[code]))  # bf16 copies to re-format, ceil  [G]
+    bf16 = np.flatnonzero(fmt == 0)
+    order = bf16[np.lexsort((tokens[bf16] * limits.cost[expert[bf16], code], gpu[bf16]))]  # by GPU, cheapest first (stable)
+    on = gpu[order]
+    taken = order[np.arange(order.size) - np.searchsorted(on, on) < needed[on]]  # the first `needed` of each GPU
+    converted = np.zeros(gpu.size, dtype=bool)
+    converted[taken] = True
+    cost = np.bincount(gpu[taken], weights=tokens[taken], minlength=num_gpus)
+    held = np.bincount(gpu, minlength=num_gpus)
+    fits = (np.bincount(gpu[bf16], minlength=num_gpus) >= needed) & (held < limits.max_held)
+    return np.where(fits, cost, np.inf), converted
