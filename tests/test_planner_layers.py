@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
+import msgspec
 import numpy as np
-from hypothesis import assume, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from rnq_ep.planner import initial, plan_rnq, transport
 from rnq_ep.planner.initial import first_fitting_counts, initial_copies
 from rnq_ep.planner.layout import InfeasiblePlan
 from rnq_ep.planner.limits import Limits
 from rnq_ep.planner.place import pack_by_rounds, pack_rows_by_rounds, replica_order
 from rnq_ep.planner.transport import transport_layers
+from test_planner_invariants import planning_problems
 from transport_reference import transport_reference
 
 FMT_BYTES = np.array([100, 52, 28])
@@ -44,7 +49,7 @@ def layer_limits(rng: np.random.Generator, num_experts: int, weight: np.ndarray,
         fmt_bytes=FMT_BYTES,
         cost=cost,
         token_budget=float(rng.choice([0.05, 0.25, 0.6])) * float(weight.sum()),
-        max_copies=99,
+        max_copies=int(rng.choice([1, 2, 3, 99])),
         max_held=slots * int(FMT_BYTES[0]) // int(FMT_BYTES[1 if np.isinf(cost[0, 2]) else 2]),
         gpus_per_node=2,
         prefer_node=False,
@@ -52,10 +57,9 @@ def layer_limits(rng: np.random.Generator, num_experts: int, weight: np.ndarray,
 
 
 @settings(max_examples=120, deadline=None)
-@given(st.integers(0, 2**31), st.integers(1, 6), st.integers(2, 24), st.integers(1, 6), st.integers(1, 3))
+@given(st.integers(0, 2**31), st.integers(1, 6), st.integers(2, 24), st.integers(1, 32), st.integers(1, 3))
 def test_first_fitting_counts_are_each_layers_first_count_whose_initial_copies_fit(seed, num_layers, num_experts, num_gpus, slots):
     rng = np.random.default_rng(seed)
-    num_gpus = min(num_gpus, num_experts)
     slots = max(slots, -(-num_experts // num_gpus))  # one bf16 copy of every expert fits
     weights = (rng.zipf(1.5, (num_layers, num_experts)) % 200).astype(np.float64)
     limits = [layer_limits(rng, num_experts, weight, slots) for weight in weights]
@@ -92,10 +96,9 @@ def test_first_fitting_counts_are_each_layers_first_count_whose_initial_copies_f
 
 
 @settings(max_examples=80, deadline=None)
-@given(st.integers(0, 2**31), st.integers(1, 6), st.integers(8, 48), st.integers(2, 8), st.integers(1, 3))
+@given(st.integers(0, 2**31), st.integers(1, 6), st.integers(4, 48), st.integers(2, 40), st.integers(1, 3))
 def test_transport_of_layers_end_to_end_gives_each_layer_its_own_pass(seed, num_layers, num_experts, num_gpus, slots):
     rng = np.random.default_rng(seed)
-    num_gpus = min(num_gpus, num_experts)
     slots = max(slots, -(-num_experts // num_gpus))
     weights = (rng.zipf(1.5, (num_layers, num_experts)) % 200).astype(np.float64)
     weights[rng.random(num_layers) < 0.2] = 7.0  # some layers may be balanced already
@@ -119,3 +122,24 @@ def test_transport_of_layers_end_to_end_gives_each_layer_its_own_pass(seed, num_
         for column, expected_column in zip(moved, expected):
             assert column.dtype == expected_column.dtype
             assert np.array_equal(column, expected_column)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(planning_problems(), st.booleans())
+def test_planning_all_layers_at_once_plans_each_layer_as_alone(problem, small_batches):
+    model, cluster, loads, options = problem
+    cells = 2 * model.num_experts * cluster.num_gpus if small_batches else transport.BATCH_CELLS  # 2: as at 1024 GPUs
+    try:
+        with mock.patch.object(initial, "BATCH_CELLS", cells), mock.patch.object(transport, "BATCH_CELLS", cells):
+            together = plan_rnq(model, cluster, loads, options)
+    except InfeasiblePlan as err:
+        together = err
+    for index, row in enumerate(loads.counts):
+        alone_loads = msgspec.structs.replace(loads, counts=[row], layer_ids=[loads.layers[index]])
+        try:
+            alone = plan_rnq(model, cluster, alone_loads, options).layers[0]
+        except InfeasiblePlan:
+            assert isinstance(together, InfeasiblePlan)
+            return
+        assert not isinstance(together, InfeasiblePlan)
+        assert together.layers[index] == alone

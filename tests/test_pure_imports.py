@@ -10,7 +10,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "rnq_ep"
 PURE = [
     "planner", "routing.py", "balance.py", "costmodel.py", "quant.py", "memory.py", "metrics.py", "specs.py",
-    "policies.py", "synthetic.py", "replan_sim.py", "load_windows.py",
+    "policies.py", "synthetic.py", "replan_sim.py", "load_windows.py", "rebalance/replan.py", "rebalance/moves.py",
+    "rebalance/swaps.py",
 ]
 
 
