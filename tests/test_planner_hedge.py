@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import msgspec
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rnq_ep.balance import SlotTable, water_fill
 from rnq_ep.bench.planner import SHIPPED_LOADS
 from rnq_ep.memory import gpu_budget
 from rnq_ep.metrics import score_plan
@@ -37,27 +39,40 @@ def one_copy_each(tokens: list[float], quantized: list[int], num_gpus: int) -> t
 def test_a_quantized_single_copy_expert_gets_a_token_free_copy_on_another_gpu():
     # GPU 0 holds experts 0, 2, 4 in bf16 (full); GPU 1 holds 1 (int8), 3, 5
     copies = one_copy_each([40.0, 10.0, 30.0, 5.0, 2.0, 60.0], quantized=[1], num_gpus=2)
-    gpu, expert, fmt, tokens = hedge_copies(copies, limits_of(6, per_gpu=3, token_budget=42.0), num_gpus=2)
+    gpu, expert, fmt, tokens = hedge_copies(copies, limits_of(6, per_gpu=3, token_budget=42.0), num_gpus=2, reserve=0.0)
     assert gpu.size == 7
     assert (gpu[-1], expert[-1], fmt[-1], tokens[-1]) == (0, 1, 1, 0.0)
     assert fmt.tolist()[:6] == [0, 1, 1, 0, 1, 0], "GPU 0's two lightest bf16 copies (experts 4 and 2) make room"
 
 
+def test_a_hedge_lets_the_router_relieve_the_gpu_of_an_expert_that_turns_hot():
+    copies = one_copy_each([40.0, 10.0, 30.0, 5.0, 2.0, 60.0], quantized=[1], num_gpus=2)
+    hedged = hedge_copies(copies, limits_of(6, per_gpu=3, token_budget=42.0), num_gpus=2, reserve=0.0)
+    served = np.array([40, 200, 30, 5, 2, 60])  # expert 1 was cold when planned and is the hottest now
+
+    def max_gpu_load(gpu, expert, fmt, tokens):
+        table = SlotTable.from_arrays(gpu, expert, fmt.astype(np.int8), np.ones(gpu.size), 2, 6)
+        return np.bincount(gpu, weights=water_fill(table, served), minlength=2).max()
+
+    assert max_gpu_load(*copies) == 265  # GPU 1: experts 1, 3, 5
+    assert max_gpu_load(*hedged) < 175  # expert 1's tokens split with GPU 0 (mean load 168.5)
+
+
 def test_no_hedge_when_making_room_would_exceed_the_quality_budget():
     copies = one_copy_each([40.0, 10.0, 30.0, 5.0, 2.0, 60.0], quantized=[1], num_gpus=2)
-    hedged = hedge_copies(copies, limits_of(6, per_gpu=3, token_budget=41.0), num_gpus=2)
+    hedged = hedge_copies(copies, limits_of(6, per_gpu=3, token_budget=41.0), num_gpus=2, reserve=0.0)
     assert all(np.array_equal(a, b) for a, b in zip(hedged, copies))
 
 
 def test_bf16_single_copy_experts_are_not_hedged():
     copies = one_copy_each([40.0, 10.0, 30.0, 5.0, 2.0, 60.0], quantized=[], num_gpus=2)
-    hedged = hedge_copies(copies, limits_of(6, per_gpu=3, token_budget=100.0), num_gpus=2)
+    hedged = hedge_copies(copies, limits_of(6, per_gpu=3, token_budget=100.0), num_gpus=2, reserve=0.0)
     assert hedged[0].size == 6
 
 
 def test_max_copies_one_allows_no_hedge():
     copies = one_copy_each([40.0, 10.0, 30.0, 5.0, 2.0, 60.0], quantized=[1], num_gpus=2)
-    hedged = hedge_copies(copies, limits_of(6, per_gpu=3, token_budget=100.0, max_copies=1), num_gpus=2)
+    hedged = hedge_copies(copies, limits_of(6, per_gpu=3, token_budget=100.0, max_copies=1), num_gpus=2, reserve=0.0)
     assert hedged[0].size == 6
 
 
@@ -76,9 +91,10 @@ def test_hedges_keep_bytes_quality_budget_and_distinct_gpus(seed, num_gpus, per_
     copies = one_copy_each(tokens.tolist(), quantized.tolist(), num_gpus)
     token_budget = max(budget_share * tokens.sum(), tokens[quantized].sum())
     limits = limits_of(num_experts, per_gpu, token_budget)
-    gpu, expert, fmt, planned = hedge_copies(copies, limits, num_gpus)
+    gpu, expert, fmt, planned = hedge_copies(copies, limits, num_gpus, reserve=0.0)
     old = copies[0].size
     assert np.bincount(gpu, weights=limits.fmt_bytes[fmt], minlength=num_gpus).max() <= limits.budget
+    assert np.bincount(gpu, minlength=num_gpus).max() <= max(limits.max_held, per_gpu)
     assert planned[fmt > 0].sum() <= token_budget + 1e-9
     assert len(set(zip(gpu.tolist(), expert.tolist()))) == gpu.size, "no two copies of an expert on one GPU"
     assert len(set(gpu[old:].tolist())) == gpu.size - old, "at most one hedge per GPU"
@@ -102,3 +118,13 @@ def test_plan_rnq_adds_hedges_only_when_asked_and_keeps_the_plan_valid():
     score = score_plan(hedged, loads)
     assert score.bytes_per_gpu.max() <= gpu_budget(model, cluster, PlanOptions())
     assert score.quantized_fraction.max() <= PlanOptions().quality_budget + 1e-9, "the in-sample guarantee holds"
+
+
+def test_hedge_says_when_the_options_leave_it_nothing_to_do(caplog):
+    model, cluster = load_model("olmoe-1b-7b"), load_cluster("h100x8")
+    loads = load_stats(SHIPPED_LOADS / "olmoe-1b-7b-0924_olmoe-repo_arxiv.json", model)
+    with caplog.at_level("WARNING", logger="rnq_ep"):
+        plan = plan_rnq(model, cluster, loads, PlanOptions(hedge=True, max_copies=1))
+    assert "no hedge copies" in caplog.text
+    assert plan == msgspec.structs.replace(plan_rnq(model, cluster, loads, PlanOptions(max_copies=1)), options=plan.options,
+                                           summary=plan.summary)

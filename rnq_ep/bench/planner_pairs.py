@@ -52,7 +52,7 @@ def all_pairs_table(cluster: ClusterSpec, options: PlanOptions, folder: Path) ->
     """Wins of R&Q over EPLB +12.5 % on every ordered pair of each group of files in `folder`; None if none has 2."""
     header = ("files", "model", "ordered pairs", "R&Q <= EPLB +12.5 % (median over layers)", "same, mean over layers",
               "R&Q / EPLB +12.5 %: median pair", "worst pair", f"{VARIANTS[1]} <= EPLB +12.5 % (median)",
-              f"{VARIANTS[2]} <= EPLB +12.5 % (median)", "same, mean over layers",
+              f"{VARIANTS[2]} <= EPLB +12.5 % (median)", f"{VARIANTS[2]} <= EPLB +12.5 % (mean over layers)",
               "mean balancedness over pairs and layers: " + " / ".join((*VARIANTS, "EPLB +12.5 %")))
     rows = []
     for model_name, prefix in PAIR_GROUPS:

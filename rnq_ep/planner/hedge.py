@@ -17,12 +17,15 @@ from rnq_ep.planner.limits import Limits
 from rnq_ep.planner.transport import Copies
 
 
-def hedge_copies(copies: Copies, limits: Limits, num_gpus: int) -> Copies:
+HEDGE_RESERVE = 0.15  # share of the quality budget hedge copies leave unspent, for what the router adds in sample
+
+
+def hedge_copies(copies: Copies, limits: Limits, num_gpus: int, reserve: float = HEDGE_RESERVE) -> Copies:
     """Copies (gpu, expert, fmt, tokens) [S] plus token-free copies [S + h] of quantized single-copy experts
     (heaviest first), at most one per GPU, on the GPUs whose room costs the fewest re-formatted bf16 tokens
-    first, while the quantized tokens stay within limits.token_budget."""
+    first, while the quantized tokens stay within (1 - reserve) x limits.token_budget."""
     gpu, expert, fmt, tokens = copies
-    spare = limits.token_budget - float(tokens[fmt > 0].sum())
+    spare = limits.token_budget * (1.0 - reserve) - float(tokens[fmt > 0].sum())
     code = hedge_format(limits) if spare >= 0 and limits.max_copies > 1 else None
     if code is None:
         return copies

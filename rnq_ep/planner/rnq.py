@@ -31,7 +31,6 @@ SPREAD_RESERVE = 0.2  # share of the quality budget the initial replicas leave t
 NEAR_FLOOR = 0.02  # fewer replicas are not tried once the max load is within 2 % of a lower bound
 NODE_LOCAL_RATIO = 4.0  # prefer same-node copies when intra-node links are this many times faster
 REPLANS = 2  # re-plans of a layer whose routed quantized tokens exceed the quality budget
-HEDGE_RESERVE = 0.15  # share of the quality budget hedge copies leave unspent, for what the router adds in sample
 
 
 def plan_rnq(model: ModelSpec, cluster: ClusterSpec, loads: LoadStats, options: PlanOptions) -> Plan:
@@ -41,6 +40,8 @@ def plan_rnq(model: ModelSpec, cluster: ClusterSpec, loads: LoadStats, options: 
     align = options.affinity_weight > 0 and loads.coactivation is not None
     if options.affinity_weight > 0 and not align:
         log.warning("affinity_weight=%s but the loads have no coactivation stats: ignored", options.affinity_weight)
+    if options.hedge and (options.formats == ("bf16",) or options.max_copies == 1 or options.quality_budget == 0):
+        log.warning("hedge: needs a quantized format, max_copies != 1 and a quality budget > 0; no hedge copies")
     started = time.perf_counter()
     budget = gpu_budget(model, cluster, options)
     fmt_bytes = format_bytes(model)
@@ -120,7 +121,7 @@ def planned_copies(
     if options.refine:
         copies = refine_layer(copies, weight, planning, num_gpus, options.refine_time_limit)
     if options.hedge:
-        copies = hedge_copies(copies, planning.with_token_budget(planning.token_budget * (1.0 - HEDGE_RESERVE)), num_gpus)
+        copies = hedge_copies(copies, planning, num_gpus)
     return copies, chosen
 
 
