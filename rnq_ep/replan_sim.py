@@ -5,7 +5,9 @@ policy does), and every later window on `rnq_ep.rebalance.replan.replan` of the 
 from the previous scored window's counts: the runtime's rebalancer plans from the counts its
 recorder saw, keeps copies in place and moves a layer only if the step-time gain over the interval
 pays for the moves (and is at least MIN_GAIN). One scored window is one step's tokens, fewer than a
-real rebalance window (more sampling noise): conservative.
+real rebalance window (more sampling noise): conservative. Optimistic: a moved layer serves its new
+plan from the window after the re-plan (the runtime serves the old plan while copies are staged), and
+the re-plan's own wall time is not charged (the runtime plans in a background thread).
 
 The moves are charged honestly: each moved layer's link time (the rebalancer's own cost: peer
 copies over NVLink or the NIC, checkpoint reloads at the inter-node link) is added to that layer's
