@@ -64,18 +64,21 @@ run; this paragraph is not):
   previous window. DeepSeek-V3 at 1024 GPUs: with no hot-set drift R&Q int4 is the fastest policy
   (2.65x faster than LLEP); with drift 0.1 or 0.5 LLEP is (R&Q takes 2.1x and 4.6x its time),
   because a newly hot expert has few copies and least-loaded routing can only share its tokens
-  among those. The real OLMoE pair planned on arxiv and scored on github (a shift of corpus) is
-  such a case: R&Q is 1.19x / 1.20x / 1.50x faster than plain EP at 8 / 32 / 64 GPUs and LLEP is
-  faster still at 32 and 64. The same arxiv loads served as stationary traffic (windows drawn from
-  the file, plan on one, score on the next) give R&Q 1.65x / 3.46x / 5.39x over plain EP, level
-  with the EPLB-equivalent at 8 GPUs (1.00x) and 3.2-5.4x ahead of it at 32 and 64: shift, not
-  skew, is what costs R&Q its margin; online re-planning (docs/rebalance.md) turns a shifted
-  deployment back into the stationary case after one interval.
+  among those. The real OLMoE loads planned on arxiv and served as github traffic (8 windows drawn
+  from the github file, a shift of corpus) are such a case: a static R&Q plan is 1.20x / 1.20x /
+  1.50x faster than plain EP at 8 / 32 / 64 GPUs and LLEP is faster still at 32 and 64. Re-planned
+  every 10 steps from the last window's counts (the runtime's rebalancer, moves charged), R&Q is
+  1.49x / 2.28x / 3.27x faster than plain EP, level with the EPLB-equivalent that also re-plans and
+  has 12.5 % more memory at 8 GPUs (1.01x its time) and 2.0-3.3x ahead of it at 32 and 64 (its extra
+  memory buys no whole replica there); LLEP (7x plain EP's expert memory at 64 GPUs) and R&Q + int4
+  spill stay faster at 32 and 64. The same arxiv loads served as stationary traffic give static R&Q
+  1.65x / 3.46x / 5.39x: re-planning recovers most, not all, of what the shift costs (a one-step
+  window is a noisy basis for a plan).
 - **Where the others are already balanced, quantized copies only cost.** Mixtral at 64 GPUs and
   more: 8 experts over 64+ one-expert GPUs lets the EPLB-equivalent split every expert by load,
   and R&Q's int4 copies add dequantisation FLOPs to a compute-bound step, so the best R&Q is the
   bf16+int8 one, identical to the EPLB-equivalent. At 8 GPUs the EPLB-equivalent with 12.5-25 %
-  more memory beats R&Q by 1-2 % on the synthetic loads (24 % on the shifted OLMoE pair), and at
+  more memory beats R&Q by 1-2 % on the synthetic loads, and at
   32 GPUs the one with 25 % more memory by 7-10 % (DeepSeek-V3, gpt-oss): its extra bytes hold
   whole bf16 replicas, while R&Q at plain-EP memory pays for every replica by quantizing other
   copies within the 25 % budget.
