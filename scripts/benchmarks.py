@@ -71,9 +71,9 @@ run; this paragraph is not):
   1.49x / 2.28x / 3.27x faster than plain EP, level with the EPLB-equivalent that also re-plans and
   has 12.5 % more memory at 8 GPUs (1.01x its time) and 2.0-3.3x ahead of it at 32 and 64 (its extra
   memory buys no whole replica there); LLEP (7x plain EP's expert memory at 64 GPUs) and R&Q + int4
-  spill stay faster at 32 and 64. The same arxiv loads served as stationary traffic give static R&Q
-  1.65x / 3.46x / 5.39x: re-planning recovers most, not all, of what the shift costs (a one-step
-  window is a noisy basis for a plan).
+  spill stay faster at 32 and 64. GitHub traffic served stationary (planned on github windows, not
+  arxiv; measured separately, docs/policies.md) gives R&Q 1.55x / 2.56x / 3.92x: over 32 windows
+  re-planning reaches 1.54x / 2.55x / 3.74x, all but the stale first interval of it.
 - **Where the others are already balanced, quantized copies only cost.** Mixtral at 64 GPUs and
   more: 8 experts over 64+ one-expert GPUs lets the EPLB-equivalent split every expert by load,
   and R&Q's int4 copies add dequantisation FLOPs to a compute-bound step, so the best R&Q is the
