@@ -26,8 +26,8 @@ import numpy as np
 
 from rnq_ep.metrics import layer_tables
 from rnq_ep.policies import LEAST_LOADED, Policy, PolicyRun, Served, Windows, plan_placement, score
-from rnq_ep.rebalance.replan import Planner, replan
-from rnq_ep.specs import FORMATS, ClusterSpec, LoadStats, ModelSpec, Plan, SpecError
+from rnq_ep.rebalance.replan import Planner, replan, window_loads
+from rnq_ep.specs import FORMATS, ClusterSpec, ModelSpec, Plan, SpecError
 
 # Steps between two re-plans: the README's `rnq-ep run --rebalance-interval 10` (the runtime has no interval by
 # default: rebalancing is off); its horizon defaults to the interval, so both are this number here.
@@ -43,9 +43,7 @@ def window_planner(policy: Policy) -> Planner:
 
     def plan_window(plan: Plan, counts: np.ndarray) -> Plan:
         """A fresh plan of `policy`'s placement on counts [L, E]."""
-        stats = LoadStats(counts=np.asarray(counts, np.int64).tolist(), num_experts=plan.model.num_experts,
-                          top_k=plan.model.top_k, layer_ids=[layer.layer for layer in plan.layers])
-        return plan_placement(policy, plan.model, plan.cluster, stats)
+        return plan_placement(policy, plan.model, plan.cluster, window_loads(plan, counts))
 
     return plan_window
 

@@ -63,9 +63,7 @@ def hedge_copies(copies: Copies, limits: Limits, num_gpus: int, reserve: float =
 
 def hedge_format(limits: Limits) -> int | None:
     """The finest quantized format code that every expert may use, or None."""
-    allowed = np.isfinite(limits.cost).all(axis=0)
-    codes = [code for code in range(1, allowed.size) if allowed[code]]
-    return codes[0] if codes else None
+    return next((code for code in limits.common_codes if code > 0), None)
 
 
 def room_costs(copies: Copies, limits: Limits, num_gpus: int, code: int) -> tuple[np.ndarray, np.ndarray]:

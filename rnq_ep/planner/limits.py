@@ -27,13 +27,19 @@ class Limits:
         """The same limits with another quality budget, sharing the cached Python views below (made here
         when missing, so that every copy of these limits shares them)."""
         other = replace(self, token_budget=token_budget)
-        other.__dict__.update({key: getattr(self, key) for key in ("allowed_codes", "cost_rows", "moves", "sizes", "smallest_common")})
+        shared = ("allowed_codes", "common_codes", "cost_rows", "moves", "sizes", "smallest_common")
+        other.__dict__.update({key: getattr(self, key) for key in shared})
         return other
+
+    @cached_property
+    def common_codes(self) -> list[int]:
+        """Format codes that every expert may use, ascending (bf16 = 0 first)."""
+        return np.flatnonzero(np.isfinite(self.cost).all(axis=0)).tolist()
 
     @cached_property
     def smallest_common(self) -> int:
         """Bytes of the smallest format that every expert may use."""
-        return int(self.fmt_bytes[np.isfinite(self.cost).all(axis=0)].min())
+        return int(self.fmt_bytes[self.common_codes].min())
 
     @cached_property
     def allowed_codes(self) -> list[int]:

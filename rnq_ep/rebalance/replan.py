@@ -55,15 +55,19 @@ class Replan:
     decisions: list[LayerDecision]
 
 
-def plan_from_window(plan: Plan, counts: np.ndarray) -> Plan:
-    """R&Q plan of the same model, cluster and options for window counts [L, E]."""
-    stats = LoadStats(
+def window_loads(plan: Plan, counts: np.ndarray) -> LoadStats:
+    """LoadStats of window counts [L, E] for `plan`'s model, with its layer ids."""
+    return LoadStats(
         counts=np.asarray(counts, np.int64).tolist(),
         num_experts=plan.model.num_experts,
         top_k=plan.model.top_k,
         layer_ids=[layer.layer for layer in plan.layers],
     )
-    return plan_rnq(plan.model, plan.cluster, stats, plan.options)
+
+
+def plan_from_window(plan: Plan, counts: np.ndarray) -> Plan:
+    """R&Q plan of the same model, cluster and options for window counts [L, E]."""
+    return plan_rnq(plan.model, plan.cluster, window_loads(plan, counts), plan.options)
 
 
 def replan(
