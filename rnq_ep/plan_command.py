@@ -101,9 +101,9 @@ def add_plan(p: argparse.ArgumentParser) -> None:
                    help="seconds per layer for --refine")
     p.add_argument("--hedge", action="store_true",
                    help="spend the quality budget the balance left unused on spare copies (int8, else int4) of single-copy "
-                        "quantized experts (no planned tokens): steadier balance when served loads differ from --loads, "
-                        "more tokens on quantized copies; no effect with --formats bf16 or --max-copies 1; see "
-                        "docs/planner.md")
+                        "quantized experts (no planned tokens), after evening out the single-copy experts per GPU: "
+                        "steadier balance when served loads differ from --loads, more tokens on quantized copies, "
+                        "a slower planner; no effect with --formats bf16 or --max-copies 1; see docs/planner.md")
     p.add_argument("--tokens-per-gpu", type=int, metavar="N", default=DEFAULT_TOKENS_PER_GPU,
                    help="tokens per GPU in one step for the predicted time (loads are rescaled to it)")
     p.add_argument("--export", metavar="sglang:PATH", help="also write the plan for a serving system: sglang:PATH")

@@ -75,8 +75,8 @@ def all_pairs_table(cluster: ClusterSpec, options: PlanOptions, folder: Path) ->
     note = ("A ratio < 1: R&Q is better balanced. Which pairs R&Q wins is largely chance: an expert's load in one "
             "corpus barely predicts it in another, and counts jittered by less than their sampling noise move the "
             "OLMoE wins by several pairs (docs/planner.md); the mean balancedness over all pairs and layers is the "
-            "steadier comparison. --hedge: spare int8 copies of single-copy quantized experts from the quality "
-            "budget left unused (opt-in). Mixtral-8x7B has 8 experts, one per GPU on 8 GPUs: bf16+int8 cannot "
-            "replicate there (two int8 copies are just over one bf16 slot) and plans plain EP, as does the "
+            "steadier comparison. --hedge: single-copy experts evened out per GPU, then spare int8 copies of "
+            "single-copy quantized experts from the quality budget left unused (opt-in). Mixtral-8x7B has 8 "
+            "experts, one per GPU on 8 GPUs: bf16+int8 cannot replicate there (two int8 copies are just over one bf16 slot) and plans plain EP, as does the "
             "EPLB-equivalent, whose 12.5 % buys no whole slot.")
     return BenchTable(title, header, rows, note)

@@ -17,6 +17,7 @@ from rnq_ep.planner.limits import Limits
 from rnq_ep.planner.place import copy_counts, replica_order
 from rnq_ep.planner.refine import refine_layer
 from rnq_ep.planner.quantize import sensitivity_costs
+from rnq_ep.planner.singles import even_singles
 from rnq_ep.planner.routed import drop_until_within, routed_quantized, routed_quantized_layers, table_of
 from rnq_ep.planner.replicate import LayerCopies, spread_load
 from rnq_ep.planner.transport import Copies, transport_layers, transport_spread
@@ -121,6 +122,8 @@ def planned_copies(
     if options.refine:
         copies = refine_layer(copies, weight, planning, num_gpus, options.refine_time_limit)
     if options.hedge:
+        if not options.refine:  # refine keeps its exact max load
+            copies = even_singles(copies, weight.size, num_gpus, NEAR_FLOOR)
         copies = hedge_copies(copies, planning, num_gpus)
     return copies, chosen
 
