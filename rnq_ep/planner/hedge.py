@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from rnq_ep.planner.limits import Limits
+from rnq_ep.planner.quantize import cheapest_conversions_by_gpu
 from rnq_ep.planner.transport import Copies
 
 
@@ -68,19 +69,18 @@ def hedge_format(limits: Limits) -> int | None:
 
 def room_costs(copies: Copies, limits: Limits, num_gpus: int, code: int) -> tuple[np.ndarray, np.ndarray]:
     """(tokens re-formatted to make room for one more copy in format `code`, per GPU [G], inf where it cannot;
-    the bf16 copies [S] each GPU re-formats for it): its bf16 copies of least quality cost first."""
+    the bf16 copies [S] each GPU re-formats for it): `cheapest_conversions_by_gpu` with bf16 -> `code` the
+    only step allowed, so its bf16 copies of least quality cost first."""
     gpu, expert, fmt, tokens = copies
     sizes = limits.fmt_bytes
     room = limits.budget - np.bincount(gpu, weights=sizes[fmt], minlength=num_gpus)
-    need = np.maximum(int(sizes[code]) - room, 0)
-    needed = -(-need // int(sizes[0] - sizes[code]))  # bf16 copies to re-format, ceil  [G]
-    bf16 = np.flatnonzero(fmt == 0)
-    order = bf16[np.lexsort((tokens[bf16] * limits.cost[expert[bf16], code], gpu[bf16]))]  # by GPU, cheapest first (stable)
-    on = gpu[order]
-    taken = order[np.arange(order.size) - np.searchsorted(on, on) < needed[on]]  # the first `needed` of each GPU
-    converted = np.zeros(gpu.size, dtype=bool)
-    converted[taken] = True
-    cost = np.bincount(gpu[taken], weights=tokens[taken], minlength=num_gpus)
-    held = np.bincount(gpu, minlength=num_gpus)
-    fits = (np.bincount(gpu[bf16], minlength=num_gpus) >= needed) & (held < limits.max_held)
+    only = np.full((gpu.size, sizes.size), np.inf)  # each copy may stay as it is; a bf16 one may become `code`
+    only[np.arange(gpu.size), fmt] = 0.0
+    bf16 = fmt == 0
+    only[bf16, code] = limits.cost[expert[bf16], code]
+    need = np.maximum(sizes[code] - room, 0)
+    converted = cheapest_conversions_by_gpu(gpu, fmt, tokens, only, sizes, need, allow_smallest=False) != fmt
+    cost = np.bincount(gpu[converted], weights=tokens[converted], minlength=num_gpus)
+    freed = np.bincount(gpu[converted], minlength=num_gpus) * int(sizes[0] - sizes[code])
+    fits = (freed >= need) & (np.bincount(gpu, minlength=num_gpus) < limits.max_held)
     return np.where(fits, cost, np.inf), converted
