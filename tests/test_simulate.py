@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from rnq_ep.policies import POLICIES, PolicyRun
 from rnq_ep.load_windows import drawn_windows
 from rnq_ep.replan_sim import REPLAN_POLICIES
@@ -85,35 +87,26 @@ def test_replan_cell_shows_moves_per_replan_and_a_dash_for_static_policies():
     assert (replan_cell(moved), replan_cell(run("plain EP", 1.0))) == ("1.5 / 3 / 2.00", "—")
 
 
-def test_cli_refuses_a_replan_interval_outside_the_windowed_shift(capsys):
-    code = main([*OLMOE_SHIFT, "--replan-interval", "10"])
-    assert code == 2 and "--replan-interval 10: only the re-plan policies of --eval-loads FILE --windows W" in capsys.readouterr().err
+MIXTRAL_IN_SAMPLE = ["--model", "mixtral-8x7b", "--gpus", "8", "--loads", str(SHIPPED / "mixtral-8x7b-v0.1_olmoe-repo_github.json"),
+                     "--sweep", "none"]
 
 
-def test_cli_refuses_a_replan_interval_below_one_step(capsys):
-    code = main([*OLMOE_SHIFT, "--windows", "2", "--replan-interval", "0"])
-    assert code == 2 and "--replan-interval: must be >= 1, got 0" in capsys.readouterr().err
-
-
-def test_cli_refuses_windows_for_one_load_file_scored_in_sample(capsys):
-    loads = SHIPPED / "mixtral-8x7b-v0.1_olmoe-repo_github.json"
-    code = main(["--model", "mixtral-8x7b", "--gpus", "8", "--loads", str(loads), "--windows", "4", "--sweep", "none"])
-    assert code == 2 and "--windows 4: needs zipf loads or --eval-loads" in capsys.readouterr().err
-
-
-def test_cli_refuses_fewer_than_two_windows_after_a_shift(capsys):
-    code = main([*OLMOE_SHIFT, "--windows", "1"])
-    assert code == 2 and "--windows: must be >= 2, got 1" in capsys.readouterr().err
-
-
-def test_cli_refuses_eval_loads_with_a_synthetic_generator(capsys):
-    code = main([*TINY, "--eval-loads", "sampled", "--sweep", "none"])
-    assert code == 2 and "needs --loads FILE" in capsys.readouterr().err
-
-
-def test_cli_rejects_a_malformed_generator_with_exit_code_2(capsys):
-    code = main([*TINY, "--loads", "zipf:steep", "--sweep", "none"])
-    assert code == 2 and "zipf:steep" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([*OLMOE_SHIFT, "--replan-interval", "10"], "--replan-interval 10: only the re-plan policies of --eval-loads FILE --windows W"),
+        ([*OLMOE_SHIFT, "--windows", "2", "--replan-interval", "0"], "--replan-interval: must be >= 1, got 0"),
+        ([*MIXTRAL_IN_SAMPLE, "--windows", "4"], "--windows 4: needs zipf loads or --eval-loads"),
+        ([*OLMOE_SHIFT, "--windows", "1"], "--windows: must be >= 2, got 1"),
+        ([*TINY, "--eval-loads", "sampled", "--sweep", "none"], "needs --loads FILE"),
+        ([*TINY, "--loads", "zipf:steep", "--sweep", "none"], "zipf:steep"),
+    ],
+    ids=["replan-interval-without-windowed-shift", "replan-interval-below-one", "windows-in-sample",
+         "one-window-after-shift", "eval-loads-with-generator", "malformed-generator"],
+)
+def test_cli_refuses_bad_flags_with_exit_code_2_and_names_them(capsys, argv, message):
+    code = main(argv)
+    assert code == 2 and message in capsys.readouterr().err
 
 
 def test_cli_refuses_a_missing_output_folder_before_any_work(tmp_path, capsys):
