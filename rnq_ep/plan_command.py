@@ -99,11 +99,12 @@ def add_plan(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine", action="store_true", help="exact HiGHS refine of each layer's placement")
     p.add_argument("--refine-time-limit", type=float, metavar="S", default=PlanOptions().refine_time_limit,
                    help="seconds per layer for --refine")
-    p.add_argument("--hedge", action="store_true",
+    p.add_argument("--hedge", action=argparse.BooleanOptionalAction, default=PlanOptions().hedge,
                    help="spend the quality budget the balance left unused on spare copies (int8, else int4) of single-copy "
                         "quantized experts (no planned tokens), after evening out the single-copy experts per GPU: "
-                        "steadier balance when served loads differ from --loads, more tokens on quantized copies, "
-                        "a slower planner; no effect with --formats bf16 or --max-copies 1; see docs/planner.md")
+                        "steadier balance when served loads differ from --loads; --no-hedge plans fewer quantized copies "
+                        "and fewer tokens on them when the served loads are the planning loads (default: on; no effect "
+                        "with --formats bf16, --max-copies 1 or --quality-budget 0; see docs/planner.md)")
     p.add_argument("--tokens-per-gpu", type=int, metavar="N", default=DEFAULT_TOKENS_PER_GPU,
                    help="tokens per GPU in one step for the predicted time (loads are rescaled to it)")
     p.add_argument("--export", metavar="sglang:PATH", help="also write the plan for a serving system: sglang:PATH")

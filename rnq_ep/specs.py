@@ -92,7 +92,7 @@ class PlanOptions(msgspec.Struct, **_FROZEN):
     refine: bool = False  # exact HiGHS refine of the placement
     refine_time_limit: float = 1.0  # seconds per layer
     affinity_weight: float = 0.0  # > 0 uses co-activation stats when present
-    hedge: bool = False  # even out single-copy experts per GPU, then spare int8/int4 copies from the unused quality budget
+    hedge: bool = True  # even out single-copy experts per GPU, then spare int8/int4 copies from the unused quality budget
     seed: int = 0
 
     def __post_init__(self) -> None:

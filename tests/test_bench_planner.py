@@ -1,7 +1,11 @@
 """bench.planner: policy comparison helpers, synthetic Zipf loads, real-load balance table."""
 
+import itertools
+
 import numpy as np
 from handmade_plans import stats_of
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rnq_ep.bench.planner import (
     EPLB_EXTRA,
@@ -14,7 +18,7 @@ from rnq_ep.bench.planner import (
     to_markdown,
     zipf_loads,
 )
-from rnq_ep.bench.planner_pairs import all_pairs_table
+from rnq_ep.bench.planner_pairs import all_pairs_table, mean_ratio_interval, target_verdict
 from rnq_ep.bench.planner_speed import FORMAT_SETS, speed_table
 from rnq_ep.cli import main
 from rnq_ep.specs import PlanOptions, load_cluster, load_model
@@ -91,6 +95,39 @@ def test_all_pairs_table_counts_every_ordered_pair_of_a_group(tmp_path):
     per_pair = balance_table(load_cluster("h100x8"), PlanOptions(), [("olmoe-1b-7b", a, b) for a in files for b in files if a != b])
     ratios = [float(r[per_pair.header.index("R&Q / EPLB +12.5 %")]) for r in per_pair.rows]  # the per-pair table's path
     assert row[3] == f"{sum(r <= 1 for r in ratios)} / 6" and abs(float(row[6]) - max(ratios)) < 1e-3
+    interval, verdict = row[-2:]
+    average, low, high = (float(x) for x in interval.replace("[", "").replace("]", "").replace(",", "").split())
+    assert low <= high and verdict == ("met" if high <= 1 else "not met")
+
+
+def _resampled_means(ratio, planned_on, draws, seed):
+    """Dumb reference: the same draws of planning files, each resample's pairs gathered one by one."""
+    files = sorted(set(planned_on.tolist()))
+    picks = np.random.default_rng(seed).integers(0, len(files), (draws, len(files)))
+    means = []
+    for pick in picks:
+        taken = [r for f in pick for r, p in zip(ratio, planned_on) if p == files[f]]
+        means.append(sum(taken) / len(taken))
+    return means
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 5), st.integers(0, 2**31), st.data())
+def test_mean_ratio_interval_matches_a_loop_and_stays_within_the_ratios(num_files, seed, data):
+    planned_on = np.array([a for a, _ in itertools.permutations(range(num_files), 2)])
+    ratio = np.array(data.draw(st.lists(st.floats(0.5, 2.0), min_size=planned_on.size, max_size=planned_on.size)))
+    average, low, high = mean_ratio_interval(ratio, planned_on, draws=200, seed=seed)
+    reference = np.percentile(_resampled_means(ratio, planned_on, 200, seed), [2.5, 97.5])
+    assert np.allclose((low, high), reference) and average == ratio.mean()
+    assert ratio.min() - 1e-12 <= low <= high <= ratio.max() + 1e-12
+
+
+def test_mean_ratio_interval_of_equal_ratios_is_that_ratio_and_the_verdict_reads_its_upper_end():
+    planned_on = np.array([a for a, _ in itertools.permutations(range(4), 2)])
+    assert mean_ratio_interval(np.ones(12), planned_on) == (1.0, 1.0, 1.0)
+    assert target_verdict(1.0) == "met" and target_verdict(1.001) == "not met"
+    worse_with_one_file = np.where(planned_on == 0, 1.5, 0.9)  # one planning file's plans lose badly
+    assert target_verdict(mean_ratio_interval(worse_with_one_file, planned_on)[2]) == "not met"
 
 
 def test_all_pairs_table_is_none_without_two_files_of_a_group(tmp_path):

@@ -42,12 +42,13 @@ def test_plan_slots_are_ordered_by_gpu(tmp_path, capsys):
         assert gpus == sorted(gpus)
 
 
-def test_hedge_flag_plans_spare_copies_and_records_the_option(tmp_path, capsys):
-    plain, hedged = tmp_path / "plain.json", tmp_path / "hedged.json"
-    assert main(plan_args(plain)) == 0 and main(plan_args(hedged, "--hedge")) == 0
+def test_hedges_are_on_by_default_and_no_hedge_turns_them_off(tmp_path, capsys):
+    default, hedged, plain = tmp_path / "default.json", tmp_path / "hedged.json", tmp_path / "plain.json"
+    for path, flags in ((default, ()), (hedged, ("--hedge",)), (plain, ("--no-hedge",))):
+        assert main(plan_args(path, *flags)) == 0
     slots = lambda path: sum(len(layer.slots) for layer in load_plan(path).layers)  # noqa: E731
-    assert load_plan(hedged).options.hedge and not load_plan(plain).options.hedge
-    assert slots(hedged) > slots(plain)
+    assert load_plan(default).options.hedge and load_plan(hedged).options.hedge and not load_plan(plain).options.hedge
+    assert slots(default) == slots(hedged) > slots(plain)
 
 
 def test_eval_loads_are_named_in_the_table_title(tmp_path, capsys):

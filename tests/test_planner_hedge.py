@@ -102,12 +102,12 @@ def test_hedges_keep_bytes_quality_budget_and_distinct_gpus(seed, num_gpus, per_
     assert np.array_equal(planned[:old], copies[3]) and (fmt[:old] >= copies[2]).all()
 
 
-def test_plan_rnq_adds_hedges_only_when_asked_and_keeps_the_plan_valid():
+def test_plan_rnq_adds_hedges_by_default_and_keeps_the_plan_valid():
     model, cluster = load_model("olmoe-1b-7b"), load_cluster("h100x8")
     loads = load_stats(SHIPPED_LOADS / "olmoe-1b-7b-0924_olmoe-repo_arxiv.json", model)
-    plain, hedged = plan_rnq(model, cluster, loads, PlanOptions()), plan_rnq(model, cluster, loads, PlanOptions(hedge=True))
+    plain, hedged = plan_rnq(model, cluster, loads, PlanOptions(hedge=False)), plan_rnq(model, cluster, loads, PlanOptions())
     copies = lambda plan: sum(len(layer.slots) for layer in plan.layers)  # noqa: E731
-    assert PlanOptions().hedge is False
+    assert PlanOptions().hedge is True
     assert copies(hedged) > copies(plain), "the arxiv plan leaves quality budget for spare copies"
     for layer in hedged.layers:
         held = [(s.gpu, s.expert) for s in layer.slots]
@@ -120,11 +120,12 @@ def test_plan_rnq_adds_hedges_only_when_asked_and_keeps_the_plan_valid():
     assert score.quantized_fraction.max() <= PlanOptions().quality_budget + 1e-9, "the in-sample guarantee holds"
 
 
-def test_hedge_says_when_the_options_leave_it_nothing_to_do(caplog):
+def test_hedge_is_a_quiet_no_op_when_the_options_leave_it_nothing_to_do(caplog):
     model, cluster = load_model("olmoe-1b-7b"), load_cluster("h100x8")
     loads = load_stats(SHIPPED_LOADS / "olmoe-1b-7b-0924_olmoe-repo_arxiv.json", model)
-    with caplog.at_level("WARNING", logger="rnq_ep"):
-        plan = plan_rnq(model, cluster, loads, PlanOptions(hedge=True, max_copies=1))
-    assert "no hedge copies" in caplog.text
-    assert plan == msgspec.structs.replace(plan_rnq(model, cluster, loads, PlanOptions(max_copies=1)), options=plan.options,
-                                           summary=plan.summary)
+    for leaves_nothing in (PlanOptions(max_copies=1), PlanOptions(formats=("bf16",)), PlanOptions(quality_budget=0.0)):
+        with caplog.at_level("WARNING", logger="rnq_ep"):
+            plan = plan_rnq(model, cluster, loads, leaves_nothing)  # hedges are on by default: no warning for that
+        assert caplog.text == "" and plan.options.hedge
+        unhedged = plan_rnq(model, cluster, loads, msgspec.structs.replace(leaves_nothing, hedge=False))
+        assert plan == msgspec.structs.replace(unhedged, options=plan.options, summary=plan.summary)

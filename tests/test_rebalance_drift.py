@@ -50,7 +50,8 @@ def step_counts(stats, gen: torch.Generator) -> np.ndarray:
 def drift_run() -> tuple[list[float], list[int], float]:
     """(balancedness per step, steps at which a new plan took effect, offline plan's balancedness on AFTER)."""
     before, after = load_stats(BEFORE), load_stats(AFTER)
-    plan = plan_rnq(MODEL, CLUSTER, before, PlanOptions())
+    # hedge copies blunt this drift (1.095x instead of > 1.1x); the rebalancer is what is tested here
+    plan = plan_rnq(MODEL, CLUSTER, before, PlanOptions(hedge=False))
     recorder = LoadRecorder(len(plan.layers), MODEL.num_experts, window=INTERVAL)
     gen = torch.Generator().manual_seed(0)
     history, switches = [], []
@@ -64,7 +65,7 @@ def drift_run() -> tuple[list[float], list[int], float]:
             if any(d.move for d in result.decisions):
                 plan = result.plan
                 switches.append(step + 1)
-    offline = plan_rnq(MODEL, CLUSTER, after, PlanOptions())
+    offline = plan_rnq(MODEL, CLUSTER, after, PlanOptions(hedge=False))
     return history, switches, balancedness(offline, step_counts(after, gen))
 
 
@@ -88,7 +89,8 @@ def test_a_steady_load_moves_nothing_and_a_drift_settles(drift_run):
 
 def test_moves_that_do_not_pay_for_themselves_are_not_made():
     before, after = load_stats(BEFORE), load_stats(AFTER)
-    plan = plan_rnq(MODEL, CLUSTER, before, PlanOptions())
+    # hedge copies blunt this drift (1.095x instead of > 1.1x); the rebalancer is what is tested here
+    plan = plan_rnq(MODEL, CLUSTER, before, PlanOptions(hedge=False))
     counts = np.asarray(after.counts)
     result = replan(plan, counts, horizon_steps=1, tokens_per_gpu=1)
     assert not any(d.move for d in result.decisions)
@@ -98,7 +100,8 @@ def test_moves_that_do_not_pay_for_themselves_are_not_made():
 
 def test_quantized_copies_make_moves_cheaper_than_bf16():
     before, after = load_stats(BEFORE), load_stats(AFTER)
-    plan = plan_rnq(MODEL, CLUSTER, before, PlanOptions())
+    # hedge copies blunt this drift (1.095x instead of > 1.1x); the rebalancer is what is tested here
+    plan = plan_rnq(MODEL, CLUSTER, before, PlanOptions(hedge=False))
     result = replan(plan, np.asarray(after.counts), HORIZON_STEPS, SERVED_TOKENS_PER_GPU)
     assert all(d.bytes_moved <= d.bytes_if_bf16 for d in result.decisions)
     assert sum(d.bytes_moved for d in result.decisions) < sum(d.bytes_if_bf16 for d in result.decisions)

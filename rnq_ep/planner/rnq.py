@@ -41,8 +41,6 @@ def plan_rnq(model: ModelSpec, cluster: ClusterSpec, loads: LoadStats, options: 
     align = options.affinity_weight > 0 and loads.coactivation is not None
     if options.affinity_weight > 0 and not align:
         log.warning("affinity_weight=%s but the loads have no coactivation stats: ignored", options.affinity_weight)
-    if options.hedge and (options.formats == ("bf16",) or options.max_copies == 1 or options.quality_budget == 0):
-        log.warning("hedge: needs a quantized format, max_copies != 1 and a quality budget > 0; no hedge copies")
     started = time.perf_counter()
     budget = gpu_budget(model, cluster, options)
     fmt_bytes = format_bytes(model)
