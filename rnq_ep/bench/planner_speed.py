@@ -3,8 +3,9 @@
 Synthetic Zipf loads (`bench.planner.zipf_loads`), memory as plain EP, one row per GPU count and
 format set: at one bf16 expert per GPU (256 experts on >= 256 GPUs) two int8 copies do not fit
 where one bf16 copy did, so bf16+int8 cannot replicate anything and only int4 makes room.
-Times are CPU seconds of this process (`time.process_time`), one run each, so other work on a
-shared machine inflates them less than wall time would.
+Times are CPU seconds of this process (`time.process_time`), the best of TIMED_RUNS runs each (the
+planners are deterministic, so a slower run only measures the machine), so other work on a shared
+machine inflates them less than wall time would.
 """
 
 from __future__ import annotations
@@ -24,14 +25,19 @@ from rnq_ep.specs import ClusterSpec, ModelSpec, Plan, PlanOptions
 
 SPEED_TARGETS = {32: "<= 0.1 s", 256: "<= 0.5 s", 1024: "<= 2 s"}  # issues 2 and 7
 FORMAT_SETS = (("bf16", "int8"), ("bf16", "int8", "int4"))
+TIMED_RUNS = 3
 
 
-def cpu_timed(planner: Callable[..., Plan], *args, **kwargs) -> tuple[Plan, float]:
-    """Run a planner, return (plan, CPU seconds of this process); earlier garbage is collected before, not charged."""
-    gc.collect()
-    start = time.process_time()
-    plan = planner(*args, **kwargs)
-    return plan, time.process_time() - start
+def cpu_timed(planner: Callable[..., Plan], *args, runs: int = TIMED_RUNS, **kwargs) -> tuple[Plan, float]:
+    """Run a planner `runs` times, return (plan, least CPU seconds of this process over the runs); earlier
+    garbage is collected before each run, not charged."""
+    best = np.inf
+    for _ in range(runs):
+        gc.collect()
+        start = time.process_time()
+        plan = planner(*args, **kwargs)
+        best = min(best, time.process_time() - start)
+    return plan, best
 
 
 def speed_table(
@@ -63,7 +69,7 @@ def speed_table(
                 f"{np.median(score_plan(rnq, loads).balancedness_best):.3f}", eplb_balance,
             ))
     title = (f"Planner speed, {model.name} scale, synthetic Zipf loads (max/mean 5-10x, seed {seed}), "
-             f"{base.name} nodes, memory as plain EP, CPU seconds of one run")
+             f"{base.name} nodes, memory as plain EP, CPU seconds, best of {TIMED_RUNS} runs")
     note = ("No replica fits (plain EP is the only plan) on: " + "; ".join(stuck) +
             ": one bf16 expert per GPU leaves no room for a second copy unless int4 is allowed.") if stuck else ""
     return BenchTable(title, header, rows, note)

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 EXTRA_REPLICAS_PER_GPU = (2.0, 1.0, 0.5, 0.25, 0.125)  # tried in this order, then none
 SPREAD_RESERVE = 0.2  # share of the quality budget the initial replicas leave to spread_load
 NEAR_FLOOR = 0.02  # fewer replicas are not tried once the max load is within 2 % of a lower bound
+EVEN_SLACK = 0.005  # evening the singles may raise the planned max GPU load by this fraction (docs/planner.md step 6b)
 NODE_LOCAL_RATIO = 4.0  # prefer same-node copies when intra-node links are this many times faster
 REPLANS = 2  # re-plans of a layer whose routed quantized tokens exceed the quality budget
 
@@ -121,7 +122,7 @@ def planned_copies(
         copies = refine_layer(copies, weight, planning, num_gpus, options.refine_time_limit)
     if options.hedge:
         if not options.refine:  # refine keeps its exact max load
-            copies = even_singles(copies, weight.size, num_gpus, NEAR_FLOOR)
+            copies = even_singles(copies, weight.size, num_gpus, EVEN_SLACK)
         copies = hedge_copies(copies, planning, num_gpus)
     return copies, chosen
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from rnq_ep.planner.transport import Copies
+from rnq_ep.specs import FORMATS
 
 
 def even_singles(copies: Copies, num_experts: int, num_gpus: int, slack: float) -> Copies:
@@ -21,15 +22,23 @@ def even_singles(copies: Copies, num_experts: int, num_gpus: int, slack: float) 
     gpu, expert, fmt, tokens = copies
     single = np.bincount(expert, minlength=num_experts)[expert] == 1  # [S]
     rigid = np.bincount(gpu[single], minlength=num_gpus)  # singles per GPU [G]
-    crowded = single & (rigid[gpu] >= rigid.min() + 2)  # singles that could leave [S]
-    sparse = ~single & (rigid[gpu] <= rigid.max() - 2)  # replica copies that could take their place [S]
-    if not np.intersect1d(fmt[crowded], fmt[sparse]).size:
+    fewest, most = int(rigid.min()), int(rigid.max())
+    if most - fewest < 2:
+        return copies
+    crowded = single & (rigid[gpu] >= fewest + 2)  # singles that could leave [S]
+    sparse = ~single & (rigid[gpu] <= most - 2)  # replica copies that could take their place [S]
+    if not np.bincount(fmt[crowded], minlength=len(FORMATS)) @ np.bincount(fmt[sparse], minlength=len(FORMATS)):
         return copies  # no same-format swap (e.g. one bf16 copy per GPU against int4 singles)
     # a few swaps per layer: Python lists beat numpy's per-call overhead here
     load = np.bincount(gpu, weights=tokens, minlength=num_gpus).tolist()
     cap = max(load) * (1.0 + slack)
     rigid, on, names, codes, planned = rigid.tolist(), gpu.tolist(), expert.tolist(), fmt.tolist(), tokens.tolist()
-    singles, replicas = grouped(gpu, single, num_gpus), grouped(gpu, ~single, num_gpus)
+    # copy indices per GPU, ascending: singles of GPU g are group 2g, its replica copies group 2g + 1
+    group = 2 * gpu + ~single
+    order = np.argsort(group, kind="stable").tolist()
+    bounds = np.cumsum(np.bincount(group, minlength=2 * num_gpus)).tolist()
+    lists = [order[lo:hi] for lo, hi in zip([0, *bounds[:-1]], bounds)]
+    singles, replicas = lists[0::2], lists[1::2]
     while max(rigid) - min(rigid) >= 2:
         hi = max(range(num_gpus), key=rigid.__getitem__)
         held = {names[slot] for slot in singles[hi] + replicas[hi]}
@@ -56,11 +65,3 @@ def even_singles(copies: Copies, num_experts: int, num_gpus: int, slack: float) 
         on[a], on[b] = low, hi
     return np.array(on, dtype=gpu.dtype), expert, fmt, tokens
 
-
-def grouped(gpu: np.ndarray, mask: np.ndarray, num_gpus: int) -> list[list[int]]:
-    """Indices of the copies in mask [S], one list per GPU [G], ascending."""
-    chosen = np.flatnonzero(mask)
-    order = chosen[np.argsort(gpu[chosen], kind="stable")]
-    bounds = np.searchsorted(gpu[order], np.arange(num_gpus + 1)).tolist()
-    ordered = order.tolist()
-    return [ordered[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
