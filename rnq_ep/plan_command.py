@@ -103,8 +103,9 @@ def add_plan(p: argparse.ArgumentParser) -> None:
                    help="spend the quality budget the balance left unused on spare copies (int8, else int4) of single-copy "
                         "quantized experts (no planned tokens), after evening out the single-copy experts per GPU: "
                         "steadier balance when served loads differ from --loads; --no-hedge plans fewer quantized copies "
-                        "and fewer tokens on them when the served loads are the planning loads (default: on; no effect "
-                        "with --formats bf16, --max-copies 1 or --quality-budget 0; see docs/planner.md)")
+                        "and fewer tokens on them when the served loads are the planning loads. No effect with --max-copies "
+                        "1; with --formats bf16 or --quality-budget 0 only the evening of single-copy experts (where "
+                        "replicas fit) is left; see docs/planner.md")
     p.add_argument("--tokens-per-gpu", type=int, metavar="N", default=DEFAULT_TOKENS_PER_GPU,
                    help="tokens per GPU in one step for the predicted time (loads are rescaled to it)")
     p.add_argument("--export", metavar="sglang:PATH", help="also write the plan for a serving system: sglang:PATH")

@@ -65,21 +65,21 @@ run; this paragraph is not):
   (2.65x faster than LLEP); with drift 0.1 or 0.5 LLEP is (R&Q takes 2.1x and 4.6x its time),
   because a newly hot expert has few copies and least-loaded routing can only share its tokens
   among those. The real OLMoE loads planned on arxiv and served as github traffic (8 windows drawn
-  from the github file, a shift of corpus) are such a case: a static R&Q plan is 1.20x / 1.20x /
+  from the github file, a shift of corpus) are such a case: a static R&Q plan is 1.35x / 1.20x /
   1.50x faster than plain EP at 8 / 32 / 64 GPUs and LLEP is faster still at 32 and 64. Re-planned
   every 10 steps from the last window's counts (the runtime's rebalancer, moves charged), R&Q is
-  1.49x / 2.28x / 3.27x faster than plain EP, level with the EPLB-equivalent that also re-plans and
-  has 12.5 % more memory at 8 GPUs (1.01x its time) and 2.0-3.3x ahead of it at 32 and 64 (its extra
+  1.50x / 2.27x / 3.27x faster than plain EP, level with the EPLB-equivalent that also re-plans and
+  has 12.5 % more memory at 8 GPUs (1.00x its time) and 2.0-3.3x ahead of it at 32 and 64 (its extra
   memory buys no whole replica there); LLEP (7x plain EP's expert memory at 64 GPUs) and R&Q + int4
   spill stay faster at 32 and 64. GitHub traffic served stationary (planned on github windows, not
-  arxiv; measured separately, docs/policies.md) gives R&Q 1.55x / 2.56x / 3.92x: over 32 windows
-  re-planning reaches 1.54x / 2.55x / 3.74x, all but the stale first interval of it.
+  arxiv; measured separately, docs/policies.md) gives R&Q 1.55x / 2.54x / 3.92x: over 32 windows
+  re-planning reaches 1.54x / 2.54x / 3.74x, all but the stale first interval of it.
 - **Where the others are already balanced, quantized copies only cost.** Mixtral at 64 GPUs and
   more: 8 experts over 64+ one-expert GPUs lets the EPLB-equivalent split every expert by load,
   and R&Q's int4 copies add dequantisation FLOPs to a compute-bound step, so the best R&Q is the
   bf16+int8 one, identical to the EPLB-equivalent. At 8 GPUs the EPLB-equivalent with 12.5-25 %
-  more memory beats R&Q by 1-2 % on the synthetic loads, and at
-  32 GPUs the one with 25 % more memory by 7-10 % (DeepSeek-V3, gpt-oss): its extra bytes hold
+  more memory beats R&Q by up to 2 % on the synthetic loads, and at
+  32 GPUs the one with 25 % more memory by 7-8 % (DeepSeek-V3, gpt-oss): its extra bytes hold
   whole bf16 replicas, while R&Q at plain-EP memory pays for every replica by quantizing other
   copies within the 25 % budget.
 - **LLEP loses where expert weights are large.** Every spill moves a bf16 expert over the network

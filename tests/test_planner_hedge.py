@@ -120,12 +120,32 @@ def test_plan_rnq_adds_hedges_by_default_and_keeps_the_plan_valid():
     assert score.quantized_fraction.max() <= PlanOptions().quality_budget + 1e-9, "the in-sample guarantee holds"
 
 
-def test_hedge_is_a_quiet_no_op_when_the_options_leave_it_nothing_to_do(caplog):
+def test_hedge_is_a_quiet_no_op_where_no_replica_and_no_hedge_fits(caplog):
+    """At plain-EP memory bf16 only or a zero budget leaves no room for a replica, and max_copies 1 allows
+    none: nothing to even out, nothing to hedge, and no warning about it (hedges are on by default)."""
     model, cluster = load_model("olmoe-1b-7b"), load_cluster("h100x8")
     loads = load_stats(SHIPPED_LOADS / "olmoe-1b-7b-0924_olmoe-repo_arxiv.json", model)
     for leaves_nothing in (PlanOptions(max_copies=1), PlanOptions(formats=("bf16",)), PlanOptions(quality_budget=0.0)):
         with caplog.at_level("WARNING", logger="rnq_ep"):
-            plan = plan_rnq(model, cluster, loads, leaves_nothing)  # hedges are on by default: no warning for that
+            plan = plan_rnq(model, cluster, loads, leaves_nothing)
         assert caplog.text == "" and plan.options.hedge
         unhedged = plan_rnq(model, cluster, loads, msgspec.structs.replace(leaves_nothing, hedge=False))
         assert plan == msgspec.structs.replace(unhedged, options=plan.options, summary=plan.summary)
+
+
+def test_bf16_only_plans_with_room_for_replicas_still_even_their_singles():
+    model, cluster = load_model("olmoe-1b-7b"), load_cluster("h100x8")
+    loads = load_stats(SHIPPED_LOADS / "olmoe-1b-7b-0924_olmoe-repo_arxiv.json", model)
+    roomy = PlanOptions(formats=("bf16",), memory_budget=gpu_budget(model, cluster, PlanOptions()) * 3 // 2)
+    evened, plain = plan_rnq(model, cluster, loads, roomy), plan_rnq(model, cluster, loads, msgspec.structs.replace(roomy, hedge=False))
+    spread = lambda plan: [singles_spread(layer, model.num_experts, cluster.num_gpus) for layer in plan.layers]  # noqa: E731
+    assert all(a <= b for a, b in zip(spread(evened), spread(plain))) and spread(evened) != spread(plain)
+    assert [len(a.slots) for a in evened.layers] == [len(b.slots) for b in plain.layers], "evening adds no copy"
+
+
+def singles_spread(layer, num_experts: int, num_gpus: int) -> int:
+    """Most minus fewest single-copy experts on one GPU in a LayerPlan."""
+    experts = np.array([slot.expert for slot in layer.slots])
+    alone = np.bincount(experts, minlength=num_experts)[experts] == 1
+    per_gpu = np.bincount(np.array([slot.gpu for slot in layer.slots])[alone], minlength=num_gpus)
+    return int(per_gpu.max() - per_gpu.min())

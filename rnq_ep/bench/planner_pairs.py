@@ -32,17 +32,22 @@ VARIANTS = ("R&Q", f"R&Q {'+'.join(WITH_INT4)}", "R&Q --no-hedge")  # default op
 BOOTSTRAP_DRAWS = 10_000
 
 
-def mean_ratio_interval(ratio: np.ndarray, planned_on: np.ndarray, draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> tuple[float, float, float]:
+def mean_ratio_interval(
+    ratio: np.ndarray, pairs: np.ndarray, draws: int = BOOTSTRAP_DRAWS, seed: int = 0
+) -> tuple[float, float, float]:
     """(mean, 2.5th, 97.5th percentile) of the mean of per-pair ratios [P], the percentiles over `draws`
-    resamplings of the planning files: pairs planned on one file share its plan's luck, so a file, not a
-    pair, is the unit drawn. planned_on [P]: index of each pair's planning file."""
-    files = np.unique(planned_on)
-    position = np.searchsorted(files, planned_on)  # [P] position of each pair's file in `files`
+    resamplings of the files: pairs that share a planning file share its plan's luck, and pairs that share
+    a scoring file its traffic, so a file, not a pair, is the unit drawn, and a resample weighs pair (a, b)
+    by how often it drew a times how often it drew b (a draw that weighs no pair, one file drawn
+    throughout, is left out). pairs [P, 2]: each pair's (planning, scoring) file index."""
+    files = np.unique(pairs)
+    position = np.searchsorted(files, pairs)  # [P, 2] positions of each pair's files in `files`
     picks = np.random.default_rng(seed).integers(0, files.size, (draws, files.size))
     times = np.zeros((draws, files.size))
     np.add.at(times, (np.arange(draws)[:, None], picks), 1.0)  # [draws, F] how often each file was drawn
-    weight = times[:, position]  # [draws, P]
-    means = (weight * ratio).sum(axis=1) / weight.sum(axis=1)
+    weight = times[:, position[:, 0]] * times[:, position[:, 1]]  # [draws, P]
+    total = weight.sum(axis=1)
+    means = (weight[total > 0] * ratio).sum(axis=1) / total[total > 0]
     low, high = np.percentile(means, [2.5, 97.5])
     return float(ratio.mean()), float(low), float(high)
 
@@ -81,8 +86,7 @@ def all_pairs_table(cluster: ClusterSpec, options: PlanOptions, folder: Path) ->
         mean = rnq.mean(axis=2) / eplb.mean(axis=1)
         wins = lambda ratio: f"{int((ratio <= 1 + 1e-9).sum())} / {len(ratio)}"  # noqa: E731
         pooled = " / ".join(f"{b:.3f}" for b in (*rnq.mean(axis=(1, 2)), eplb.mean()))
-        planned_on = np.array([a for a, _ in itertools.permutations(range(len(files)), 2)])
-        average, low, high = mean_ratio_interval(mean[0], planned_on)
+        average, low, high = mean_ratio_interval(mean[0], np.array(list(itertools.permutations(range(len(files)), 2))))
         rows.append((f"{prefix}*", model_name, str(median.shape[1]), wins(median[0]), wins(mean[0]),
                      f"{np.median(median[0]):.3f}", f"{median[0].max():.3f}", wins(median[1]), wins(median[2]),
                      wins(mean[2]), pooled, f"{average:.3f} [{low:.3f}, {high:.3f}]", target_verdict(high)))
@@ -95,7 +99,7 @@ def all_pairs_table(cluster: ClusterSpec, options: PlanOptions, folder: Path) ->
             "corpus barely predicts it in another, and counts jittered by less than their sampling noise move the "
             "OLMoE wins by several pairs (docs/planner.md); the mean balancedness over all pairs and layers is the "
             "steadier comparison. The balance target (R&Q no worse than EPLB +12.5 %) is read on that mean: met "
-            "when the upper end of the 95 % interval of the mean per-pair ratio, planning files resampled "
+            "when the upper end of the 95 % interval of the mean per-pair ratio, files resampled "
             "(docs/planner.md), is <= 1. R&Q's default hedges (planner step 6b): single-copy experts evened out per "
             "GPU, then spare int8 copies of single-copy quantized experts from the quality budget left unused; "
             "--no-hedge plans without them. Mixtral-8x7B has 8 experts, one per GPU on 8 GPUs: bf16+int8 cannot "

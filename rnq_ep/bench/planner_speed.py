@@ -31,6 +31,8 @@ TIMED_RUNS = 3
 def cpu_timed(planner: Callable[..., Plan], *args, runs: int = TIMED_RUNS, **kwargs) -> tuple[Plan, float]:
     """Run a planner `runs` times, return (plan, least CPU seconds of this process over the runs); earlier
     garbage is collected before each run, not charged."""
+    if runs < 1:
+        raise ValueError(f"cpu_timed: runs must be >= 1, got {runs}")
     best = np.inf
     for _ in range(runs):
         gc.collect()
