@@ -12,7 +12,7 @@ from rnq_ep.bench.planner import SHIPPED_LOADS
 from rnq_ep.memory import gpu_budget
 from rnq_ep.metrics import score_plan
 from rnq_ep.planner import plan_rnq
-from rnq_ep.planner.hedge import hedge_copies
+from rnq_ep.planner.hedge import hedge_copies, hedge_layers
 from rnq_ep.planner.limits import Limits
 from rnq_ep.specs import PlanOptions, load_cluster, load_model, load_stats
 
@@ -100,6 +100,28 @@ def test_hedges_keep_bytes_quality_budget_and_distinct_gpus(seed, num_gpus, per_
     assert len(set(gpu[old:].tolist())) == gpu.size - old, "at most one hedge per GPU"
     assert (planned[old:] == 0).all() and set(expert[old:].tolist()) <= set(quantized.tolist())
     assert np.array_equal(planned[:old], copies[3]) and (fmt[:old] >= copies[2]).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), num_gpus=st.integers(2, 5), per_gpu=st.integers(1, 4), num_layers=st.integers(1, 5))
+def test_hedging_layers_together_hedges_each_as_alone(seed, num_gpus, per_gpu, num_layers):
+    """One room_costs call for the layers that share costs, GPUs numbered apart; layers with costs of their
+    own (calibrated sensitivities) or other budgets in their own group: each as hedge_copies alone."""
+    rng = np.random.default_rng(seed)
+    num_experts = num_gpus * per_gpu
+    shared = limits_of(num_experts, per_gpu, 0.0)
+    layers, limits = [], []
+    for _ in range(num_layers):
+        tokens = rng.exponential(size=num_experts) * 100
+        quantized = np.flatnonzero(rng.random(num_experts) < 0.4)
+        layers.append(one_copy_each(tokens.tolist(), quantized.tolist(), num_gpus))
+        token_budget = max(rng.uniform(0.0, 0.6) * tokens.sum(), tokens[quantized].sum())
+        own = rng.random() < 0.3  # its own cost matrix, as with per-layer sensitivities
+        limits.append(limits_of(num_experts, per_gpu, token_budget) if own else shared.with_token_budget(token_budget))
+    together = hedge_layers(layers, limits, num_gpus)
+    for copies, layer_limits, hedged in zip(layers, limits, together):
+        alone = hedge_copies(copies, layer_limits, num_gpus)
+        assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(hedged, alone))
 
 
 def test_plan_rnq_adds_hedges_by_default_and_keeps_the_plan_valid():

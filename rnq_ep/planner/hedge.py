@@ -25,24 +25,51 @@ def hedge_copies(copies: Copies, limits: Limits, num_gpus: int, reserve: float =
     """Copies (gpu, expert, fmt, tokens) [S] plus token-free copies [S + h] of quantized single-copy experts
     (heaviest first), at most one per GPU, on the GPUs whose room costs the fewest re-formatted bf16 tokens
     first, while the quantized tokens stay within (1 - reserve) x limits.token_budget."""
+    return hedge_layers([copies], [limits], num_gpus, reserve)[0]
+
+
+def hedge_layers(layers: list[Copies], limits_of: list[Limits], num_gpus: int, reserve: float = HEDGE_RESERVE) -> list[Copies]:
+    """`hedge_copies` of every layer ([L] copies and limits); the room costs of layers that share their
+    bytes, costs and hedge format come from one `room_costs` call, their GPUs numbered apart (layer x G + g)."""
+    waiting_of: dict[int, tuple[float, int, list[int]]] = {}  # layer -> (spare tokens, hedge format, waiting slots)
+    for index, ((_, expert, fmt, tokens), limits) in enumerate(zip(layers, limits_of)):
+        spare = limits.token_budget * (1.0 - reserve) - float(tokens[fmt > 0].sum())
+        code = hedge_format(limits) if spare >= 0 and limits.max_copies > 1 else None
+        if code is None:
+            continue
+        single = np.bincount(expert, minlength=limits.cost.shape[0])[expert] == 1
+        waiting = np.flatnonzero(single & (fmt > 0))
+        if waiting.size:
+            waiting_of[index] = spare, code, waiting[np.argsort(-tokens[waiting], kind="stable")].tolist()
+    groups: dict[tuple, list[int]] = {}
+    for index, (_, code, _) in waiting_of.items():
+        limits = limits_of[index]
+        groups.setdefault((id(limits.cost), limits.budget, limits.max_held, code), []).append(index)
+    out = list(layers)
+    for (_, _, _, code), members in groups.items():
+        stacked = tuple(np.concatenate(parts) for parts in zip(*(layers[i] for i in members)))
+        sizes = [layers[i][0].size for i in members]
+        stacked[0][:] += np.repeat(np.arange(len(members)) * num_gpus, sizes)  # a layer's GPUs apart from the others'
+        cost, converted = room_costs(stacked, limits_of[members[0]], num_gpus * len(members), code)
+        for k, (index, part) in enumerate(zip(members, np.split(converted, np.cumsum(sizes)[:-1]))):
+            spare, _, waiting = waiting_of[index]
+            out[index] = place_hedges(layers[index], code, waiting, spare, cost[k * num_gpus:(k + 1) * num_gpus], part)
+    return out
+
+
+def place_hedges(copies: Copies, code: int, waiting: list[int], spare: float, cost: np.ndarray, converted: np.ndarray) -> Copies:
+    """Copies [S + h]: a hedge copy in format `code` of the next waiting slot (heaviest first) on each GPU by
+    room cost [G], cheapest first, while the costs fit in `spare` tokens; the sinks' `converted` [S] bf16
+    copies re-formatted to make the room."""
     gpu, expert, fmt, tokens = copies
-    spare = limits.token_budget * (1.0 - reserve) - float(tokens[fmt > 0].sum())
-    code = hedge_format(limits) if spare >= 0 and limits.max_copies > 1 else None
-    if code is None:
-        return copies
-    single = np.bincount(expert, minlength=limits.cost.shape[0])[expert] == 1
-    waiting = np.flatnonzero(single & (fmt > 0))
-    if waiting.size == 0:
-        return copies
-    waiting = waiting[np.argsort(-tokens[waiting], kind="stable")].tolist()
-    cost, converted = room_costs(copies, limits, num_gpus, code)
     sinks = np.flatnonzero(np.isfinite(cost))
     sinks = sinks[np.argsort(cost[sinks], kind="stable")]
+    on = gpu.tolist()
     chosen, hedged = [], []
     for sink, price in zip(sinks.tolist(), cost[sinks].tolist()):
         if price > spare:
             break  # sinks come cheapest first
-        slot = next((s for s in waiting if gpu[s] != sink), None)
+        slot = next((s for s in waiting if on[s] != sink), None)
         if slot is not None:
             waiting.remove(slot)
             chosen.append(sink)
@@ -50,7 +77,7 @@ def hedge_copies(copies: Copies, limits: Limits, num_gpus: int, reserve: float =
             spare -= price
     if not chosen:
         return copies
-    is_sink = np.zeros(num_gpus, dtype=bool)
+    is_sink = np.zeros(cost.size, dtype=bool)
     is_sink[chosen] = True
     fmt = np.where(converted & is_sink[gpu], code, fmt)
     new = len(chosen)

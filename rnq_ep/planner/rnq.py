@@ -10,7 +10,7 @@ import numpy as np
 
 from rnq_ep.memory import gpu_budget
 from rnq_ep.planner.affinity import align_to_previous, share_matrix
-from rnq_ep.planner.hedge import hedge_copies
+from rnq_ep.planner.hedge import hedge_copies, hedge_layers
 from rnq_ep.planner.initial import first_fitting_counts, initial_copies
 from rnq_ep.planner.layout import InfeasiblePlan, format_bytes, layer_plan
 from rnq_ep.planner.limits import Limits
@@ -70,6 +70,9 @@ def plan_rnq(model: ModelSpec, cluster: ClusterSpec, loads: LoadStats, options: 
         (*planned_copies(weight, num_gpus, limits, layer, options, start, False, reuse, fitted), reuse)
         for weight, limits, layer, (start, fitted), reuse in zip(weights, limits_of, loads.layers, starts, reuses)
     ]
+    if options.hedge:  # first plans hedge here, all layers' room costs at once; re-plans in `planned_copies`
+        hedged = hedge_layers([copies for copies, _, _ in firsts], limits_of, num_gpus)
+        firsts = [(copies, chosen, reuse) for copies, (_, chosen, reuse) in zip(hedged, firsts)]
     counts = [np.rint(np.asarray(row, dtype=np.float64)).astype(np.int64) for row in loads.counts]
     routed = routed_quantized_layers(
         [table_of(copies, num_gpus, model.num_experts) for copies, _, _ in firsts], counts, [lim.token_budget for lim in limits_of]
@@ -114,8 +117,9 @@ def planned_copies(
     reuse: dict,
     fitted: Copies | None = None,
 ) -> tuple[Copies, int]:
-    """(Copies (gpu, expert, fmt, tokens) [S] of `balanced_copies`, refined when asked, plus hedge copies when
-    options.hedge; their initial replica count)."""
+    """(Copies (gpu, expert, fmt, tokens) [S] of `balanced_copies`, refined when asked, with the singles evened
+    out when options.hedge (and hedge copies added on a re-plan; first plans get theirs from `hedge_layers`);
+    their initial replica count)."""
     state, chosen = balanced_copies(weight, num_gpus, planning, layer, most, replan, reuse, fitted)
     copies = (np.array(state.gpu), np.array(state.expert), np.array(state.fmt), np.array(state.tokens))
     if options.refine:
@@ -123,7 +127,8 @@ def planned_copies(
     if options.hedge:
         if not options.refine:  # refine keeps its exact max load
             copies = even_singles(copies, weight.size, num_gpus, EVEN_SLACK)
-        copies = hedge_copies(copies, planning, num_gpus)
+        if replan:
+            copies = hedge_copies(copies, planning, num_gpus)
     return copies, chosen
 
 
