@@ -15,7 +15,7 @@ import numpy as np
 
 from rnq_ep.planner.limits import Limits
 from rnq_ep.planner.quantize import cheapest_conversions_by_gpu
-from rnq_ep.planner.transport import Copies
+from rnq_ep.planner.transport import Copies, stack_layers
 
 
 HEDGE_RESERVE = 0.15  # share of the quality budget hedge copies leave unspent, for what the router adds in sample
@@ -47,11 +47,10 @@ def hedge_layers(layers: list[Copies], limits_of: list[Limits], num_gpus: int, r
         groups.setdefault((id(limits.cost), limits.budget, limits.max_held, code), []).append(index)
     out = list(layers)
     for (_, _, _, code), members in groups.items():
-        stacked = tuple(np.concatenate(parts) for parts in zip(*(layers[i] for i in members)))
-        sizes = [layers[i][0].size for i in members]
-        stacked[0][:] += np.repeat(np.arange(len(members)) * num_gpus, sizes)  # a layer's GPUs apart from the others'
+        _, stacked = stack_layers([layers[i] for i in members], num_gpus)
         cost, converted = room_costs(stacked, limits_of[members[0]], num_gpus * len(members), code)
-        for k, (index, part) in enumerate(zip(members, np.split(converted, np.cumsum(sizes)[:-1]))):
+        ends = np.cumsum([layers[i][0].size for i in members])[:-1]
+        for k, (index, part) in enumerate(zip(members, np.split(converted, ends))):
             spare, _, waiting = waiting_of[index]
             out[index] = place_hedges(layers[index], code, waiting, spare, cost[k * num_gpus:(k + 1) * num_gpus], part)
     return out

@@ -70,7 +70,7 @@ def plan_rnq(model: ModelSpec, cluster: ClusterSpec, loads: LoadStats, options: 
         (*planned_copies(weight, num_gpus, limits, layer, options, start, False, reuse, fitted), reuse)
         for weight, limits, layer, (start, fitted), reuse in zip(weights, limits_of, loads.layers, starts, reuses)
     ]
-    if options.hedge:  # first plans hedge here, all layers' room costs at once; re-plans in `planned_copies`
+    if options.hedge:  # all layers' room costs at once; a re-plan hedges its layer in `plan_layer`
         hedged = hedge_layers([copies for copies, _, _ in firsts], limits_of, num_gpus)
         firsts = [(copies, chosen, reuse) for copies, (_, chosen, reuse) in zip(hedged, firsts)]
     counts = [np.rint(np.asarray(row, dtype=np.float64)).astype(np.int64) for row in loads.counts]
@@ -118,8 +118,7 @@ def planned_copies(
     fitted: Copies | None = None,
 ) -> tuple[Copies, int]:
     """(Copies (gpu, expert, fmt, tokens) [S] of `balanced_copies`, refined when asked, with the singles evened
-    out when options.hedge (and hedge copies added on a re-plan; first plans get theirs from `hedge_layers`);
-    their initial replica count)."""
+    out when options.hedge (the callers add the hedge copies); their initial replica count)."""
     state, chosen = balanced_copies(weight, num_gpus, planning, layer, most, replan, reuse, fitted)
     copies = (np.array(state.gpu), np.array(state.expert), np.array(state.fmt), np.array(state.tokens))
     if options.refine:
@@ -127,8 +126,6 @@ def planned_copies(
     if options.hedge:
         if not options.refine:  # refine keeps its exact max load
             copies = even_singles(copies, weight.size, num_gpus, EVEN_SLACK)
-        if replan:
-            copies = hedge_copies(copies, planning, num_gpus)
     return copies, chosen
 
 
@@ -151,6 +148,8 @@ def plan_layer(
             copies, chosen = planned_copies(weight, num_gpus, planning, layer, options, chosen, True, reuse)
         except InfeasiblePlan:
             break
+        if options.hedge:
+            copies = hedge_copies(copies, planning, num_gpus)
         routed, _ = routed_quantized(table_of(copies, num_gpus, weight.size), counts, limits.token_budget)
     if routed <= limits.token_budget:
         return copies

@@ -34,6 +34,14 @@ def transport_spread(copies: Copies, limits: Limits, num_gpus: int, num_experts:
     return transport_layers([copies], [limits], num_gpus, num_experts)[0]
 
 
+def stack_layers(copies_of: list[Copies], num_gpus: int) -> tuple[np.ndarray, Copies]:
+    """(layer of each copy [S], the [L] layers' copies concatenated [S], layer l's GPUs numbered l x G + g), so
+    per-GPU numpy work runs for all layers in one call."""
+    layer = np.repeat(np.arange(len(copies_of)), [copies[0].size for copies in copies_of])
+    gpu, expert, fmt, tokens = (np.concatenate([copies[k] for copies in copies_of]) for k in range(4))
+    return layer, (gpu + layer * num_gpus, expert, fmt, tokens)
+
+
 def transport_layers(
     copies_of: list[Copies], limits_of: list[Limits], num_gpus: int, num_experts: int
 ) -> list[tuple[Copies, float]]:
@@ -47,10 +55,8 @@ def transport_layers(
         ]
     if not num_layers:
         return []
-    layer = np.repeat(np.arange(num_layers), [copies[0].size for copies in copies_of])
-    gpu = np.concatenate([copies[0] for copies in copies_of]) + layer * num_gpus
-    expert = np.concatenate([copies[1] for copies in copies_of]) + layer * num_experts
-    fmt, tokens = (np.concatenate([copies[k] for copies in copies_of]) for k in (2, 3))
+    layer, (gpu, expert, fmt, tokens) = stack_layers(copies_of, num_gpus)
+    expert = expert + layer * num_experts
     load = np.bincount(gpu, weights=tokens, minlength=num_layers * num_gpus).reshape(num_layers, num_gpus)
     target = load.sum(axis=1) / num_gpus  # [L]
     tol = np.maximum(target * 1e-9, 1e-12)
