@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import shlex
+import sys
 from pathlib import Path
 
 import msgspec
@@ -25,7 +26,7 @@ from rnq_ep.bench.planner_pairs import all_pairs_table
 from rnq_ep.bench.planner_speed import speed_table
 from rnq_ep.costmodel import DEFAULT_TOKENS_PER_GPU
 from rnq_ep.memory import gpu_budget, plain_ep_budget
-from rnq_ep.planner import export_sglang
+from rnq_ep.planner import EXPORTS, export_losses, export_sglang, export_vllm
 from rnq_ep.report import HELP, check_folder, console, machine_line, print_table
 from rnq_ep.specs import (
     FORMATS,
@@ -67,14 +68,14 @@ def parse_budget(text: str | None, model: ModelSpec, cluster: ClusterSpec) -> in
     return int(value)
 
 
-def parse_export(text: str | None) -> Path | None:
-    """--export sglang:PATH -> PATH."""
+def parse_export(text: str | None) -> tuple[str, Path | None]:
+    """--export sglang:PATH | vllm:PATH -> (system, PATH); ("", None) without the flag."""
     if text is None:
-        return None
+        return "", None
     kind, _, path = text.partition(":")
-    if kind != "sglang" or not path:
-        raise SpecError(f"--export: expected sglang:PATH, got {text!r}")
-    return Path(path)
+    if kind not in EXPORTS or not path:
+        raise SpecError(f"--export: expected sglang:PATH or vllm:PATH, got {text!r}")
+    return kind, Path(path)
 
 
 PLAN_HELP = "plan R&Q placement for a model, cluster and load file (dry run)"
@@ -108,7 +109,9 @@ def add_plan(p: argparse.ArgumentParser) -> None:
                         "replicas fit) is left; see docs/planner.md")
     p.add_argument("--tokens-per-gpu", type=int, metavar="N", default=DEFAULT_TOKENS_PER_GPU,
                    help="tokens per GPU in one step for the predicted time (loads are rescaled to it)")
-    p.add_argument("--export", metavar="sglang:PATH", help="also write the plan for a serving system: sglang:PATH")
+    p.add_argument("--export", metavar="SYSTEM:PATH", help="also write the placement for a serving system: sglang:PATH "
+                   "(--init-expert-location JSON) or vllm:PATH (EPLB state arrays); quantized copies become plain replicas, "
+                   "a warning says what is lost (docs/planner.md)")
     p.add_argument("--plot", type=Path, metavar="PNG", help="PNG of tokens per GPU per policy for the most imbalanced layer")
     p.set_defaults(run=run_plan)
 
@@ -134,7 +137,7 @@ def run_plan(args: argparse.Namespace) -> int:
         refine_time_limit=args.refine_time_limit,
         hedge=args.hedge,
     )
-    export_path = parse_export(args.export)
+    export_system, export_path = parse_export(args.export)
     for path, flag in ((args.out, "--out"), (export_path, "--export"), (args.plot, "--plot")):
         check_folder(path, flag)
     budget = gpu_budget(model, cluster, options)
@@ -148,11 +151,13 @@ def run_plan(args: argparse.Namespace) -> int:
     summary = {"planned_on": str(args.loads), "scored_on": str(args.eval_loads or args.loads),
                **plan_summary(results, budget, args.tokens_per_gpu)}
     plan = msgspec.structs.replace(rnq.plan, summary=summary)
-    exported = export_sglang(plan) if export_path else None
+    exported = {"sglang": export_sglang, "vllm": export_vllm}[export_system](plan) if export_path else None
     print_table(policy_table(results, budget, title, note))
     write_atomic(args.out, encode_json(plan))
     if exported is not None:
         write_atomic(export_path, encode_json(exported))
+        for line in export_losses(plan, export_system):
+            sys.stderr.write(f"rnq-ep plan: warning: --export {export_system}: {line}\n")
     if args.plot:
         plot_gpu_loads(results, args.plot, title=f"{model.name} on {cluster.name}: tokens per GPU")
     written = [str(p) for p in (args.out, export_path, args.plot) if p]

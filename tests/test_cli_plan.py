@@ -76,7 +76,7 @@ def test_plot_writes_a_png(tmp_path, capsys):
         (["--memory-budget", "1000"], "bytes"),
         (["--formats", "bf16,fp8"], "--formats: unknown format"),
         (["--memory-budget", "lots"], "--memory-budget: expected bytes"),
-        (["--export", "vllm:x.json"], "--export: expected sglang:PATH"),
+        (["--export", "trt:x.json"], "--export: expected sglang:PATH or vllm:PATH"),
         (["--quality-budget", "1.5"], "quality_budget must be in [0, 1]"),
         (["--plot", "no/such/folder/x.png"], "--plot no/such/folder/x.png: folder"),
         (["--eval-loads", str(LOADS / "mixtral-8x7b-v0.1_olmoe-repo_github.json")], "num_experts=8"),
