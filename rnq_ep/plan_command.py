@@ -25,7 +25,7 @@ from rnq_ep.bench.planner import (
 from rnq_ep.bench.planner_pairs import all_pairs_table
 from rnq_ep.bench.planner_speed import speed_table
 from rnq_ep.costmodel import DEFAULT_TOKENS_PER_GPU
-from rnq_ep.memory import gpu_budget, plain_ep_budget
+from rnq_ep.memory import expert_bytes, gpu_budget, plain_ep_budget
 from rnq_ep.planner import EXPORTS, export_losses, export_sglang, export_vllm
 from rnq_ep.report import HELP, check_folder, console, machine_line, print_table
 from rnq_ep.specs import (
@@ -34,6 +34,8 @@ from rnq_ep.specs import (
     ModelSpec,
     PlanOptions,
     SpecError,
+    check_plan,
+    check_routed,
     encode_json,
     load_cluster,
     load_model,
@@ -42,6 +44,7 @@ from rnq_ep.specs import (
 )
 
 Subparsers = argparse._SubParsersAction  # what add_parser is called on
+MAX_TOKENS_PER_GPU = 2**24  # a step's tokens per GPU; real steps hold at most ~64k (prefill)
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
@@ -66,6 +69,21 @@ def parse_budget(text: str | None, model: ModelSpec, cluster: ClusterSpec) -> in
     if not (value > 0 and np.isfinite(value)):
         raise SpecError(f"--memory-budget: must be a positive number of bytes, got {text!r}")
     return int(value)
+
+
+def check_budget(budget: int, model: ModelSpec, source: str) -> None:
+    """Raise SpecError if `budget` (bytes per GPU) exceeds every expert in bf16: no plan could use it, and the
+    planner's work grows with the copies a GPU could hold."""
+    every_expert = model.num_experts * expert_bytes(model, "bf16")
+    if budget > every_expert:
+        raise SpecError(f"{source}: {budget} bytes per GPU is more than every expert of {model.name!r} in bf16 "
+                        f"({every_expert} bytes); expected at most that")
+
+
+def check_tokens_per_gpu(tokens_per_gpu: int) -> None:
+    """Raise SpecError unless 1 <= --tokens-per-gpu <= MAX_TOKENS_PER_GPU."""
+    if not 1 <= tokens_per_gpu <= MAX_TOKENS_PER_GPU:
+        raise SpecError(f"--tokens-per-gpu {tokens_per_gpu}: expected an integer in [1, 2**24]")
 
 
 def parse_export(text: str | None) -> tuple[str, Path | None]:
@@ -118,16 +136,18 @@ def add_plan(p: argparse.ArgumentParser) -> None:
 
 def run_plan(args: argparse.Namespace) -> int:
     """`rnq-ep plan`: compare policies, print the table, write the plan (+ export, plot)."""
+    check_tokens_per_gpu(args.tokens_per_gpu)
     model, cluster = load_model(args.model), load_cluster(args.cluster)
     loads = load_stats(args.loads, model)
     eval_loads = load_stats(args.eval_loads, model) if args.eval_loads else None
+    for path, stats in ((args.loads, loads), (args.eval_loads, eval_loads)):
+        if stats is not None:
+            check_routed(stats, str(path))
     if eval_loads is not None and len(eval_loads.counts) != len(loads.counts):
         raise SpecError(
             f"{args.eval_loads}: has {len(eval_loads.counts)} layers but {args.loads} has {len(loads.counts)}; "
             "layers are matched by position"
         )
-    if args.tokens_per_gpu < 1:
-        raise SpecError(f"--tokens-per-gpu: must be >= 1, got {args.tokens_per_gpu}")
     options = PlanOptions(
         formats=parse_formats(args.formats),
         quality_budget=args.quality_budget,
@@ -141,6 +161,7 @@ def run_plan(args: argparse.Namespace) -> int:
     for path, flag in ((args.out, "--out"), (export_path, "--export"), (args.plot, "--plot")):
         check_folder(path, flag)
     budget = gpu_budget(model, cluster, options)
+    check_budget(budget, model, "--memory-budget" if args.memory_budget else f"{args.cluster}: expert_memory_budget")
     results = compare_policies(model, cluster, loads, options, eval_loads, args.tokens_per_gpu)
     rnq = next(r for r in results if r.name == RNQ)
     scored_on = f"scored on OTHER loads {args.eval_loads.name}" if eval_loads else "scored on the same loads"
@@ -151,6 +172,7 @@ def run_plan(args: argparse.Namespace) -> int:
     summary = {"planned_on": str(args.loads), "scored_on": str(args.eval_loads or args.loads),
                **plan_summary(results, budget, args.tokens_per_gpu)}
     plan = msgspec.structs.replace(rnq.plan, summary=summary)
+    check_plan(plan, where=str(args.out))  # what `rnq-ep run` checks before any rank starts
     exported = {"sglang": export_sglang, "vllm": export_vllm}[export_system](plan) if export_path else None
     print_table(policy_table(results, budget, title, note))
     write_atomic(args.out, encode_json(plan))

@@ -15,6 +15,9 @@ import msgspec
 Fmt = Literal["bf16", "int8", "int4"]
 FORMATS: tuple[str, ...] = ("bf16", "int8", "int4")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+MAX_COUNT = 2**48  # tokens per (layer, expert): sums over 2**14 experts stay exact in int64 and float64 ranks
+DECODER_LAYERS_PER_MOE_LAYER = 2  # a decoder layer id is below 2 x MoE layers (dense prefixes, every-other-layer MoE)
+SHARE_TOLERANCE = 1e-6  # an expert's shares may miss 1 by this much (JSON round trip of float sums)
 
 _FROZEN = dict(frozen=True, forbid_unknown_fields=True, kw_only=True)
 
@@ -178,11 +181,15 @@ def _check_load_stats(stats: LoadStats) -> None:
         if len(row) != stats.num_experts:
             raise SpecError(f"counts[{i}]: has {len(row)} experts, expected num_experts={stats.num_experts}")
         for e, c in enumerate(row):
-            if c < 0:
-                raise SpecError(f"counts[{i}][{e}]: negative count {c}")
+            if not 0 <= c <= MAX_COUNT:
+                raise SpecError(f"counts[{i}][{e}]: {c} is not a token count in [0, 2**48]")
     n_layers = len(stats.counts)
-    if stats.layer_ids is not None and len(stats.layer_ids) != n_layers:
-        raise SpecError(f"layer_ids: has {len(stats.layer_ids)} entries, counts has {n_layers} layers")
+    if stats.layer_ids is not None:
+        if len(stats.layer_ids) != n_layers:
+            raise SpecError(f"layer_ids: has {len(stats.layer_ids)} entries, counts has {n_layers} layers")
+        for i, (before, layer_id) in enumerate(zip([-1, *stats.layer_ids], stats.layer_ids)):
+            if layer_id <= before:
+                raise SpecError(f"layer_ids[{i}]: {layer_id}, expected increasing decoder layer ids >= 0")
     if stats.num_layers is not None and stats.num_layers != n_layers:
         raise SpecError(f"num_layers: says {stats.num_layers}, counts has {n_layers} layers")
     for key in ("importance", "gate_mass"):
@@ -284,11 +291,69 @@ def check_stats_match_model(stats: LoadStats, model: ModelSpec, where: str = "lo
         raise SpecError(
             f"{where}: counts has {len(stats.counts)} layers but model {model.name!r} has {model.num_layers} MoE layers"
         )
+    check_layer_ids(stats.layers, model, f"{where}: layer_ids")
+
+
+def check_layer_ids(layer_ids: list[int], model: ModelSpec, where: str) -> None:
+    """Raise SpecError unless every decoder layer id can be one of the model's (below 2 x its MoE layers)."""
+    limit = DECODER_LAYERS_PER_MOE_LAYER * model.num_layers
+    for i, layer_id in enumerate(layer_ids):
+        if not 0 <= layer_id < limit:
+            raise SpecError(
+                f"{where}[{i}]: {layer_id} is not a decoder layer of model {model.name!r} ({model.num_layers} MoE "
+                f"layers): expected an id in [0, {limit})"
+            )
+
+
+def check_routed(stats: LoadStats, where: str) -> None:
+    """Raise SpecError if a layer routed no token at all (nothing to plan or score on)."""
+    for i, row in enumerate(stats.counts):
+        if not any(row):
+            raise SpecError(f"{where}: counts[{i}]: every count is 0, expected at least one routed token per layer")
 
 
 def load_plan(path: str | Path) -> Plan:
     """Plan from its JSON file."""
     return _decode(Path(path), Plan)
+
+
+def check_plan(plan: Plan, where: str = "plan") -> None:
+    """Raise SpecError unless every layer is one the planner could have made: slots by GPU, every GPU in range and
+    within the budget, every expert known, copied once per GPU at most, its shares >= 0 and summing to 1."""
+    from rnq_ep.memory import expert_bytes, gpu_budget  # memory reads these specs: imported here, not at the top
+
+    model, num_gpus = plan.model, plan.cluster.num_gpus
+    budget = gpu_budget(model, plan.cluster, plan.options)
+    bytes_of = {fmt: expert_bytes(model, fmt) for fmt in FORMATS}
+    check_layer_ids([layer.layer for layer in plan.layers], model, f"{where}: layer ids")
+    for i, layer in enumerate(plan.layers):
+        at = f"{where}: layers[{i}] (layer {layer.layer})"
+        if i and layer.layer <= plan.layers[i - 1].layer:
+            raise SpecError(f"{at}: layer ids must increase, got {plan.layers[i - 1].layer} then {layer.layer}")
+        held, shares, placed = [0] * num_gpus, [0.0] * model.num_experts, set()
+        for j, slot in enumerate(layer.slots):
+            if not 0 <= slot.gpu < num_gpus:
+                raise SpecError(f"{at}.slots[{j}]: gpu {slot.gpu} out of range, the cluster has {num_gpus} GPUs")
+            if not 0 <= slot.expert < model.num_experts:
+                raise SpecError(f"{at}.slots[{j}]: unknown expert {slot.expert}, the model has {model.num_experts}")
+            if j and slot.gpu < layer.slots[j - 1].gpu:
+                raise SpecError(f"{at}.slots[{j}]: gpu {slot.gpu} after gpu {layer.slots[j - 1].gpu}, expected slots by gpu")
+            if (slot.gpu, slot.expert) in placed:
+                raise SpecError(f"{at}.slots[{j}]: a second copy of expert {slot.expert} on gpu {slot.gpu}")
+            if not (math.isfinite(slot.share) and slot.share >= 0):
+                raise SpecError(f"{at}.slots[{j}]: share {slot.share}, expected a finite number >= 0")
+            placed.add((slot.gpu, slot.expert))
+            held[slot.gpu] += bytes_of[slot.fmt]
+            shares[slot.expert] += slot.share
+        copied = {expert for _, expert in placed}
+        for expert, total in enumerate(shares):
+            if expert not in copied:
+                raise SpecError(f"{at}: expert {expert} has no copy")
+            if abs(total - 1.0) > SHARE_TOLERANCE:
+                raise SpecError(f"{at}: the shares of expert {expert}'s copies sum to {total:.6g}, expected 1")
+        worst = max(range(num_gpus), key=held.__getitem__)
+        if held[worst] > budget:
+            raise SpecError(f"{at}: gpu {worst} holds {held[worst]} expert bytes, over the plan's budget of {budget}")
 
 
 def encode_json(obj: Any) -> bytes:

@@ -80,6 +80,8 @@ def test_plot_writes_a_png(tmp_path, capsys):
         (["--quality-budget", "1.5"], "quality_budget must be in [0, 1]"),
         (["--plot", "no/such/folder/x.png"], "--plot no/such/folder/x.png: folder"),
         (["--eval-loads", str(LOADS / "mixtral-8x7b-v0.1_olmoe-repo_github.json")], "num_experts=8"),
+        (["--tokens-per-gpu", str(10**23)], "--tokens-per-gpu 100000000000000000000000: expected an integer in [1, 2**24]"),
+        (["--memory-budget", "1e30"], "bytes per GPU is more than every expert of 'olmoe-1b-7b' in bf16"),
     ],
 )
 def test_bad_or_infeasible_request_exits_2_with_one_line_and_no_file(tmp_path, capsys, extra, message):
@@ -115,3 +117,24 @@ def test_help_explains_every_flag_with_defaults(capsys):
 def test_python_dash_m_runs_the_same_cli():
     done = subprocess.run([sys.executable, "-m", "rnq_ep", "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "plan" in done.stdout
+
+
+def loads_like_arxiv(tmp_path, counts) -> str:
+    """The arXiv load file's shape (3 layers x 64 experts, top-8) with every count set to `counts`."""
+    raw = json.loads(Path(ARXIV).read_text())
+    body = {"counts": [[counts] * 64] * 3, "num_experts": 64, "top_k": 8, "layer_ids": raw["layer_ids"]}
+    path = tmp_path / "in" / "loads.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(body))
+    return str(path)
+
+
+@pytest.mark.parametrize("count, message", [(0, "counts[0]: every count is 0"),
+                                            (10**30, "counts[0][0]: 1000000000000000000000000000000 is not a token count")])
+def test_a_load_file_with_no_tokens_or_too_many_exits_2_naming_the_count(tmp_path, capsys, count, message):
+    loads = loads_like_arxiv(tmp_path, count)
+    args = ["plan", "--model", "olmoe-1b-7b", "--cluster", "h100x8", "--loads", loads, "--out", str(tmp_path / "p.json")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{loads}: {message}" in err and err.count("\n") == 1
+    assert not (tmp_path / "p.json").exists()

@@ -50,7 +50,7 @@ def test_top_k_above_experts_in_loads_is_rejected(tmp_path):
 
 
 def test_negative_count_names_layer_and_expert(tmp_path):
-    with pytest.raises(SpecError, match=r"counts\[1\]\[2\]: negative count -2"):
+    with pytest.raises(SpecError, match=r"counts\[1\]\[2\]: -2 is not a token count in \[0, 2\*\*48\]"):
         load_stats(loads_file(tmp_path, counts=[[1, 2, 3, 4], [4, 3, -2, 1]]))
 
 
@@ -105,3 +105,19 @@ def test_empty_counts_are_rejected(tmp_path):
 def test_missing_loads_file_is_named(tmp_path):
     with pytest.raises(SpecError, match=r"nope\.json: no such file"):
         load_stats(tmp_path / "nope.json")
+
+
+def test_a_count_too_large_for_exact_sums_is_rejected_naming_its_place(tmp_path):
+    with pytest.raises(SpecError, match=r"counts\[0\]\[0\]: 1000000000000000000000000000000 is not a token count"):
+        load_stats(loads_file(tmp_path, counts=[[10**30, 2, 3, 4], [4, 3, 2, 1]]))
+
+
+def test_layer_ids_must_increase(tmp_path):
+    with pytest.raises(SpecError, match=r"layer_ids\[1\]: 3, expected increasing decoder layer ids >= 0"):
+        load_stats(loads_file(tmp_path, layer_ids=[3, 3]))
+
+
+def test_layer_ids_beyond_the_model_are_rejected(tmp_path):
+    path = loads_file(tmp_path, counts=[[1] * 8, [2] * 8], num_experts=8, layer_ids=[0, 99])
+    with pytest.raises(SpecError, match=r"layer_ids\[1\]: 99 is not a decoder layer of model 'tiny' \(2 MoE layers\)"):
+        load_stats(path, load_model("tiny"))
