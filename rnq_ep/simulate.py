@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import platform
 import shlex
@@ -29,7 +30,8 @@ from rnq_ep.policies import (
 )
 from rnq_ep.replan_sim import DEFAULT_REPLAN_INTERVAL, REPLAN_POLICIES, run_replanning
 from rnq_ep.load_windows import drawn_windows, real_windows, shifted_windows
-from rnq_ep.specs import ModelSpec, SpecError, load_cluster, load_model, load_stats, write_atomic
+from rnq_ep.plan_command import MAX_TOKENS_PER_GPU
+from rnq_ep.specs import MAX_SEED, ModelSpec, SpecError, check_routed, load_cluster, load_model, load_stats, write_atomic
 from rnq_ep.synthetic import DEFAULT_DRIFT, ZipfLoads, parse_zipf
 
 DEFAULT_GPUS = "8,32,64,256,1024"
@@ -38,6 +40,10 @@ DEFAULT_LOADS = "zipf:0.6"
 DEFAULT_SWEEP = "0.2,0.4,0.6,0.8,1.0,1.2,1.4,1.6"
 SAMPLED = "sampled"  # --eval-loads: stationary windows drawn from the --loads file
 SWEEP_LAYERS = 4  # synthetic layers are drawn alike, so a few stand for all in the sweep
+MAX_GPUS = 8192  # 8x the documented largest study (1024): tables and plans grow with the GPU count
+MAX_WINDOWS = 1000
+MAX_LAYERS = 1024  # synthetic layers per window
+MAX_REPLAN_INTERVAL = 10**6
 SCALE_NOTE = (
     "MoE us/layer: cost model, the slowest GPU's max(FLOP, HBM) time + all-to-all, plus LLEP's weight moves (not "
     "overlapped), mean over layers and scored windows; parts are the slowest GPU's. time / best other < 1: fastest of "
@@ -140,14 +146,14 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=simulate_main)
 
 
-def parse_ints(text: str, flag: str) -> list[int]:
-    """'8,32' -> [8, 32], each >= 1."""
+def parse_ints(text: str, flag: str, most: int = MAX_GPUS) -> list[int]:
+    """'8,32' -> [8, 32], each in [1, most]."""
     try:
         values = [int(part) for part in text.split(",")]
     except ValueError:
         raise SpecError(f"{flag}: expected comma separated integers, got {text!r}") from None
-    if min(values) < 1:
-        raise SpecError(f"{flag}: every value must be >= 1, got {text!r}")
+    if not 1 <= min(values) <= max(values) <= most:
+        raise SpecError(f"{flag}: every value must be in [1, {most}], got {text!r}")
     return values
 
 
@@ -156,9 +162,12 @@ def parse_sweep(text: str) -> list[float]:
     if text == "none":
         return []
     try:
-        return [float(part) for part in text.split(",")]
+        exponents = [float(part) for part in text.split(",")]
     except ValueError:
         raise SpecError(f"--sweep: expected comma separated exponents or none, got {text!r}") from None
+    if not all(math.isfinite(s) and s >= 0 for s in exponents):
+        raise SpecError(f"--sweep: expected finite Zipf exponents >= 0, got {text!r}")
+    return exponents
 
 
 def check_windows(args: argparse.Namespace) -> tuple[int, int]:
@@ -175,12 +184,24 @@ def check_windows(args: argparse.Namespace) -> tuple[int, int]:
                         "--windows W use it")
     windows = 2 if args.windows is None else args.windows
     interval = DEFAULT_REPLAN_INTERVAL if args.replan_interval is None else args.replan_interval
-    for flag, value, least in (("--windows", windows, 2), ("--replan-interval", interval, 1),
-                               ("--tokens-per-gpu", args.tokens_per_gpu, 1), ("--layers", args.layers, 0),
-                               ("--sweep-gpus", args.sweep_gpus, 1), ("--sweep-layers", args.sweep_layers, 1)):
+    for flag, value, least, most in (
+        ("--windows", windows, 2, MAX_WINDOWS), ("--replan-interval", interval, 1, MAX_REPLAN_INTERVAL),
+        ("--tokens-per-gpu", args.tokens_per_gpu, 1, MAX_TOKENS_PER_GPU), ("--layers", args.layers, 0, MAX_LAYERS),
+        ("--sweep-gpus", args.sweep_gpus, 1, MAX_GPUS), ("--sweep-layers", args.sweep_layers, 1, MAX_LAYERS),
+        ("--seed", args.seed, 0, MAX_SEED),
+    ):
         if value < least:
             raise SpecError(f"{flag}: must be >= {least}, got {value}")
+        if value > most:
+            raise SpecError(f"{flag}: must be <= {most}, got {value}")
     return windows, interval
+
+
+def check_load_files(args: argparse.Namespace, model: ModelSpec) -> None:
+    """Raise SpecError for a --loads or --eval-loads file that does not fit the model or has a layer of no tokens."""
+    for flag, path in (("--loads", args.loads), ("--eval-loads", args.eval_loads)):
+        if path and not path.startswith("zipf") and path != SAMPLED:
+            check_routed(load_stats(Path(path), model), f"{flag} {path}")
 
 
 def simulate_main(args: argparse.Namespace) -> int:
@@ -192,6 +213,7 @@ def simulate_main(args: argparse.Namespace) -> int:
         check_folder(path, flag)
     num_windows, interval = check_windows(args)
     model = load_model(args.model)
+    check_load_files(args, model)
     base = load_cluster(args.cluster or DEFAULT_CLUSTER)
     if args.cluster and not args.gpus:
         clusters = [base]  # the named cluster as it is

@@ -17,6 +17,7 @@ FORMATS: tuple[str, ...] = ("bf16", "int8", "int4")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 MAX_COUNT = 2**48  # tokens per (layer, expert): sums over 2**14 experts stay exact in int64 and float64 ranks
 DECODER_LAYERS_PER_MOE_LAYER = 2  # a decoder layer id is below 2 x MoE layers (dense prefixes, every-other-layer MoE)
+MAX_SEED = 2**63 - 1  # seeds key numpy generators and SeedSequences: non-negative, 64-bit
 SHARE_TOLERANCE = 1e-6  # an expert's shares may miss 1 by this much (JSON round trip of float sums)
 
 _FROZEN = dict(frozen=True, forbid_unknown_fields=True, kw_only=True)

@@ -8,7 +8,7 @@ from rnq_ep.policies import POLICIES, PolicyRun
 from rnq_ep.load_windows import drawn_windows
 from rnq_ep.replan_sim import REPLAN_POLICIES
 from rnq_ep.simulate import main, ratios, replan_cell, scale_table, sweep_table
-from rnq_ep.specs import LoadStats, load_model
+from rnq_ep.specs import LoadStats, encode_json, load_model
 
 SHIPPED = Path(__file__).resolve().parent.parent / "configs" / "loads"
 TINY = ["--model", "tiny", "--layers", "2", "--sweep-layers", "2", "--tokens-per-gpu", "2048"]
@@ -100,13 +100,27 @@ MIXTRAL_IN_SAMPLE = ["--model", "mixtral-8x7b", "--gpus", "8", "--loads", str(SH
         ([*OLMOE_SHIFT, "--windows", "1"], "--windows: must be >= 2, got 1"),
         ([*TINY, "--eval-loads", "sampled", "--sweep", "none"], "needs --loads FILE"),
         ([*TINY, "--loads", "zipf:steep", "--sweep", "none"], "zipf:steep"),
+        ([*TINY, "--gpus", "100000000", "--sweep", "none"], "--gpus: every value must be in [1, 8192], got '100000000'"),
+        ([*TINY, "--sweep-gpus", "100000000"], "--sweep-gpus: must be <= 8192, got 100000000"),
+        ([*TINY, "--seed", "-1", "--sweep", "none"], "--seed: must be >= 0, got -1"),
+        ([*TINY, "--sweep", "0.5,nan"], "--sweep: expected finite Zipf exponents >= 0, got '0.5,nan'"),
+        ([*TINY, "--tokens-per-gpu", str(10**23), "--sweep", "none"], "--tokens-per-gpu: must be <= 16777216"),
     ],
     ids=["replan-interval-without-windowed-shift", "replan-interval-below-one", "windows-in-sample",
-         "one-window-after-shift", "eval-loads-with-generator", "malformed-generator"],
+         "one-window-after-shift", "eval-loads-with-generator", "malformed-generator", "absurd-gpu-count",
+         "absurd-sweep-gpu-count", "negative-seed", "nan-exponent", "absurd-tokens-per-gpu"],
 )
 def test_cli_refuses_bad_flags_with_exit_code_2_and_names_them(capsys, argv, message):
     code = main(argv)
     assert code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_refuses_a_load_file_with_a_layer_of_no_tokens_naming_it(tmp_path, capsys):
+    path = tmp_path / "zero.json"
+    path.write_bytes(encode_json(LoadStats(counts=[[3] * 8, [0] * 8], num_experts=8, top_k=2)))
+    code = main([*TINY, "--loads", str(path), "--sweep", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--loads {path}: counts[1]: every count is 0" in err and err.count("\n") == 1
 
 
 def test_cli_refuses_a_missing_output_folder_before_any_work(tmp_path, capsys):
