@@ -21,7 +21,7 @@ from torch import nn
 from rnq_ep import hf
 from rnq_ep.quant import FORMATS, dequantize, quantize
 from rnq_ep.report import check_folder
-from rnq_ep.specs import LoadStats, SpecError, encode_json, stats_to_dict, write_atomic
+from rnq_ep.specs import MAX_SEED, LoadStats, SpecError, encode_json, stats_to_dict, write_atomic
 from rnq_ep.textdata import BUILTIN, load_text, token_batches, tokenize
 
 MIN_SAMPLES = 4  # sensitivity rows per expert per batch even when the mean share is smaller
@@ -163,13 +163,7 @@ def calibrate(
 
     on_removal_forward(done, total) is called after each removal-importance forward of a batch.
     """
-    bad = [fmt for fmt in formats if fmt not in FORMATS]
-    if bad or not formats:
-        raise SpecError(f"formats: {list(formats)} is not a non-empty subset of {list(FORMATS)}")
-    if importance not in (None, "removal"):
-        raise SpecError(f"importance: unknown method {importance!r}, expected 'removal' or none")
-    if cap_factor <= 0:
-        raise SpecError(f"cap_factor: must be > 0, got {cap_factor}")
+    check_options(formats, importance, cap_factor)
     layers = hf.moe_layers(model)
     device = next(model.parameters()).device
     recorder = _Recorder([module for _, _, module in layers], formats, cap_factor, seed)
@@ -217,6 +211,18 @@ def calibrate(
     )
 
 
+def check_options(formats: Sequence[str], importance: str | None, cap_factor: float) -> None:
+    """Raise SpecError unless formats is a non-empty subset of quant.FORMATS, importance None or 'removal', and
+    cap_factor a finite number > 0."""
+    bad = [fmt for fmt in formats if fmt not in FORMATS]
+    if bad or not formats:
+        raise SpecError(f"formats: {list(formats)} is not a non-empty subset of {list(FORMATS)}")
+    if importance not in (None, "removal"):
+        raise SpecError(f"importance: unknown method {importance!r}, expected 'removal' or none")
+    if not (math.isfinite(cap_factor) and cap_factor > 0):
+        raise SpecError(f"cap_factor: must be a finite number > 0, got {cap_factor}")
+
+
 def _description(
     num_tokens: int, data_name: str, formats: Sequence[str], cap_factor: float, importance: str | None
 ) -> str:
@@ -257,19 +263,31 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     add("--spec-out", metavar="MODEL.json", help="also write the model's ModelSpec (input of `rnq-ep plan --model`)")
 
 
+def check_arguments(args: argparse.Namespace) -> tuple[str, ...]:
+    """The --formats of `rnq-ep calibrate` after checking every flag and output folder; SpecError names the flag."""
+    for flag, path in (("--out", args.out), ("--spec-out", args.spec_out)):
+        check_folder(None if path is None else Path(path), flag)
+    for flag, value, least in (("--tokens", args.tokens, 2), ("--batch", args.batch, 1), ("--seq-len", args.seq_len, 2),
+                               ("--seed", args.seed, 0)):
+        if not least <= value <= MAX_SEED:
+            raise SpecError(f"{flag} {value}: expected an integer in [{least}, 2**63)")
+    formats = tuple(fmt.strip() for fmt in args.formats.split(",") if fmt.strip())
+    check_options(formats, args.importance, args.cap_factor)
+    return formats
+
+
 def calibrate_main(args: argparse.Namespace) -> int:
     """`rnq-ep calibrate`: load model and text, calibrate with a progress bar, write the stats file."""
     from rich.console import Console
     from rich.progress import Progress
     from transformers.utils import logging as transformers_logging
 
-    for flag, path in (("--out", args.out), ("--spec-out", args.spec_out)):
-        check_folder(None if path is None else Path(path), flag)  # fail now, not after the whole run
+    formats = check_arguments(args)  # every flag and the data file before the model loads (seconds to minutes)
+    text = load_text(args.data)
     transformers_logging.disable_progress_bar()  # one rich bar, not transformers' tqdm ones
     model, tokenizer, name = hf.load_model(args.model, args.seed)
-    ids = tokenize(load_text(args.data), model.config.vocab_size, tokenizer)
+    ids = tokenize(text, model.config.vocab_size, tokenizer)
     batches = token_batches(ids, args.batch, args.seq_len, args.tokens)
-    formats = tuple(fmt.strip() for fmt in args.formats.split(",") if fmt.strip())
     with Progress(transient=True) as progress:
         batch_bar = progress.add_task("calibrating batches", total=len(batches))
         removal_bar = progress.add_task("removal importance: forwards of this batch", visible=bool(args.importance))

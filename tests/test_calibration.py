@@ -207,6 +207,20 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, message, tmp_p
     assert not out.exists()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--tokens", "0"], r"--tokens 0: expected an integer in \[2, 2\*\*63\)"),
+    (["--seq-len", "1"], r"--seq-len 1: expected an integer in \[2, 2\*\*63\)"),
+    (["--cap-factor", "nan"], r"cap_factor: must be a finite number > 0, got nan"),
+    (["--formats", "int3"], r"formats: \['int3'\] is not a non-empty subset"),
+    (["--data", "no-such.txt"], r"no-such.txt: no such data file"),
+])
+def test_bad_flags_are_refused_before_loading_the_model(flags, message, tmp_path, monkeypatch):
+    monkeypatch.setattr(hf, "load_model", lambda *args: pytest.fail("the model was loaded before the flags were checked"))
+    with pytest.raises(SpecError, match=message):
+        run_cli("--model", "tiny-mixtral", "--out", str(tmp_path / "s.json"), *flags)
+    assert not (tmp_path / "s.json").exists()
+
+
 def test_missing_out_folder_is_refused_before_loading_the_model(tmp_path):
     with pytest.raises(SpecError, match=r"--out .*stats.json: folder .*absent does not exist"):
         run_cli("--model", "tiny-llama4", "--out", str(tmp_path / "absent" / "stats.json"))
