@@ -10,6 +10,7 @@ it runs all copies in one call in copy order, with no gather or scatter. The ker
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -20,6 +21,8 @@ from rnq_ep.quant import QuantWeight, dequantize, quantize
 from rnq_ep.specs import FORMATS
 
 BACKENDS = ("auto", "triton", "torch")
+# a rank's own experts' weights: expert -> (gate_up [2I, H], down [H, I]), loaded as each local copy is built
+ExpertWeights = Callable[[int], tuple[torch.Tensor, torch.Tensor]] | Mapping[int, tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -53,40 +56,35 @@ class LocalExperts:
         self,
         table: SlotTable,
         rank: int,
-        w_gate_up: torch.Tensor,
-        w_down: torch.Tensor,
+        w_gate_up: torch.Tensor | ExpertWeights,
+        w_down: torch.Tensor | None,
         backend: str = "auto",
         activation: str = "silu",
         gate_up_bias: torch.Tensor | None = None,
         down_bias: torch.Tensor | None = None,
+        hidden_size: int | None = None,
     ) -> None:
         """Keep this rank's slots of w_gate_up [E, 2I, H] and w_down [E, H, I], quantized per slot.
 
+        Or w_gate_up = the rank's own experts' weights (expert -> (gate_up [2I, H], down [H, I]), a
+        mapping or a callable, read once per local copy), w_down = None and hidden_size = H.
         `activation` "swiglu-oai" (GPT-OSS) or biases gate_up_bias [E, 2I] / down_bias [E, H] run
         on the torch backend only: "auto" picks it, "triton" raises NotImplementedError.
         """
         if backend not in BACKENDS:
             raise ValueError(f"unknown expert backend {backend!r}, expected one of {BACKENDS}")
-        num_experts = table.num_experts
-        if w_gate_up.dim() != 3 or w_down.dim() != 3 or w_gate_up.shape[0] != num_experts:
-            raise ValueError(
-                f"expert weights must be w_gate_up [E={num_experts}, 2I, H] and w_down [E, H, I], "
-                f"got {tuple(w_gate_up.shape)} and {tuple(w_down.shape)}"
-            )
-        hidden, inter = w_down.shape[1], w_down.shape[2]
-        if w_gate_up.shape[1:] != (2 * inter, hidden) or w_down.shape[0] != num_experts:
-            raise ValueError(
-                f"w_gate_up {tuple(w_gate_up.shape)} does not match w_down {tuple(w_down.shape)}: "
-                f"expected [E, 2I, H] = [{num_experts}, {2 * inter}, {hidden}]"
-            )
+        weights_of, hidden = _expert_weights(table.num_experts, w_gate_up, w_down, hidden_size)
         if activation != "silu" or gate_up_bias is not None or down_bias is not None:
             backend = _torch_only(backend, activation)
             self.activation = activation
-        self._place(table, rank, backend, hidden, w_gate_up.is_cuda)
+        self._place(table, rank, backend, hidden, on_gpu=False)  # the backend is picked below, from the loaded copies
         self.groups = [
-            self._load_group(FORMATS[code], np.flatnonzero(table.fmt[self.slots] == code), w_gate_up, w_down)
+            self._load_group(FORMATS[code], np.flatnonzero(table.fmt[self.slots] == code), weights_of)
             for code in sorted(set(table.fmt[self.slots].tolist()))
         ]
+        on_gpu = w_gate_up.is_cuda if isinstance(w_gate_up, torch.Tensor) else any(
+            group.stored_gate_up.data.is_cuda for group in self.groups)
+        self.backend = ("triton" if on_gpu else "torch") if backend == "auto" else backend
         if gate_up_bias is not None or down_bias is not None:
             self.groups = [self._with_biases(group, gate_up_bias, down_bias) for group in self.groups]
         self.dense = self._dense() if self.backend == "torch" else None
@@ -162,12 +160,22 @@ class LocalExperts:
                 "moved copies are rebuilt as plain SwiGLU without biases"
             )
 
-    def _load_group(self, fmt: str, copies: np.ndarray, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> FormatGroup:
-        """Slice the copies' experts out of the full tensors and store them in `fmt`."""
-        experts = torch.as_tensor(self.experts[copies], device=w_gate_up.device)
-        gate_up = quantize(w_gate_up[experts], fmt)  # [G, 2I, H]
-        down = quantize(w_down[experts], fmt)  # [G, H, I]
-        return FormatGroup(fmt, torch.as_tensor(copies, dtype=torch.int64), gate_up, down)
+    def _load_group(
+        self, fmt: str, copies: np.ndarray, weights_of: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+    ) -> FormatGroup:
+        """Read the copies' experts one at a time, store each in `fmt` (per-row / per-group scales: the same bytes as
+        quantizing them stacked) and stack them: gate_up [G, 2I, H], down [G, H, I]."""
+        stored = []
+        for expert in self.experts[copies].tolist():
+            gate_up, down = weights_of(expert)
+            if gate_up.shape != (2 * down.shape[-1], self.hidden_size) or down.shape[0] != self.hidden_size:
+                raise ValueError(
+                    f"expert {expert}: gate_up {tuple(gate_up.shape)} and down {tuple(down.shape)} do not match "
+                    f"[2I, H] and [H, I] with H = {self.hidden_size}"
+                )
+            stored.append((quantize(gate_up, fmt), quantize(down, fmt)))
+        gate_up_stack, down_stack = _stack([s[0] for s in stored]), _stack([s[1] for s in stored])
+        return FormatGroup(fmt, torch.as_tensor(copies, dtype=torch.int64), gate_up_stack, down_stack)
 
     def _dense(self) -> DenseCopies | None:
         """Every group's copies dequantised into one fp32 stack in local copy order (the torch backend's
@@ -229,6 +237,28 @@ class LocalExperts:
         from rnq_ep.kernels import grouped_swiglu  # imported here: it pulls in triton, which the torch backend does not need
 
         return grouped_swiglu(x, group.stored_gate_up, group.stored_down, offsets.to(torch.int32), row_weight).to(x.dtype)
+
+
+def _expert_weights(
+    num_experts: int, w_gate_up: torch.Tensor | ExpertWeights, w_down: torch.Tensor | None, hidden_size: int | None
+) -> tuple[Callable[[int], tuple[torch.Tensor, torch.Tensor]], int]:
+    """(expert -> (gate_up [2I, H], down [H, I]), H) from full tensors [E, 2I, H] / [E, H, I] or a rank's own weights."""
+    if not isinstance(w_gate_up, torch.Tensor):
+        if w_down is not None or hidden_size is None:
+            raise ValueError("with per-expert weights (a mapping or callable) give w_down=None and hidden_size")
+        return (w_gate_up.__getitem__ if isinstance(w_gate_up, Mapping) else w_gate_up), hidden_size
+    if w_down is None or w_gate_up.dim() != 3 or w_down.dim() != 3 or w_gate_up.shape[0] != num_experts:
+        raise ValueError(
+            f"expert weights must be w_gate_up [E={num_experts}, 2I, H] and w_down [E, H, I], "
+            f"got {tuple(w_gate_up.shape)} and {None if w_down is None else tuple(w_down.shape)}"
+        )
+    hidden, inter = w_down.shape[1], w_down.shape[2]
+    if w_gate_up.shape[1:] != (2 * inter, hidden) or w_down.shape[0] != num_experts:
+        raise ValueError(
+            f"w_gate_up {tuple(w_gate_up.shape)} does not match w_down {tuple(w_down.shape)}: "
+            f"expected [E, 2I, H] = [{num_experts}, {2 * inter}, {hidden}]"
+        )
+    return (lambda expert: (w_gate_up[expert], w_down[expert])), hidden
 
 
 def _torch_only(backend: str, activation: str) -> str:

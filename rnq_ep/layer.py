@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from rnq_ep.balance import SlotTable
 from rnq_ep.dispatch import DispatchHandle, combine, dispatch, world_size
-from rnq_ep.experts import LocalExperts
+from rnq_ep.experts import ExpertWeights, LocalExperts
 from rnq_ep.routing import POLICIES, SlotIndex, slot_index
 from rnq_ep.specs import LayerPlan, ModelSpec
 
@@ -75,8 +75,8 @@ class EPMoE(torch.nn.Module):
         num_gpus: int,
         rank: int,
         group: dist.ProcessGroup | None,
-        w_gate_up: torch.Tensor,
-        w_down: torch.Tensor,
+        w_gate_up: torch.Tensor | ExpertWeights,
+        w_down: torch.Tensor | None,
         router_weight: torch.Tensor | Router,
         shared_experts: torch.nn.Module | None = None,
         policy: str = "least-loaded",
@@ -85,7 +85,8 @@ class EPMoE(torch.nn.Module):
         gate_up_bias: torch.Tensor | None = None,
         down_bias: torch.Tensor | None = None,
     ) -> None:
-        """This rank's part of the layer from full expert weights w_gate_up [E, 2I, H], w_down [E, H, I].
+        """This rank's part of the layer from full expert weights w_gate_up [E, 2I, H], w_down [E, H, I], or from
+        its own experts' weights alone: w_gate_up = expert -> (gate_up [2I, H], down [H, I]), w_down = None.
 
         `router_weight` is the gate matrix [E, H] (softmax, top-k, renormalised) or any callable
         x [T, H] -> (topk_ids [T, k], topk_weights [T, k]), e.g. a converted model's own router.
@@ -107,7 +108,7 @@ class EPMoE(torch.nn.Module):
         weights = (("w_gate_up", w_gate_up, (e, 2 * i, h)), ("w_down", w_down, (e, h, i)),
                    ("gate_up_bias", gate_up_bias, (e, 2 * i)), ("down_bias", down_bias, (e, h)))
         for name, tensor, shape in weights:
-            if tensor is not None and tuple(tensor.shape) != shape:
+            if isinstance(tensor, torch.Tensor) and tuple(tensor.shape) != shape:
                 raise ValueError(f"{name} has shape {tuple(tensor.shape)}, model {model.name!r} expects {list(shape)}")
         if isinstance(router_weight, torch.Tensor):
             if tuple(router_weight.shape) != (e, h):
@@ -124,7 +125,7 @@ class EPMoE(torch.nn.Module):
         self.policy = policy
         self.table = SlotTable.from_layer(layer_plan, num_gpus, e)
         self._index: SlotIndex | None = None  # slot_index(self.table, device of the last x), built on first use
-        self.experts = LocalExperts(self.table, rank, w_gate_up, w_down, backend, activation, gate_up_bias, down_bias)
+        self.experts = LocalExperts(self.table, rank, w_gate_up, w_down, backend, activation, gate_up_bias, down_bias, h)
         self.shared_experts = shared_experts
         self.last_stats: LayerStats | None = None
         self.routed_counts: torch.Tensor | None = None  # [E] int64 on x's device; a load recorder sets it

@@ -104,3 +104,29 @@ def test_weights_of_the_wrong_shape_are_rejected():
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="unknown expert backend 'cuda'"):
         LocalExperts(_table(MIXED), 0, *_weights(), backend="cuda")
+
+
+def test_own_experts_weights_build_the_same_copies_as_full_tensors():
+    w_gate_up, w_down = _weights()
+    table = _table(MIXED)
+    own = {e: (w_gate_up[e], w_down[e]) for e in table.expert[table.gpu == 1].tolist()}
+    from_full = LocalExperts(table, 1, w_gate_up, w_down, backend="torch")
+    from_own = LocalExperts(table, 1, own, None, backend="torch", hidden_size=H)
+    x, offsets, row_weight = _rows([2, 4, 0, 1, 9, 3])
+    torch.testing.assert_close(from_own(x, offsets, row_weight), from_full(x, offsets, row_weight), rtol=0, atol=0)
+    for full, mine in zip(from_full.groups, from_own.groups, strict=True):
+        assert torch.equal(dequantize(full.stored_gate_up), dequantize(mine.stored_gate_up))
+        assert torch.equal(dequantize(full.stored_down), dequantize(mine.stored_down))
+
+
+def test_a_weights_callable_is_asked_only_for_this_ranks_experts():
+    w_gate_up, w_down = _weights()
+    asked = []
+    LocalExperts(_table(MIXED), 0, lambda e: asked.append(e) or (w_gate_up[e], w_down[e]), None, hidden_size=H)
+    assert sorted(asked) == [0, 1, 2, 3, 4]
+
+
+def test_own_experts_weights_of_the_wrong_hidden_size_are_rejected():
+    w_gate_up, w_down = _weights()
+    with pytest.raises(ValueError, match="expert 0: gate_up \\(48, 40\\) and down \\(40, 24\\) do not match"):
+        LocalExperts(_table(MIXED), 0, lambda e: (w_gate_up[e], w_down[e]), None, hidden_size=H + 1)

@@ -1,5 +1,6 @@
-"""What a worker runs on: seeded random expert weights (identical on every rank) and batches whose
-routing follows a load file's distribution (`make_batch`, drawn per (seed, rank, step))."""
+"""What a worker runs on: seeded random expert weights (identical on every rank; each expert drawn on its own,
+so a rank makes only its own copies) and batches whose routing follows a load file's distribution
+(`make_batch`, drawn per (seed, rank, step))."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ BatchSource = Callable[[int], Batch]  # step -> this rank's batch
 # leading seed key of a layer's shared-expert draw: (seed, layer) seeds its routed experts and (seed, rank, step) a
 # batch, so (seed, layer, 1) would replay rank `layer`'s step-1 batch; a tag above any seed, rank or layer cannot
 SHARED_EXPERTS_KEY = 2**32 + 1
+ROUTED_EXPERT_KEY = 2**32 + 2  # leading seed key of one routed expert's draw: (key, seed, layer, expert)
 
 
 def derive_seed(*keys: int) -> int:
@@ -24,17 +26,45 @@ def derive_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
+def seeded_expert(
+    model: ModelSpec, layer: int, seed: int, expert: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded bf16 weights of one routed expert, fan-in scaled: gate_up [2I, H], down [H, I].
+
+    Drawn from (seed, layer, expert) alone, so any rank makes expert e without the others; a GPU
+    draws with its own generator, directly in bf16, so its weights differ from the CPU's.
+    """
+    draw = _seeded_draw(torch.device(device), ROUTED_EXPERT_KEY, seed, layer, expert)
+    h, i = model.hidden_size, model.moe_intermediate_size
+    return draw(2 * i, h, fan_in=h), draw(h, i, fan_in=i)
+
+
+def seeded_experts(
+    model: ModelSpec, layer: int, seed: int, device: torch.device | str = "cpu"
+) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """expert -> seeded_expert(...) of one layer: what EPMoE / LocalExperts take to build only a rank's own copies."""
+    return functools.partial(seeded_expert, model, layer, seed, device=device)
+
+
+def seeded_router(model: ModelSpec, layer: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Seeded bf16 gate matrix [E, H] of one layer, fan-in scaled."""
+    return _seeded_draw(torch.device(device), seed, layer)(model.num_experts, model.hidden_size, fan_in=model.hidden_size)
+
+
 def random_layer_weights(
     model: ModelSpec, layer: int, seed: int, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Seeded bf16 weights of one layer on `device`, fan-in scaled: w_gate_up [E, 2I, H], w_down [E, H, I], router [E, H].
+    """Seeded bf16 weights of one whole layer on `device`: w_gate_up [E, 2I, H], w_down [E, H, I], router [E, H].
 
-    Identical on every rank of one device type; a GPU draws with its own generator, directly in
-    bf16 (a DeepSeek-V3 layer holds 11 G expert weights), so its weights differ from the CPU's.
+    Expert e is seeded_expert(e), drawn one expert at a time into the bf16 stacks (no fp32 copy of
+    the layer); a rank that needs only its own copies passes seeded_experts(...) instead.
     """
-    draw = _seeded_draw(torch.device(device), seed, layer)
     e, h, i = model.num_experts, model.hidden_size, model.moe_intermediate_size
-    return draw(e, 2 * i, h, fan_in=h), draw(e, h, i, fan_in=i), draw(e, h, fan_in=h)
+    w_gate_up = torch.empty(e, 2 * i, h, dtype=torch.bfloat16, device=device)
+    w_down = torch.empty(e, h, i, dtype=torch.bfloat16, device=device)
+    for expert in range(e):
+        w_gate_up[expert], w_down[expert] = seeded_expert(model, layer, seed, expert, device)
+    return w_gate_up, w_down, seeded_router(model, layer, seed, device)
 
 
 def random_shared_experts(
@@ -117,21 +147,9 @@ def layer_counts(plan: Plan, stats: LoadStats | None) -> list[np.ndarray]:
 def checkpoint_loader(
     model: ModelSpec, layer: int, seed: int, device: torch.device
 ) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
-    """Expert e's full (gate_up [2I, H], down [H, I]) of one layer, as a migration reloads it from the checkpoint.
-
-    The layer is drawn once on first use, on `device` (a GPU draws its own bf16 weights, unlike the CPU),
-    and kept by the loader: a whole layer outside the staging bound. A real checkpoint loader reads one expert.
-    """
-
-    @functools.cache
-    def full_layer() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return random_layer_weights(model, layer, seed, device)
-
-    def load(expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        w_gate_up, w_down, _ = full_layer()
-        return w_gate_up[expert], w_down[expert]
-
-    return load
+    """Expert e's full (gate_up [2I, H], down [H, I]) of one layer, as a migration reloads it from the checkpoint:
+    drawn alone on `device` each call, as a real checkpoint loader reads one expert."""
+    return seeded_experts(model, layer, seed, device)
 
 
 def make_batch(model: ModelSpec, counts: list[np.ndarray], tokens: int, seed: int, rank: int, step: int) -> Batch:
