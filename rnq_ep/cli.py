@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable
 
 from rnq_ep.plan_command import PLAN_HELP, add_bench_planner, add_plan
-from rnq_ep.report import HELP
+from rnq_ep.report import HELP, TABLE_COLUMNS, WIDE_ENV
 from rnq_ep.specs import SpecError
 
 Subparsers = argparse._SubParsersAction  # what add_parser is called on (bench names)
@@ -83,11 +84,11 @@ add_calibrate = _module_command(
 )
 SIMULATE_HELP = "cost-model scale study of every policy from 8 to 1024 GPUs"
 add_simulate = _module_command("rnq_ep.simulate", "add_simulate_arguments", "simulate_main")
-DEMO_HELP = "plain EP vs R&Q on a local Ray cluster of 4 CPU workers (no GPU)"
+DEMO_HELP = "plain EP vs R&Q on a local Ray cluster of CPU workers, one per core (no GPU)"
 add_demo = _module_command(
     "rnq_ep.demo", "add_demo_arguments", "demo_main",
-    "Plan for the cpu4 cluster at plain-EP memory from real OLMoE loads, run plain EP and R&Q "
-    "on a local Ray cluster of 4 CPU workers on the same batches, print them side by side, save a PNG.",
+    "Plan for one CPU worker per core at plain-EP memory from real OLMoE loads, run plain EP and R&Q "
+    "on a local Ray cluster of those workers on the same batches, print them side by side, save a PNG.",
 )
 
 
@@ -140,6 +141,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         p = subparsers.add_parser(name, help=help_text, formatter_class=HELP, description=help_text)
         if command == name:
             add(p)
+            p.add_argument("--wide", action="store_true", help=f"print every table column (else they fit {TABLE_COLUMNS})")
     return parser
 
 
@@ -151,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as stop:  # --help and usage errors
         return stop.code if isinstance(stop.code, int) else 2
     args.argv = argv
+    if getattr(args, "wide", False):
+        os.environ[WIDE_ENV] = "1"  # read by report.console / print_table, here and in the processes this one starts
     try:
         return args.run(args)
     except (SpecError, OSError) as err:
