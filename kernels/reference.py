@@ -73,3 +73,23 @@ def block_map_reference(offsets: torch.Tensor, block_m: int, max_blocks: int) ->
             block_group[block], block_row[block] = g, row
             block += 1
     return block_group, block_row
+
+
+@torch.library.custom_op("rnq_ep::grouped_swiglu_reference", mutates_args=())
+def grouped_swiglu_op(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    offsets: torch.Tensor,
+    row_weight: torch.Tensor | None,
+    activation: str,
+    gate_up_bias: torch.Tensor | None,
+    down_bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """grouped_swiglu_reference as one opaque op (fp32 [N, H]), so the CPU expert path keeps a compiled graph whole."""
+    return grouped_swiglu_reference(x, w_gate_up, w_down, offsets, row_weight, activation, gate_up_bias, down_bias)
+
+
+@grouped_swiglu_op.register_fake
+def _grouped_swiglu_op_fake(x, w_gate_up, w_down, offsets, row_weight, activation, gate_up_bias, down_bias):
+    return x.new_empty(x.shape[0], w_down.shape[1], dtype=torch.float32)

@@ -209,10 +209,10 @@ class LocalExperts:
             return out
         offsets = local_offsets.to(device=recv.device, dtype=torch.int64)
         if self.dense is not None:
-            from rnq_ep.kernels.reference import grouped_swiglu_reference  # kernels pull in triton: import late
+            from rnq_ep.kernels.reference import grouped_swiglu_op  # kernels pull in triton: import late
 
             d = self.dense
-            return grouped_swiglu_reference(
+            return grouped_swiglu_op(
                 recv, d.w_gate_up, d.w_down, offsets, row_weight, self.activation, d.gate_up_bias, d.down_bias
             ).to(recv.dtype)
         rows_per_copy = offsets.diff()  # [C]

@@ -11,9 +11,12 @@ import torch
 import torch.distributed as dist
 
 from rnq_ep.balance import SlotTable
-from rnq_ep.dispatch import DispatchHandle, combine, dispatch, world_size
+from rnq_ep.dispatch import META_BYTES, Received, combine, dispatch, gather_counts, world_size
 from rnq_ep.experts import ExpertWeights, LocalExperts
-from rnq_ep.routing import POLICIES, SlotIndex, slot_index
+from rnq_ep.layout import (
+    CAPACITY_FACTOR, CAPACITY_MAX_TOKENS, StepLayout, capacity_for, check_transport, local_counts, step_layout,
+)
+from rnq_ep.quotas import POLICIES, RouteTable, route_table
 from rnq_ep.specs import LayerPlan, ModelSpec
 
 Router = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # x [T, H] -> (ids [T, k], weights [T, k])
@@ -30,6 +33,7 @@ class LayerStats:
     bytes_sent_no_dedupe: int  # the same without dedupe (one row per (token, k))
     expert_cpu_seconds: float  # this rank's CPU time in its local experts (on CPU: the compute a
     # dedicated worker would spend, whatever the oversubscription; on GPU: launch overhead only)
+    bytes_on_wire: int  # what the dispatch all-to-all moves to other ranks (capacity: padded blocks)
 
 
 def route_topk(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,6 +88,8 @@ class EPMoE(torch.nn.Module):
         activation: str = "silu",
         gate_up_bias: torch.Tensor | None = None,
         down_bias: torch.Tensor | None = None,
+        transport: str = "auto",
+        capacity_factor: float = CAPACITY_FACTOR,
     ) -> None:
         """This rank's part of the layer from full expert weights w_gate_up [E, 2I, H], w_down [E, H, I], or from
         its own experts' weights alone: w_gate_up = expert -> (gate_up [2I, H], down [H, I]), w_down = None.
@@ -91,7 +97,8 @@ class EPMoE(torch.nn.Module):
         `router_weight` is the gate matrix [E, H] (softmax, top-k, renormalised) or any callable
         x [T, H] -> (topk_ids [T, k], topk_weights [T, k]), e.g. a converted model's own router.
         `activation` and the optional biases gate_up_bias [E, 2I], down_bias [E, H] go to LocalExperts
-        (GPT-OSS: "swiglu-oai" with biases, torch backend only).
+        (GPT-OSS: "swiglu-oai" with biases, torch backend only). `transport`: "exact", "capacity", or
+        "auto" (capacity up to CAPACITY_MAX_TOKENS tokens per rank); docs/runtime.md.
         """
         super().__init__()
         world = world_size(group)
@@ -104,6 +111,9 @@ class EPMoE(torch.nn.Module):
             raise ValueError(f"rank {rank} out of range for a plan of {num_gpus} GPUs")
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r}, expected one of {POLICIES}")
+        check_transport(transport)
+        if not capacity_factor >= 1.0:
+            raise ValueError(f"capacity_factor must be >= 1, got {capacity_factor}")
         e, h, i = model.num_experts, model.hidden_size, model.moe_intermediate_size
         weights = (("w_gate_up", w_gate_up, (e, 2 * i, h)), ("w_down", w_down, (e, h, i)),
                    ("gate_up_bias", gate_up_bias, (e, 2 * i)), ("down_bias", down_bias, (e, h)))
@@ -124,10 +134,15 @@ class EPMoE(torch.nn.Module):
         self.group = group
         self.policy = policy
         self.table = SlotTable.from_layer(layer_plan, num_gpus, e)
-        self._index: SlotIndex | None = None  # slot_index(self.table, device of the last x), built on first use
+        self._route: RouteTable | None = None  # route_table of self.table on the last x's device, built on first use
+        self.transport = transport
+        self.capacity_factor = capacity_factor
+        self.redo_overflow = True  # eager capacity steps check overflow (one host read) and redo it exactly
+        self.overflow: torch.Tensor | None = None  # [] bool, the last capacity step overflowed (read by step drivers)
         self.experts = LocalExperts(self.table, rank, w_gate_up, w_down, backend, activation, gate_up_bias, down_bias, h)
         self.shared_experts = shared_experts
-        self.last_stats: LayerStats | None = None
+        self._last_stats: LayerStats | None = None
+        self._last_step: tuple[StepLayout, Received, RouteTable, int, float] | None = None  # read lazily by last_stats
         self.routed_counts: torch.Tensor | None = None  # [E] int64 on x's device; a load recorder sets it
 
     def switch_plan(self, table: SlotTable, experts: LocalExperts) -> None:
@@ -138,13 +153,25 @@ class EPMoE(torch.nn.Module):
                 f"expected {self.table.num_gpus}, {self.table.num_experts}"
             )
         self.table, self.experts = table, experts
-        self._index = None
+        self._route = None
 
-    def slot_index(self, device: torch.device) -> SlotIndex:
-        """slot_index of the table being served, on `device`: kept between steps, rebuilt when either changes."""
-        if self._index is None or self._index.table is not self.table or self._index.device != device:
-            self._index = slot_index(self.table, device)
-        return self._index
+    def route_table(self, device: torch.device) -> RouteTable:
+        """route_table of the table being served, on `device`: kept between steps, rebuilt when either changes."""
+        route = self._route
+        if route is None or route.table is not self.table or route.device != device or route.policy != self.policy:
+            route = self._route = route_table(self.table, self.rank, self.policy, device)
+        return route
+
+    @property
+    def last_stats(self) -> LayerStats | None:
+        """What the last forward did (read from the device on first access, not in the step)."""
+        if self._last_stats is None and self._last_step is not None:
+            self._last_stats = _stats_of(*self._last_step)
+        return self._last_stats
+
+    @last_stats.setter
+    def last_stats(self, stats: LayerStats | None) -> None:
+        self._last_stats, self._last_step = stats, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H]: route with the layer's router, then forward_routed."""
@@ -154,27 +181,65 @@ class EPMoE(torch.nn.Module):
 
     def forward_routed(
         self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-        counts: tuple[torch.Tensor, np.ndarray] | None = None,
+        gathered: torch.Tensor | None = None, transport: str | None = None,
     ) -> torch.Tensor:
-        """x [T, H] with the caller's routing topk_ids/topk_weights [T, k] -> [T, H]; records last_stats.
+        """x [T, H] with the caller's routing topk_ids/topk_weights [T, k] -> [T, H]; last_stats reads the step lazily.
 
-        Routing inputs are checked inside dispatch, where a bad rank makes every rank raise; the
-        hidden size is checked after it, when all ranks are known to share one. `counts`: dispatch's
-        gather_counts of these inputs, when the caller made that all-gather already.
+        Decide (layout on the device), then move (dispatch, experts, combine). A rank with malformed
+        inputs still takes part in every collective, with zeros, so that every rank raises together.
+        `gathered`: this step's gather_counts when the caller made it already (SpillMoE).
         """
-        index = self.slot_index(x.device)
-        recv, handle = dispatch(x, topk_ids, topk_weights, self.table, self.rank, self.group, self.policy, index, counts)
-        self._check_hidden(x)
+        transport = transport or self._transport(x.shape[0] if x.dim() == 2 else 0)
+        problem = input_problem(x, topk_ids, topk_weights, self.model)
+        if problem is not None:
+            x, topk_ids, topk_weights = stand_ins(x, self.model)
+        flat_ids, counts, health = local_counts(topk_ids, self.model.num_experts)
         if self.routed_counts is not None:  # device-side accumulate: no host sync per step
-            self.routed_counts += handle.expert_counts
+            self.routed_counts += counts
+        if gathered is None:
+            gathered = self.gather(counts, health, problem)
+        return self._step(x, topk_ids, topk_weights, flat_ids, gathered, transport, problem)
+
+    def _step(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, flat_ids: torch.Tensor,
+        gathered: torch.Tensor, transport: str, problem: str | None,
+    ) -> torch.Tensor:
+        """One step of checked (or stand-in) inputs with this step's gathered counts [R, E + 2]: -> [T, H]."""
+        route = self.route_table(x.device)
+        world = self.table.num_gpus
+        capacity = None
+        if transport == "capacity":
+            capacity = capacity_for(x.shape[0], self.model.top_k, world, self.capacity_factor)
+        layout = step_layout(topk_ids, flat_ids, gathered, route, transport, capacity)
+        try:
+            recv, received = dispatch(x, topk_weights, layout, route.num_local, self.rank, self.group, world)
+        except ValueError as err:
+            raise ValueError(f"layer {self.layer}: {problem or err}") from None
         cpu_start = time.thread_time()
-        y = self.experts(recv, handle.local_offsets, handle.recv_weights)  # [N, H], router-weighted
+        y = self.experts(recv, received.offsets, received.weights)  # [N, H], router-weighted
         expert_cpu_seconds = time.thread_time() - cpu_start
-        out = combine(y, handle)  # [T, H]
+        out = combine(y, layout, received, x.shape[0], x.dtype, self.group, world)  # [T, H]
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        self.last_stats = _stats_of(handle, expert_cpu_seconds)
+        self._last_stats = None
+        self._last_step = (layout, received, route, x.shape[1] * x.element_size(), expert_cpu_seconds)
+        if capacity is not None:
+            self.overflow = layout.overflow
+            if self.redo_overflow and not torch.compiler.is_compiling() and bool(layout.overflow):
+                return self._step(x, topk_ids, topk_weights, flat_ids, gathered, "exact", problem)
         return out
+
+    def gather(self, counts: torch.Tensor, health: torch.Tensor, problem: str | None) -> torch.Tensor:
+        """All ranks' counts [E] and health [2] (local_counts; a shape `problem` counts as one bad input): -> [R, E + 2]."""
+        if problem is not None:
+            health = health + torch.tensor([1, 0], device=health.device)
+        return gather_counts(torch.cat([counts, health]), self.group, self.table.num_gpus)
+
+    def _transport(self, num_tokens: int) -> str:
+        """The transport of a step of num_tokens tokens per rank (same on every rank when their T agree)."""
+        if self.transport != "auto":
+            return self.transport
+        return "capacity" if num_tokens <= CAPACITY_MAX_TOKENS else "exact"
 
     def _check_hidden(self, x: torch.Tensor) -> None:
         if x.dim() != 2 or x.shape[1] != self.model.hidden_size:
@@ -184,15 +249,48 @@ class EPMoE(torch.nn.Module):
             )
 
 
-def _stats_of(handle: DispatchHandle, expert_cpu_seconds: float) -> LayerStats:
-    """LayerStats from a dispatch handle's counters."""
-    per_gpu = np.asarray(handle.tokens_per_gpu, dtype=np.int64)
+def input_problem(
+    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, model: ModelSpec
+) -> str | None:
+    """What is wrong with this rank's input shapes (static: no data is read), or None."""
+    if x.dim() != 2 or x.shape[1] != model.hidden_size:
+        return f"x has shape {tuple(x.shape)}, model {model.name!r} expects [tokens, hidden_size={model.hidden_size}]"
+    if topk_ids.dim() != 2 or tuple(topk_ids.shape) != (x.shape[0], model.top_k):
+        return f"topk_ids has shape {tuple(topk_ids.shape)}, expected ({x.shape[0]}, {model.top_k}) for x of shape {tuple(x.shape)}"
+    if topk_weights.shape != topk_ids.shape:
+        return f"topk_weights has shape {tuple(topk_weights.shape)}, expected topk_ids' shape {tuple(topk_ids.shape)}"
+    return None
+
+
+def stand_ins(x: torch.Tensor, model: ModelSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Zero inputs of the model's shapes for a rank whose own are malformed: it joins the collectives, then raises."""
+    tokens = x.shape[0] if x.dim() >= 1 else 0
+    ids = torch.zeros(tokens, model.top_k, dtype=torch.int64, device=x.device)
+    return x.new_zeros(tokens, model.hidden_size), ids, torch.zeros(tokens, model.top_k, device=x.device)
+
+
+def _stats_of(
+    layout: StepLayout, received: Received, route: RouteTable, row_bytes: int, expert_cpu_seconds: float
+) -> LayerStats:
+    """LayerStats of one step (host reads: made when the stats are read, not in the step).
+
+    Bytes to other ranks: a row carries the token and k x (local copy, weight). bytes_sent counts the
+    rows that carry a token; the capacity transport sends its padded blocks whole (bytes_on_wire).
+    Without dedupe every (token, k) would be a row with one (copy, weight).
+    """
+    per_gpu = layout.tokens_per_gpu.cpu().numpy().astype(np.int64)
     mean = per_gpu.mean() if per_gpu.size else 0.0
+    top_k = layout.slots.shape[1]
+    remote = torch.arange(route.num_gpus, device=layout.send_rows.device) != route.rank
+    rows_sent = int(layout.send_rows[remote].sum())
+    wire_rows = rows_sent if layout.capacity is None else (route.num_gpus - 1) * layout.capacity.peer_rows
+    entries_sent = int((route.slot_gpu[layout.slots] != route.rank).sum())
     return LayerStats(
         tokens_per_gpu=per_gpu,
-        tokens_per_copy=np.asarray(handle.tokens_per_copy, dtype=np.int64),
+        tokens_per_copy=received.offsets.diff().cpu().numpy().astype(np.int64),
         balancedness=float(per_gpu.max() / mean) if mean > 0 else 1.0,
-        bytes_sent=int(handle.bytes_sent),
-        bytes_sent_no_dedupe=int(handle.bytes_sent_no_dedupe),
+        bytes_sent=rows_sent * (row_bytes + META_BYTES * top_k),
+        bytes_sent_no_dedupe=entries_sent * (row_bytes + META_BYTES * top_k),
+        bytes_on_wire=wire_rows * (row_bytes + META_BYTES * top_k),
         expert_cpu_seconds=expert_cpu_seconds,
     )

@@ -32,9 +32,10 @@ import numpy as np
 import torch
 
 from rnq_ep.balance import SlotTable
-from rnq_ep.dispatch import gather_counts, world_size
 from rnq_ep.experts import LocalExperts
-from rnq_ep.layer import EPMoE, LayerStats
+from rnq_ep.dispatch import world_size
+from rnq_ep.layer import EPMoE, LayerStats, input_problem, stand_ins
+from rnq_ep.layout import local_counts
 from rnq_ep.policies import LLEP_CAPACITY, LLEP_MIN_CHUNK, LLEP_THRESHOLD, Step, llep_spill
 from rnq_ep.rebalance.migrate import all_ready, exchange_bytes, layer_device, pack_copies, stage_copies
 from rnq_ep.rebalance.moves import CopyMove, transfer_matrix
@@ -138,36 +139,45 @@ class SpillMoE(EPMoE):
             raise ValueError(f"spill_fmt {spill_fmt!r}: expected one of {FORMATS}")
         self.spill_fmt, self.threshold, self.capacity, self.min_chunk = spill_fmt, threshold, capacity, min_chunk
         self.last_spill: SpillPlan | None = None  # the last forward's (None: a rank's inputs were bad or a move failed)
+        self._host_index: SlotIndex | None = None  # routing.slot_index of the resident table, for spill_step
 
     def forward_routed(
         self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-        counts: tuple[torch.Tensor, np.ndarray] | None = None,
+        gathered: torch.Tensor | None = None, transport: str | None = None,
     ) -> torch.Tensor:
-        """x [T, H] with topk_ids/topk_weights [T, k] -> [T, H]; last_stats is a SpillStats. The one counts
-        all-gather (dispatch.gather_counts: every rank raises on any rank's bad input) serves the spill and dispatch."""
+        """x [T, H] with topk_ids/topk_weights [T, k] -> [T, H]; last_stats is a SpillStats. One counts all-gather
+        serves the spill and the step; spilling plans on the host (LLEP's rule needs the counts there)."""
         start_s = time.perf_counter()
         self.last_spill = None
-        gathered = counts or gather_counts(x, topk_ids, topk_weights, self.table.num_experts, self.group,
-                                           world_size(self.group))  # ([E], [R, E])
-        plan = spill_step(self.table, gathered[1], self.policy, self.spill_fmt, self.threshold, self.capacity,
-                          self.min_chunk, self.slot_index(x.device))
+        if gathered is None:
+            problem = input_problem(x, topk_ids, topk_weights, self.model)
+            ids = topk_ids if problem is None else stand_ins(x, self.model)[1]
+            _, counts, health = local_counts(ids, self.table.num_experts)
+            gathered = self.gather(counts, health, problem)  # [R, E + 2]
+        host = gathered.cpu().numpy()
+        if host[:, -2].any():  # a rank's inputs are bad: the step itself makes every rank raise
+            return super().forward_routed(x, topk_ids, topk_weights, gathered, "exact")
+        if self._host_index is None or self._host_index.table is not self.table:
+            self._host_index = slot_index(self.table)
+        plan = spill_step(self.table, host[:, :-2], self.policy, self.spill_fmt, self.threshold, self.capacity,
+                          self.min_chunk, self._host_index)
         exchange = self._receive(plan) if plan.changed else None
         self.last_spill = None if plan.changed and exchange is None else plan
         if exchange is None:  # nothing over the threshold, or a rank could not move its copies
             spill_seconds = time.perf_counter() - start_s
-            out = super().forward_routed(x, topk_ids, topk_weights, gathered)
+            out = super().forward_routed(x, topk_ids, topk_weights, gathered, transport)
             self.last_stats = SpillStats(**vars(self.last_stats), spill_seconds=spill_seconds)
             return out
         spilled, moved_bytes, received = exchange
         spill_seconds = time.perf_counter() - start_s
         # EPMoE's forward serves the step from the spilled table: rebind what it reads for this one call
-        resident = self.table, self.experts, self.policy, self._index  # the index too: kept for the next step
+        resident = self.table, self.experts, self.policy, self._route  # the route too: kept for the next step
         self.table, self.experts = quota_table(plan.step), SpilledExperts(self.experts, spilled)
         self.policy = "static"
         try:
-            out = super().forward_routed(x, topk_ids, topk_weights, gathered)
+            out = super().forward_routed(x, topk_ids, topk_weights, gathered, "exact")
         finally:
-            self.table, self.experts, self.policy, self._index = resident
+            self.table, self.experts, self.policy, self._route = resident
         self.last_stats = SpillStats(**vars(self.last_stats), spilled_copies=len(plan.moves), moved_bytes=moved_bytes,
                                      received_bytes=received, spill_seconds=spill_seconds)
         return out

@@ -16,11 +16,14 @@ from collections import Counter
 from typing import Any, Callable
 
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 import torch.multiprocessing as mp
 
 from rnq_ep.runtime.worker import free_port, leave_group
 
 DEFAULT_TIMEOUT_S = 120.0
+FUNCTIONAL_NAMES = {"all_gather_into_tensor": "all_gather"}  # functional op -> the dist.* name tests use
+FUNCTIONAL_COLLECTIVES = ("all_gather_into_tensor", "all_to_all_single", "all_reduce", "reduce_scatter_tensor", "broadcast")
 COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_gather_object", "all_reduce", "all_to_all",
                "all_to_all_single", "broadcast", "barrier", "send", "recv")
 # (seed, tokens on each rank, policy); rank 1 of the last case has no tokens at all
@@ -106,10 +109,18 @@ def count_collectives(step: Callable[[], Any]) -> dict[str, int]:
             return collective(*args, **kwargs)
         return call
 
+    class Functional(TorchDispatchMode):  # functional collectives (what a compiled step holds) bypass dist.*
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0]
+            if func.namespace == "_c10d_functional" and name in FUNCTIONAL_COLLECTIVES:
+                calls[FUNCTIONAL_NAMES.get(name, name)] += 1
+            return func(*args, **(kwargs or {}))
+
     for name, collective in originals.items():
         setattr(dist, name, counted(name, collective))
     try:
-        step()
+        with Functional():
+            step()
     finally:
         for name, collective in originals.items():
             setattr(dist, name, collective)

@@ -23,7 +23,7 @@ LOADS = load_stats(MIXTRAL_LOADS)
 
 
 def _step(step: int, seconds: float, cpu_per_layer: list[float]) -> StepStats:
-    layers = [LayerStats(np.array([3, 1]), np.array([3]), 1.5, 100, 200, cpu) for cpu in cpu_per_layer]
+    layers = [LayerStats(np.array([3, 1]), np.array([3]), 1.5, 100, 200, cpu, 100) for cpu in cpu_per_layer]
     return StepStats(step, seconds, layers)
 
 
