@@ -5,10 +5,13 @@
 #
 # Env: NPROC overrides the process count; for a plan over several nodes set NODE_RANK,
 # MASTER_ADDR and MASTER_PORT on every node (as torchrun expects). OMP_NUM_THREADS defaults to 1.
+# The flags, plan and load files are checked first (`--check`): bad input exits 2 with one line
+# before torchrun starts, so no rank runs and torchrun adds no ChildFailedError report.
 set -euo pipefail
 
 plan=${1:?usage: launch/torchrun.sh PLAN.json [rnq-ep run options...]}
 shift
+python -m rnq_ep.runtime.torchrun --check --plan "$plan" "$@" || exit $?
 read -r nodes per_node < <(python -c '
 import sys
 from rnq_ep.specs import load_plan

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +22,11 @@ from gloo import run_ranks
 from ray.util.placement_group import placement_group, remove_placement_group
 
 from rnq_ep.demo import unsharded_outputs
+from rnq_ep.memory import plain_ep_budget
 from rnq_ep.planner import plan_rnq
 from rnq_ep.runtime import ray_cluster
-from rnq_ep.runtime.ray_cli import add_ray_arguments, ray_main
+from rnq_ep.runtime import ray_cli
+from rnq_ep.runtime.ray_cli import add_ray_arguments, ray_main, shown
 from rnq_ep.runtime.ray_cluster import ClusterError, WorkerInfo, connect, placement_for, torchrun_env
 from rnq_ep.runtime.ray_driver import WorkerFailed, make_job, run_job
 from rnq_ep.runtime.torchrun import add_run_arguments
@@ -40,7 +43,8 @@ def bf16_plan(num_gpus: int, nodes: int = 1, device: str = "cpu") -> Plan:
     cluster = msgspec.structs.replace(load_cluster("cpu4"), nodes=nodes, gpus_per_node=num_gpus // nodes, device=device)
     slots = sorted([(e % num_gpus, e, 1.0) for e in range(1, MODEL.num_experts)] + [(g, 0, 1 / num_gpus) for g in range(num_gpus)])
     layer_slots = [Slot(gpu=g, expert=e, fmt="bf16", share=s) for g, e, s in slots]
-    return Plan(model=MODEL, cluster=cluster, options=PlanOptions(), layers=[LayerPlan(layer=i, slots=layer_slots) for i in (0, 1)])
+    room = PlanOptions(memory_budget=plain_ep_budget(MODEL, 1))  # every expert fits on every GPU: a valid plan
+    return Plan(model=MODEL, cluster=cluster, options=room, layers=[LayerPlan(layer=i, slots=layer_slots) for i in (0, 1)])
 
 
 def write_job_files(folder: Path, num_gpus: int) -> tuple[str, str]:
@@ -105,7 +109,7 @@ def test_a_killed_worker_stops_the_job_naming_its_rank_and_node(local_ray, tmp_p
 @pytest.mark.slow
 def test_a_restart_replays_only_the_unfinished_steps_with_the_same_outputs(local_ray, tmp_path):
     job, plan, loads = job_of(tmp_path, 2)
-    job = dataclasses.replace(job, steps=4)  # the driver feeds 2 steps ahead: steps 2 and 3 wait for it, so the kill lands mid-run
+    job = dataclasses.replace(job, options=msgspec.structs.replace(job.options, steps=4))  # the driver feeds 2 steps ahead: steps 2 and 3 wait for it, so the kill lands mid-run
     events = []
 
     def on_event(event):
@@ -129,7 +133,7 @@ def test_rebalancing_on_ray_workers_replans_after_a_drift(local_ray, tmp_path):
     for name, counts in (("before", before), ("after", before[::-1])):
         paths[name].write_bytes(encode_json(LoadStats(counts=[counts] * 2, num_experts=8, top_k=2)))
     job = make_job(str(paths["plan"]), str(paths["before"]), loads_after=str(paths["after"]), drift_step=2, tokens=32,
-                   steps=8, seed=7, backend="torch", timeout_s=60, rebalance={"rebalance_interval": 2, "rebalance_horizon": 10_000})
+                   steps=8, seed=7, backend="torch", timeout_s=60, rebalance_interval=2, rebalance_horizon=10_000)
     stats = run_job(job).stats
     final = [rank_stats[-1].rebalance for rank_stats in stats]
     assert final[0].replans_done >= 1 and final[0].layers_switched >= 1
@@ -157,16 +161,86 @@ def test_workers_that_cannot_be_placed_now_fail_without_hanging(local_ray, tmp_p
         remove_placement_group(held)
 
 
-def ray_main_output(tmp_path: Path, capsys, *flags: str) -> str:
-    """`rnq-ep run --ray` of a 2-worker tiny plan with `flags`: what it printed (it must exit 0)."""
+def ray_main_of(tmp_path: Path, *flags: str) -> int:
+    """`rnq-ep run --ray` of a 2-worker tiny plan with `flags` (LOADS: its load file, PLAN: its plan); the exit code."""
     plan, loads = write_job_files(tmp_path, 2)
     parser = argparse.ArgumentParser()
     add_run_arguments(parser)
     add_ray_arguments(parser)
     args = parser.parse_args(["--ray", "--plan", plan, "--loads", loads, "--tokens", "8", "--backend", "torch",
-                              *(arg.replace("LOADS", loads) for arg in flags)])
-    assert ray_main(args) == 0
+                              *(arg.replace("LOADS", loads).replace("PLAN", plan) for arg in flags)])
+    return ray_main(args)
+
+
+def ray_main_output(tmp_path: Path, capsys, *flags: str) -> str:
+    """`rnq-ep run --ray` of a 2-worker tiny plan with `flags`: what it printed (it must exit 0)."""
+    assert ray_main_of(tmp_path, *flags) == 0
     return capsys.readouterr().out
+
+
+def broken_plan(tmp_path: Path) -> str:
+    """The 2-worker tiny plan with a negative share in layer 0."""
+    raw = msgspec.to_builtins(bf16_plan(2))
+    raw["layers"][0]["slots"][1]["share"] = -0.5
+    path = tmp_path / "broken.json"
+    path.write_bytes(msgspec.json.encode(raw))
+    return str(path)
+
+
+def far_layers(tmp_path: Path) -> str:
+    """Loads for decoder layers 0 and 99 of the 2-layer tiny model."""
+    path = tmp_path / "far.json"
+    path.write_bytes(encode_json(LoadStats(counts=[[1] * 8] * 2, num_experts=8, top_k=2, layer_ids=[0, 99])))
+    return str(path)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--timeout", "-1"], "--timeout -1: expected a number of seconds > 0"),
+    (["--max-restarts", "-1"], "--max-restarts -1: expected an integer >= 0"),
+    (["--cpus-per-worker", "nan"], "--cpus-per-worker nan: expected a number of CPUs > 0"),
+    (["--loads-after", "LOADS", "--drift-step", "-3"], "--drift-step -3: expected an integer in [0, 4]"),
+    (["--steps", "0"], "--steps 0: expected an integer in [1, 1000000]"),
+    (["--plan", "BROKEN"], "slots[1]: share -0.5, expected a finite number >= 0"),
+    (["--loads", "FAR"], "layer_ids[1]: 99 is not a decoder layer of model 'tiny'"),
+])
+def test_bad_input_exits_2_with_one_line_before_ray_starts(tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.setattr(ray_cli, "connect", lambda *args: pytest.fail("Ray was started before the input was checked"))
+    flags = [flag.replace("BROKEN", broken_plan(tmp_path)).replace("FAR", far_layers(tmp_path)) for flag in flags]
+    assert ray_main_of(tmp_path, "--steps", "5", *flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and err.startswith("rnq-ep run: error: ")
+
+
+def test_ray_colour_codes_are_dropped_unless_the_stream_is_a_terminal():
+    coloured = "\x1b[36mray::EPWorker.run()\x1b[39m (pid=7) died"
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert shown(coloured, io.StringIO()) == "ray::EPWorker.run() (pid=7) died"
+    assert shown(coloured, Terminal()) == coloured
+
+
+@pytest.mark.slow
+def test_after_a_second_worker_death_the_finished_steps_are_printed(local_ray, tmp_path, capsys, monkeypatch):
+    killed = []
+
+    def run_job_killing_rank_1_in_each_attempt(job, max_restarts, cpus_per_worker, on_event):
+        def sink(event):
+            on_event(event)
+            if event.kind == "step" and event.attempt not in killed:
+                killed.append(event.attempt)
+                ray.kill(event.actors[1])
+
+        return run_job(job, max_restarts, cpus_per_worker, sink)
+
+    monkeypatch.setattr(ray_cli, "run_job", run_job_killing_rank_1_in_each_attempt)
+    assert ray_main_of(tmp_path, "--steps", "8", "--max-restarts", "1") == 1
+    captured = capsys.readouterr()
+    assert killed == [0, 1]
+    assert "step(s) every worker finished before the job stopped" in captured.out and "balancedness" in captured.out
+    assert captured.err.count("\n") == 1 and captured.err.startswith("rnq-ep run: worker failed: worker rank 1")
 
 
 @pytest.mark.slow
@@ -187,8 +261,8 @@ def test_ray_main_passes_the_spill_format_to_the_workers(local_ray, tmp_path, ca
 def test_a_load_file_for_other_layers_is_refused_before_any_worker_starts(tmp_path):
     plan, _ = write_job_files(tmp_path, 2)
     other = tmp_path / "other.json"
-    other.write_bytes(encode_json(LoadStats(counts=[[1] * 8] * 3, num_experts=8, top_k=2, layer_ids=[4, 5, 6])))
-    with pytest.raises(SpecError, match=f"--loads-after {other}: loads: has layers"):
+    other.write_bytes(encode_json(LoadStats(counts=[[1] * 8], num_experts=8, top_k=2, layer_ids=[3])))
+    with pytest.raises(SpecError, match=f"--loads-after {other}: loads: has layers \\[3\\], the plan has layers"):
         make_job(plan, None, loads_after=str(other), tokens=TOKENS, steps=STEPS)
 
 
@@ -255,7 +329,7 @@ def test_bad_input_on_a_worker_is_reported_and_not_retried(local_ray, tmp_path):
     job = make_job(plan, loads, tokens=TOKENS, steps=STEPS, backend="torch", timeout_s=60)
     events = []
     with pytest.raises(SpecError, match=r"rank 0: model 'other' has 16 experts"):
-        run_job(dataclasses.replace(job, model=other), max_restarts=1, on_event=lambda event: events.append(event.kind))
+        run_job(dataclasses.replace(job, options=msgspec.structs.replace(job.options, model=other)), max_restarts=1, on_event=lambda event: events.append(event.kind))
     assert "restarting" not in events
 
 

@@ -16,6 +16,7 @@ from gloo import run_ranks
 from rnq_ep.layer import SharedExperts
 from rnq_ep.runtime.inputs import draw_routing, inclusion_probabilities, layer_counts, make_batch, random_shared_experts
 from rnq_ep.demo import unsharded_outputs
+from rnq_ep.memory import plain_ep_budget
 from rnq_ep.runtime.worker import run_worker
 from rnq_ep.specs import (
     LayerPlan,
@@ -44,7 +45,8 @@ def write_plan(path: Path, num_gpus: int, layer_ids: tuple[int, ...] = (0, 1)) -
                                       for g, e, f in sorted(slots)])
         for layer in layer_ids
     ]
-    plan = Plan(model=MODEL, cluster=cluster, options=PlanOptions(), layers=layers)
+    room = PlanOptions(memory_budget=plain_ep_budget(MODEL, 1))  # every expert fits on every GPU: a valid plan
+    plan = Plan(model=MODEL, cluster=cluster, options=room, layers=layers)
     path.write_bytes(encode_json(plan))
     return str(path)
 
@@ -115,7 +117,7 @@ def test_plan_for_another_world_size_names_both(tmp_path):
 def test_a_model_with_another_expert_count_is_rejected(tmp_path):
     plan = write_plan(tmp_path / "plan.json", 1)
     with pytest.raises(SpecError, match="model 'olmoe-1b-7b' has 64 experts, top-8; the plan is for 'tiny'"):
-        run_worker(0, 1, plan, "olmoe-1b-7b", steps=1, tokens=4)
+        run_worker(0, 1, plan, model="olmoe-1b-7b", steps=1, tokens=4)
 
 
 def test_single_process_run_is_reproducible(tmp_path):
@@ -131,7 +133,7 @@ def test_a_model_with_shared_experts_adds_them_to_each_layer_output(tmp_path):
     plan = write_plan(tmp_path / "plan.json", 1, layer_ids=(0,))
     with_shared = msgspec.structs.replace(MODEL, num_shared_experts=2)
     routed = run_worker(0, 1, plan, tokens=8, steps=1, backend="torch", keep_outputs=True)[0].output
-    both = run_worker(0, 1, plan, with_shared, tokens=8, steps=1, backend="torch", keep_outputs=True)[0].output
+    both = run_worker(0, 1, plan, model=with_shared, tokens=8, steps=1, backend="torch", keep_outputs=True)[0].output
     hidden, _ = make_batch(MODEL, [np.ones(MODEL.num_experts)], 8, 0, 0, 0)  # step 0's batch of rank 0, seed 0
     shared = SharedExperts(*random_shared_experts(with_shared, 0, 0))
     assert random_shared_experts(MODEL, 0, 0) is None
@@ -141,7 +143,7 @@ def test_a_model_with_shared_experts_adds_them_to_each_layer_output(tmp_path):
 def test_the_dense_reference_adds_the_shared_experts_as_run_worker_does(tmp_path):
     plan = write_plain_plan(tmp_path / "plan.json", 1)  # bf16 only: the reference is unquantized
     with_shared = msgspec.structs.replace(MODEL, num_shared_experts=2)
-    stats = run_worker(0, 1, plan, with_shared, tokens=8, steps=2, backend="torch", keep_outputs=True)
+    stats = run_worker(0, 1, plan, model=with_shared, tokens=8, steps=2, backend="torch", keep_outputs=True)
     reference = unsharded_outputs(load_plan(plan), with_shared, None, world=1, tokens=8, steps=2, seed=0)[0]
     for step, expected in zip(stats, reference):
         torch.testing.assert_close(step.output, expected, rtol=1e-5, atol=1e-5)
@@ -166,7 +168,7 @@ def test_a_run_from_a_first_step_gives_the_later_steps_of_a_full_run(tmp_path):
 
 def test_a_first_step_past_the_last_is_rejected(tmp_path):
     plan = write_plan(tmp_path / "plan.json", 1)
-    with pytest.raises(SpecError, match=r"first_step must be in \[0, steps=2\), got 2"):
+    with pytest.raises(SpecError, match=r"first_step 2: expected an integer in \[0, 1\]"):
         run_worker(0, 1, plan, steps=2, tokens=4, first_step=2)
 
 
@@ -255,11 +257,11 @@ def test_spilling_in_bf16_moves_weights_and_evens_the_load_without_changing_outp
 
 
 def test_an_unknown_spill_format_is_rejected(tmp_path):
-    with pytest.raises(SpecError, match="spill format 'fp8'"):
+    with pytest.raises(SpecError, match="--spill 'fp8': expected one of bf16, int8, int4"):
         run_worker(0, 1, write_plain_plan(tmp_path / "plan.json", 1), tokens=4, steps=1, spill_fmt="fp8")
 
 
 def test_spilling_with_online_rebalancing_is_refused(tmp_path):
-    with pytest.raises(SpecError, match="spilling and online rebalancing"):
+    with pytest.raises(SpecError, match="online rebalancing runs one plan and does not spill"):
         run_worker(0, 1, write_plain_plan(tmp_path / "plan.json", 1), tokens=4, steps=1, spill_fmt="int4",
                    rebalance_interval=2)

@@ -7,9 +7,11 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 from rich.console import Console, Group
@@ -18,11 +20,11 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
-from rnq_ep.rebalance.options import rebalance_flags_given, rebalance_kwargs
 from rnq_ep.report import console
+from rnq_ep.runtime.options import options_from_args
 from rnq_ep.runtime.ray_cluster import ClusterError, RayJob, connect
-from rnq_ep.runtime.ray_driver import Event, JobResult, WorkerFailed, make_job, run_job
-from rnq_ep.runtime.torchrun import REBALANCE_COLUMNS, rebalance_cells
+from rnq_ep.runtime.ray_driver import Event, JobResult, WorkerFailed, check_job_flags, job_for, run_job
+from rnq_ep.runtime.torchrun import REBALANCE_COLUMNS, check_hf_flags, rebalance_cells
 from rnq_ep.runtime.worker import StepStats
 from rnq_ep.specs import SpecError
 
@@ -36,33 +38,37 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run on Ray: the cluster at ADDRESS (HOST:PORT or auto), or with no address a local one")
     parser.add_argument("--max-restarts", type=int, default=0, metavar="N",
                         help="rebuild the worker group and replay the job up to N times after a worker fails")
-    parser.add_argument("--timeout", type=float, default=300.0, metavar="S",
-                        help="collective timeout and the longest wait for any phase before the job is stopped")
     parser.add_argument("--cpus-per-worker", type=float, metavar="C",
                         help="CPUs reserved per CPU worker (default: the cluster's CPUs / workers, at most 1)")
     parser.add_argument("--num-cpus", type=int, metavar="N", help="CPUs of the local cluster (default: all)")
 
 
 def ray_main(args: argparse.Namespace) -> int:
-    """Run the plan on Ray and print the summary; 0 ok, 1 a worker failed, 2 bad input or cluster."""
+    """Run the plan on Ray and print the summary; 0 ok, 1 a worker failed, 2 bad input or cluster.
+
+    Flags and files are checked before Ray starts; after a second worker failure (no restarts left) the steps
+    every worker finished are printed before the error line.
+    """
     out = console()
+    finished: list[list[StepStats]] = []  # [step][rank], kept across restarts
     try:
-        if args.hf and (given := (["--loads"] if args.loads else []) + (["--spill"] if args.spill else [])
-                        + rebalance_flags_given(args)):
-            raise SpecError(f"{', '.join(given)}: not supported with --hf (the model's own router routes the prompt)")
-        rebalance = rebalance_kwargs(args)
-        job = make_job(
-            args.plan, args.loads, args.model, hf=args.hf, loads_after=rebalance.pop("loads_after"),
-            drift_step=rebalance.pop("drift_step"), rebalance=rebalance, tokens=args.tokens, steps=args.steps,
-            seed=args.seed, policy=args.policy, backend=args.backend, timeout_s=args.timeout, spill_fmt=args.spill,
-        )
+        options = options_from_args(args)
+        if args.hf:
+            check_hf_flags(args)
+        check_job_flags(args.max_restarts, args.cpus_per_worker)
+        job = job_for(options, args.hf)
+        if args.check:
+            return 0
         connect(args.ray or None, args.num_cpus)
-        result = run_live(job, args.max_restarts, args.cpus_per_worker, out)
+        result = run_live(job, args.max_restarts, args.cpus_per_worker, out, finished=finished)
     except (ClusterError, SpecError) as err:
-        sys.stderr.write(f"rnq-ep run: error: {err}\n")
+        sys.stderr.write(shown(f"rnq-ep run: error: {err}\n", sys.stderr))
         return 2
     except WorkerFailed as err:
-        sys.stderr.write(f"rnq-ep run: worker failed: {err}\n")
+        if finished:
+            out.print(steps_table(finished, f"{Path(args.plan).name} on Ray: the {len(finished)} step(s) every worker "
+                                  "finished before the job stopped"))
+        sys.stderr.write(shown(f"rnq-ep run: worker failed: {err}\n", sys.stderr))
         return 1
     title = f"{Path(args.plan).name} on Ray: {len(result.workers)} workers, policy {args.policy}"
     title += f", spill {args.spill}" if args.spill else ""
@@ -74,9 +80,21 @@ def ray_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_live(job: RayJob, max_restarts: int, cpus_per_worker: float | None, out: Console, label: str = "ray job") -> JobResult:
-    """run_job with a live view: a table that gains a row as each step finishes on every rank, the phase and elapsed time."""
-    finished: list[list[StepStats]] = []  # [step][rank]
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")  # colour and cursor codes, as Ray puts in its error texts
+
+
+def shown(text: str, stream: TextIO) -> str:
+    """`text` as written to `stream`: Ray's ANSI colour codes removed unless the stream is a terminal."""
+    return text if stream.isatty() else ANSI_ESCAPE.sub("", text)
+
+
+def run_live(job: RayJob, max_restarts: int, cpus_per_worker: float | None, out: Console, label: str = "ray job",
+             finished: list[list[StepStats]] | None = None) -> JobResult:
+    """run_job with a live view: a table that gains a row as each step finishes on every rank, the phase and elapsed time.
+
+    finished: [step][rank] stats of the steps every rank finished, appended as they finish (kept on a failure too).
+    """
+    finished = [] if finished is None else finished
     phase = [f"{label}: connecting"]
     spinner = Spinner("dots")
     started = time.monotonic()
@@ -92,7 +110,8 @@ def run_live(job: RayJob, max_restarts: int, cpus_per_worker: float | None, out:
                 finished.extend(event.step_stats)
             else:
                 style = {"failed": "red", "restarting": "yellow", "done": "green"}.get(event.kind)
-                live.console.print(Text(f"{label} attempt {event.attempt}: {event.message}", style=style or ""))
+                text = shown(f"{label} attempt {event.attempt}: {event.message}", out.file)
+                live.console.print(Text(text, style=style or ""))
                 phase[0] = f"{label}: {event.kind}"
             live.refresh()
 

@@ -14,7 +14,7 @@ import os
 import socket
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -28,9 +28,10 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rnq_ep.hf_run import GenerationReport, run_on_rank
+from rnq_ep.runtime.options import RunOptions
 from rnq_ep.runtime.ray_steps import SharedBatch, rank_batches, step_batches
 from rnq_ep.runtime.worker import free_port, leave_group, run_worker
-from rnq_ep.specs import LoadStats, ModelSpec, Plan, SpecError
+from rnq_ep.specs import LoadStats, Plan, SpecError
 
 PLACE_TIMEOUT_S = 30.0  # a placement group not ready by then cannot be placed (we do not wait for autoscaling)
 CONNECT_TIMEOUT_S = 5.0
@@ -42,28 +43,18 @@ class ClusterError(RuntimeError):
 
 @dataclass(frozen=True)
 class RayJob:
-    """What the driver feeds and every worker runs: run_worker's arguments, the plan carried as bytes (no shared disk).
+    """What the driver feeds and every worker runs: run_worker's options, the plans carried as bytes (no shared disk).
 
     With `hf` (a transformers model path or `tiny-<family>`), each rank instead converts that model
-    for the plan and greedily generates `steps` tokens after a `tokens`-long builtin-text prompt.
+    for the plan and greedily generates `options.steps` tokens after an `options.tokens`-long builtin-text prompt.
     """
 
+    options: RunOptions  # checked on the driver; model resolved to a ModelSpec, paths are the driver's
     plan: bytes  # plan JSON
     loads: LoadStats | None  # the driver draws every step's routing from these counts; None: uniform
-    model: ModelSpec | None = None  # same experts/top_k as the plan's model, other sizes; None: the plan's
-    hf: str | None = None
-    tokens: int = 256  # per rank per step; with hf: the prompt length
-    steps: int = 5  # with hf: new tokens generated
-    seed: int = 0
-    policy: str = "least-loaded"
-    backend: str = "auto"
-    spill_fmt: str | None = None  # run_worker's: spill per step in this format (SpillMoE)
-    keep_outputs: bool = False
-    timeout_s: float = 300.0  # process group (collective) timeout and the bound on each phase
-    loads_after: LoadStats | None = None  # routing counts from step drift_step on (a drift scenario)
-    drift_step: int = 0
-    rebalance: dict[str, float] = field(default_factory=dict)  # run_worker's rebalance_* / replan_timeout_s keywords
+    loads_after: LoadStats | None = None  # routing counts from step options.drift_step on (a drift scenario)
     interleave: tuple[bytes, ...] = ()  # more plan JSONs of the same layers, run on the same batches at every step
+    hf: str | None = None
 
     @property
     def plan_spec(self) -> Plan:
@@ -72,8 +63,14 @@ class RayJob:
 
     def batches(self) -> Callable[[int], SharedBatch]:
         """step -> the whole step's batch the driver feeds: hidden [R*T, H], routing [R*T, k] per layer."""
-        plan = self.plan_spec
-        return step_batches(plan, self.model or plan.model, self.loads, self.loads_after, self.drift_step, self.tokens, self.seed)
+        plan, options = self.plan_spec, self.options
+        return step_batches(plan, options.model or plan.model, self.loads, self.loads_after, options.drift_step,
+                            options.tokens, options.seed)
+
+    def worker_options(self, plans: list[Path], first_step: int) -> RunOptions:
+        """The options a worker runs: its copies of the plans, batches fed by the driver (no load files), from first_step."""
+        return msgspec.structs.replace(self.options, plan=str(plans[0]), interleave=tuple(map(str, plans[1:])),
+                                       loads=None, loads_after=None, drift_step=0, first_step=first_step)
 
 
 @dataclass(frozen=True)
@@ -132,12 +129,11 @@ class EPWorker:
             for path, plan in zip(paths, (job.plan, *job.interleave)):
                 path.write_bytes(plan)
             sent = []  # reports in flight; the run is finished once the channel holds every one
+            options = job.worker_options(paths, first_step)
             run_worker(
-                self.rank, int(env["WORLD_SIZE"]), str(paths[0]), interleave=[str(path) for path in paths[1:]],
-                model=job.model, tokens=job.tokens, steps=job.steps, seed=job.seed, policy=job.policy,
-                backend=job.backend, keep_outputs=job.keep_outputs, timeout_s=job.timeout_s, spill_fmt=job.spill_fmt,
-                batches=rank_batches(channel, self.rank, job.tokens, job.timeout_s), first_step=first_step,
-                on_step=lambda stats: sent.append(channel.report.remote(self.rank, stats)), **job.rebalance,
+                self.rank, int(env["WORLD_SIZE"]), options,
+                batches=rank_batches(channel, self.rank, options.tokens, options.timeout_s),
+                on_step=lambda stats: sent.append(channel.report.remote(self.rank, stats)),
             )
             ray.get(sent)
 
@@ -151,11 +147,13 @@ def _generate(rank: int, world_size: int, job: RayJob, prompt: torch.Tensor) -> 
     """Join the process group from the env and run hf_run.run_on_rank on `prompt` [1, S]: this rank's greedy generation."""
     device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu")
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=job.timeout_s))
+    options = job.options
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=options.timeout_s))
     try:
         return run_on_rank(
-            job.hf, job.plan_spec, rank, world_size, dist.group.WORLD, batch=1, prompt_len=job.tokens,
-            new_tokens=job.steps, seed=job.seed, policy=job.policy, device=device, backend=job.backend, prompt=prompt,
+            job.hf, job.plan_spec, rank, world_size, dist.group.WORLD, batch=1, prompt_len=options.tokens,
+            new_tokens=options.steps, seed=options.seed, policy=options.policy, device=device, backend=options.backend,
+            prompt=prompt,
         )
     finally:
         leave_group(created=True)
@@ -163,6 +161,8 @@ def _generate(rank: int, world_size: int, job: RayJob, prompt: torch.Tensor) -> 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join the cluster at `address` ('auto', 'HOST:PORT'), or RAY_ADDRESS, or start a local one."""
+    if num_cpus is not None and num_cpus < 1:
+        raise SpecError(f"--num-cpus {num_cpus}: expected an integer >= 1")
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -196,8 +196,6 @@ def _probe(address: str) -> None:
 def placement_for(plan: Plan, resources: dict[str, float], alive_nodes: int, cpus_per_worker: float | None = None) -> Placement:
     """Bundles for the plan's workers on a cluster with `resources` (totals) over `alive_nodes` nodes."""
     cluster, world = plan.cluster, plan.cluster.num_gpus
-    if cpus_per_worker is not None and cpus_per_worker <= 0:
-        raise SpecError(f"--cpus-per-worker must be > 0, got {cpus_per_worker}")
     if cluster.device == "gpu":
         cpus, gpus, kind = 0.0, 1.0, "GPU"
     else:

@@ -13,10 +13,14 @@ is in the result exactly once. Bad input (SpecError) fails the same way every ti
 
 from __future__ import annotations
 
-import os
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
 
 import ray
 import ray.exceptions
@@ -31,9 +35,9 @@ from rnq_ep.runtime.ray_cluster import (
     torchrun_env,
 )
 from rnq_ep.hf_run import prompt_rows
+from rnq_ep.runtime.options import RunOptions, check_inputs, check_model_or_hf, read_loads
 from rnq_ep.runtime.ray_steps import FEED_AHEAD, StepChannel, StepLog
-from rnq_ep.runtime.inputs import layer_counts
-from rnq_ep.specs import LoadStats, SpecError, load_model, load_plan, load_stats
+from rnq_ep.specs import SpecError
 
 FAILURE_GRACE_S = 3.0
 LISTEN_S = 1.0  # how long one call for step reports waits on the channel before the driver asks again
@@ -69,37 +73,36 @@ EventSink = Callable[[Event], None]
 
 def make_job(
     plan_path: str, loads_path: str | None = None, model: str | None = None, hf: str | None = None,
-    loads_after: str | None = None, interleave: Sequence[str] = (), **options,
+    loads_after: str | None = None, interleave: Sequence[str] = (), **fields: Any,
 ) -> RayJob:
-    """RayJob from files on the driver, checked here so a bad plan or load file fails before any actor starts.
+    """RayJob of a plan path and RunOptions fields as keywords; plan contents are not checked (bench e2e runs EPLB
+    plans over the cluster's budget on purpose): `job_for` of the checked options is what `rnq-ep run --ray` runs.
 
     `interleave`: more plans of the same layers that every step also runs, on the same batch (stats tagged `plan`).
     """
-    if model and hf:
-        raise SpecError(f"--model {model} and --hf {hf}: give one (--hf runs a transformers model, --model the bare layers)")
-    paths = (plan_path, *interleave)
-    first_plan = [load_plan(path) for path in paths][0]  # every plan checked here; the workers decode the bytes
-    plans = []
-    for path in paths:
-        with open(path, "rb") as f:
-            plans.append(f.read())
-    loads = {flag: _read_loads(flag, path) for flag, path in (("--loads", loads_path), ("--loads-after", loads_after))}
-    for (flag, stats), path in zip(loads.items(), (loads_path, loads_after)):
-        try:
-            layer_counts(first_plan, stats)  # experts and layer ids must match the plan's
-        except SpecError as err:
-            raise SpecError(f"{flag} {path}: {err}") from None
-    return RayJob(plan=plans[0], interleave=tuple(plans[1:]), loads=loads["--loads"], loads_after=loads["--loads-after"],
-                  model=load_model(model) if model else None, hf=hf, **options)
+    check_model_or_hf(model, hf)
+    options = RunOptions(plan=plan_path, loads=loads_path, model=model, loads_after=loads_after,
+                         interleave=tuple(interleave), **fields)
+    return job_for(options, hf, contents=False)
 
 
-def _read_loads(flag: str, path: str | None) -> LoadStats | None:
-    """The load file given with `flag`, or None."""
-    if path is None:
-        return None
-    if not os.path.exists(path):
-        raise SpecError(f"{flag} {path}: no such file")
-    return load_stats(path)
+def job_for(options: RunOptions, hf: str | None = None, contents: bool = True) -> RayJob:
+    """RayJob of `options`, its files read and checked on the driver (runtime.options.check_inputs, plan contents
+    too unless `contents` is False), so bad input fails before any actor starts."""
+    plans, model = check_inputs(options, contents=contents)
+    loads = {flag: read_loads(flag, path, plans[0]) for flag, path in (("--loads", options.loads),
+                                                                         ("--loads-after", options.loads_after))}
+    payloads = [Path(path).read_bytes() for path in (options.plan, *options.interleave)]
+    return RayJob(msgspec.structs.replace(options, model=model if options.model else None), payloads[0],
+                  loads["--loads"], loads["--loads-after"], tuple(payloads[1:]), hf)
+
+
+def check_job_flags(max_restarts: int, cpus_per_worker: float | None) -> None:
+    """Raise SpecError for a negative restart count or a CPU share per worker that is not a number > 0."""
+    if max_restarts < 0:
+        raise SpecError(f"--max-restarts {max_restarts}: expected an integer >= 0")
+    if cpus_per_worker is not None and not (math.isfinite(cpus_per_worker) and cpus_per_worker > 0):
+        raise SpecError(f"--cpus-per-worker {cpus_per_worker:g}: expected a number of CPUs > 0")
 
 
 def run_job(
@@ -110,8 +113,7 @@ def run_job(
     A rebuilt group resumes at the first step that not every rank finished; finished steps are kept
     (an hf generation is one request and is replayed whole).
     """
-    if max_restarts < 0:
-        raise SpecError(f"--max-restarts must be >= 0, got {max_restarts}")
+    check_job_flags(max_restarts, cpus_per_worker)
     emit = on_event or (lambda event: None)
     log = StepLog(job.plan_spec.cluster.num_gpus, 1 + len(job.interleave))
     first_steps = []
@@ -126,13 +128,13 @@ def run_job(
             if attempt == max_restarts:
                 raise
         attempt += 1
-        resume = "" if job.hf else f", resuming at step {len(log.done)} of {job.steps}"
+        resume = "" if job.hf else f", resuming at step {len(log.done)} of {job.options.steps}"
         emit(Event("restarting", attempt, f"restart {attempt}/{max_restarts}: rebuilding the worker group from the plan{resume}"))
 
 
 def _attempt(job: RayJob, attempt: int, log: StepLog, cpus_per_worker: float | None, emit: EventSink) -> tuple[list, list[WorkerInfo]]:
     """One try: place, start, rendezvous, run (steps from log.restart() on); the group is always torn down."""
-    plan = job.plan_spec
+    plan, options = job.plan_spec, job.options
     world = plan.cluster.num_gpus
     alive = sum(1 for node in ray.nodes() if node["Alive"])
     placement = placement_for(plan, ray.cluster_resources(), alive, cpus_per_worker)
@@ -142,30 +144,30 @@ def _attempt(job: RayJob, attempt: int, log: StepLog, cpus_per_worker: float | N
     try:
         channel = None if job.hf else StepChannel.remote()  # created first: its process starts alongside the workers'
         actors = start_actors(pg, placement, world)
-        workers = _gather([a.where.remote() for a in actors], job.timeout_s, None, "starting")
-        port = _gather([actors[0].free_port.remote()], job.timeout_s, workers, "starting")[0]
-        gpu_ids = _gather([a.gpu_ids.remote() for a in actors], job.timeout_s, workers, "starting") if placement.gpus else None
+        workers = _gather([a.where.remote() for a in actors], options.timeout_s, None, "starting")
+        port = _gather([actors[0].free_port.remote()], options.timeout_s, workers, "starting")[0]
+        gpu_ids = _gather([a.gpu_ids.remote() for a in actors], options.timeout_s, workers, "starting") if placement.gpus else None
         emit(Event("started", attempt, _placement_text(workers), actors))
         envs = torchrun_env(workers, port, gpu_ids)
         if job.hf:
-            prompts = ray.put(prompt_rows(job.hf, world, job.tokens).numpy())  # [R, S], one row per rank
+            prompts = ray.put(prompt_rows(job.hf, world, options.tokens).numpy())  # [R, S], one row per rank
             refs = [actor.generate.remote(job, env, prompts) for actor, env in zip(actors, envs)]
-            emit(Event("running", attempt, f"{world} workers generating {job.steps} tokens after a {job.tokens}-token "
+            emit(Event("running", attempt, f"{world} workers generating {options.steps} tokens after a {options.tokens}-token "
                        f"prompt with {job.hf}", actors))
-            stats = _gather(refs, job.timeout_s, workers, "running")
+            stats = _gather(refs, options.timeout_s, workers, "running")
         else:
             feeder = _Feeder(job, channel, log, lambda done: emit(Event("step", attempt, f"step {done[0][0].step} done", actors, done)))
             refs = [actor.run.remote(job, env, channel, feeder.first_step) for actor, env in zip(actors, envs)]
-            emit(Event("running", attempt, f"{world} workers running steps {feeder.first_step}..{job.steps - 1} of "
-                       f"{job.tokens} tokens per worker, batches fed by the driver", actors))
+            emit(Event("running", attempt, f"{world} workers running steps {feeder.first_step}..{options.steps - 1} of "
+                       f"{options.tokens} tokens per worker, batches fed by the driver", actors))
             try:
-                _gather(refs, job.timeout_s, workers, "running", feeder)
+                _gather(refs, options.timeout_s, workers, "running", feeder)
             except WorkerFailed as err:
-                if len(log.done) < job.steps:
+                if len(log.done) < options.steps:
                     raise
                 emit(Event("failed", attempt, f"{err}; every rank had finished every step: nothing to replay"))
-            if len(log.done) < job.steps:  # every worker returned, yet a step was not reported by all ranks
-                raise WorkerFailed(f"running: the workers returned but steps {len(log.done)}..{job.steps - 1} were not "
+            if len(log.done) < options.steps:  # every worker returned, yet a step was not reported by all ranks
+                raise WorkerFailed(f"running: the workers returned but steps {len(log.done)}..{options.steps - 1} were not "
                                    "reported by every rank")
             stats = log.by_rank()
         emit(Event("done", attempt, "all workers finished", actors))
@@ -180,7 +182,7 @@ class _Feeder:
     """The driver's side of one attempt's StepChannel: feeds batches FEED_AHEAD steps ahead, logs finished steps."""
 
     def __init__(self, job: RayJob, channel: ray.actor.ActorHandle, log: StepLog, on_step: Callable[[list], None]) -> None:
-        self.channel, self.log, self.on_step, self.steps = channel, log, on_step, job.steps
+        self.channel, self.log, self.on_step, self.steps = channel, log, on_step, job.options.steps
         self.whole_batch = job.batches()
         self.first_step = self.next_feed = len(log.done)
         self.listening = None

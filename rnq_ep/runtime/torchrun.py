@@ -17,9 +17,10 @@ import sys
 import torch.distributed as dist
 from rich.table import Table
 
-from rnq_ep.rebalance.options import add_rebalance_arguments, rebalance_flags_given, rebalance_kwargs
+from rnq_ep.rebalance.options import add_rebalance_arguments, rebalance_flags_given
 from rnq_ep.report import console
 from rnq_ep.routing import POLICIES
+from rnq_ep.runtime.options import BACKENDS, TRANSPORT_HELP, TRANSPORTS, RunOptions, check_inputs, options_from_args
 from rnq_ep.runtime.worker import StepStats, _device, join_group, leave_group, run_worker
 from rnq_ep.specs import FORMATS, SpecError, load_plan
 
@@ -35,7 +36,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loads", help="load JSON whose per-layer counts the routing follows; default uniform")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and batches")
     parser.add_argument("--policy", choices=POLICIES, default="least-loaded", help="copy choice per token")
-    parser.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto", help="expert kernels")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="expert kernels")
+    parser.add_argument("--transport", choices=TRANSPORTS, default="auto", help=TRANSPORT_HELP)
+    parser.add_argument("--timeout", type=float, default=300.0, metavar="S",
+                        help="collective timeout; on Ray also the longest wait for any phase before the job is stopped")
+    parser.add_argument("--check", action="store_true",
+                        help="check the flags, plan and load files as a run would, then exit (0 ok, 2 bad input) "
+                        "without starting: launch/torchrun.sh runs this before torchrun")
     parser.add_argument("--spill", choices=FORMATS, metavar="FMT",
                         help="per step, spill what stays over 1.3x the mean GPU load onto the least-loaded GPUs, "
                         "sending expert copies in FMT (bf16|int8|int4; a quantized copy travels as stored): LLEP "
@@ -44,15 +51,28 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_main(args: argparse.Namespace) -> int:
-    """Run this process's rank (RANK/WORLD_SIZE from the env, 0/1 without torchrun); 0 on success, 2 on bad input."""
+    """Run this process's rank (RANK/WORLD_SIZE from the env, 0/1 without torchrun); 0 on success, 2 on bad input.
+
+    Every flag and file is checked before the process group is joined; bad input is one line from local rank 0
+    (each rank finds the same), and every rank exits 2.
+    """
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if getattr(args, "hf", None):
-        return run_hf_main(args, rank, world_size)
+    quiet_unless_first(rank)
     try:
-        stats = run_worker(
-            rank, world_size, args.plan, args.model, args.tokens, args.steps,
-            args.loads, args.seed, args.policy, args.backend, spill_fmt=args.spill, **rebalance_kwargs(args),
-        )
+        options = options_from_args(args)
+        if args.hf:
+            check_hf_flags(args)
+        check_inputs(options, None if args.check else world_size)
+    except SpecError as err:
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            log.error("%s", err)
+        return 2
+    if args.check:
+        return 0
+    if args.hf:
+        return run_hf_main(args, options, rank, world_size)
+    try:
+        stats = run_worker(rank, world_size, options)
     except SpecError as err:
         log.error("rank %d: %s", rank, err)
         return 2
@@ -62,25 +82,31 @@ def run_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_hf_main(args: argparse.Namespace, rank: int, world_size: int) -> int:
+def quiet_unless_first(rank: int) -> None:
+    """Rank 0 logs INFO lines; the other ranks only warnings and errors, so each line shows once."""
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+
+
+def check_hf_flags(args: argparse.Namespace) -> None:
+    """Raise SpecError for the flags --hf cannot honour (the model's own router routes the prompt)."""
+    ignored = (["--loads"] if args.loads else []) + (["--spill"] if args.spill else []) + rebalance_flags_given(args)
+    if ignored:
+        raise SpecError(f"{', '.join(ignored)}: not supported with --hf (the model's own router routes the prompt)")
+
+
+def run_hf_main(args: argparse.Namespace, options: RunOptions, rank: int, world_size: int) -> int:
     """--hf: convert the model on every rank, generate greedily, print rank 0's summary; 0 ok, 2 bad input."""
     from rnq_ep.hf_run import run_on_rank  # transformers is only needed here
 
-    if args.model:
-        log.error("rank %d: --model %s and --hf %s: give one (--hf runs a transformers model)", rank, args.model, args.hf)
-        return 2
-    ignored = (["--loads"] if args.loads else []) + (["--spill"] if args.spill else []) + rebalance_flags_given(args)
-    if ignored:
-        log.error("rank %d: %s: not supported with --hf (the model's own router routes the prompt)", rank, ", ".join(ignored))
-        return 2
     device = _device()
-    group, created = join_group(rank, world_size, device, timeout_s=300.0)
+    group, created = join_group(rank, world_size, device, options.timeout_s)
     try:
         report = run_on_rank(
-            args.hf, load_plan(args.plan), rank, world_size, group, batch=1, prompt_len=args.tokens,
-            new_tokens=args.steps, seed=args.seed, policy=args.policy, device=device, backend=args.backend,
+            args.hf, load_plan(options.plan), rank, world_size, group, batch=1, prompt_len=options.tokens,
+            new_tokens=options.steps, seed=options.seed, policy=options.policy, device=device, backend=options.backend,
         )
-        mine = (report.tokens[0, args.tokens:].tolist(), report.seconds, report.tokens_per_s)
+        mine = (report.tokens[0, options.tokens:].tolist(), report.seconds, report.tokens_per_s)
         per_rank = [mine] * world_size
         if group is not None:
             dist.all_gather_object(per_rank, mine, group=group)

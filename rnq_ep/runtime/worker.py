@@ -16,9 +16,10 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,11 +27,11 @@ import torch.distributed as dist
 
 from rnq_ep.layer import EPMoE, LayerStats, SharedExperts
 from rnq_ep.rebalance.rebalancer import RebalanceHealth, Rebalancer
-from rnq_ep.routing import POLICIES
 from rnq_ep.runtime.inputs import (
     BatchSource, Routing, checkpoint_loader, layer_counts, make_batch, random_layer_weights, random_shared_experts,
 )
-from rnq_ep.specs import FORMATS, ModelSpec, Plan, SpecError, load_model, load_plan, load_stats
+from rnq_ep.runtime.options import RunOptions, check_inputs
+from rnq_ep.specs import ModelSpec, Plan, SpecError, load_stats
 from rnq_ep.spill import SpillMoE, SpillStats
 
 log = logging.getLogger(__name__)
@@ -81,19 +82,6 @@ class StepStats:
     def spilled_bytes(self) -> int:
         """Expert weight bytes spilled between GPUs this step, all layers and ranks (0 without --spill)."""
         return sum(s.moved_bytes for s in self.layers if isinstance(s, SpillStats))
-
-
-def _resolve_model(plan: Plan, model: str | ModelSpec | None) -> ModelSpec:
-    """The model to build: the plan's own, or a same-shaped (experts, top_k) model of other sizes."""
-    if model is None:
-        return plan.model
-    spec = load_model(model) if isinstance(model, str) else model
-    if (spec.num_experts, spec.top_k) != (plan.model.num_experts, plan.model.top_k):
-        raise SpecError(
-            f"model {spec.name!r} has {spec.num_experts} experts, top-{spec.top_k}; the plan is for "
-            f"{plan.model.name!r} with {plan.model.num_experts} experts, top-{plan.model.top_k}"
-        )
-    return spec
 
 
 def _device() -> torch.device:
@@ -168,98 +156,56 @@ def seeded_shared_experts(model: ModelSpec, layer: int, seed: int, device: torch
 def run_worker(
     rank: int,
     world_size: int,
-    plan_path: str,
-    model: str | ModelSpec | None = None,
-    tokens: int = 256,
-    steps: int = 5,
-    loads: str | None = None,
-    seed: int = 0,
-    policy: str = "least-loaded",
-    backend: str = "auto",
-    dtype: torch.dtype | None = None,
-    keep_outputs: bool = False,
-    timeout_s: float = 300.0,
-    rebalance_interval: int = 0,
-    rebalance_window: int = 0,
-    rebalance_horizon: int = 0,
-    rebalance_copies_per_step: int = 4,
-    replan_timeout_s: float = 60.0,
-    loads_after: str | None = None,
-    drift_step: int = 0,
+    options: RunOptions | str,
     batches: BatchSource | None = None,
-    first_step: int = 0,
     on_step: Callable[[StepStats], None] | None = None,
-    interleave: Sequence[str] = (),
-    spill_fmt: str | None = None,
+    **fields: Any,
 ) -> list[StepStats]:
     """Run steps first_step..steps-1 of `tokens` tokens per rank through every plan layer; this rank's per-step stats.
 
-    rebalance_interval > 0 re-plans online every that many steps from the last rebalance_window
-    steps (0: the interval) and migrates changed copies one layer per step when the move pays for
-    itself over rebalance_horizon steps (0: the interval), rebalance_copies_per_step changed copies
-    staged between two steps; loads_after switches
-    the routing distribution to another load file from step drift_step on (a drift scenario).
-    batches(step) gives this rank's batch (a Ray driver feeds them; default make_batch from the
-    load files and seed), and on_step gets each step's stats as soon as the step is done.
-    interleave: more plans of the same layers run on the same batches, every step through each plan
-    (order rotating by step, so none always runs first); stats in run order, tagged with `plan`.
-    spill_fmt: every layer spills per step what stays over 1.3x the mean GPU load onto the least-loaded GPUs,
-    sending expert copies in that format (LLEP: bf16 on a plain-EP plan with policy static; docs/policies.md).
+    options: a RunOptions, or a plan path with the other RunOptions fields as keywords. Its files are read and
+    checked (runtime.options.check_inputs, plan contents left to the launchers) before the process group is joined.
+    rebalance_interval > 0 re-plans online every that many steps from the last rebalance_window steps and migrates
+    changed copies one layer per step when the move pays for itself over rebalance_horizon steps;
+    loads_after switches the routing distribution to another load file from step drift_step on (a drift scenario).
+    batches(step) gives this rank's batch (a Ray driver feeds them; default make_batch from the load files and
+    seed), and on_step gets each step's stats as soon as the step is done. interleave: more plans of the same
+    layers run on the same batches, every step through each plan (order rotating by step, so none always runs
+    first); stats in run order, tagged with `plan`. spill_fmt: every layer spills per step what stays over 1.3x
+    the mean GPU load onto the least-loaded GPUs, sending expert copies in that format (LLEP: bf16 on a plain-EP
+    plan with policy static; docs/policies.md).
     """
-    plans = [load_plan(path) for path in (plan_path, *interleave)]
+    if isinstance(options, str):
+        options = RunOptions(plan=options, **fields)
+    elif fields:
+        raise TypeError(f"run_worker: options given as a RunOptions and as keywords {sorted(fields)}")
+    plans, spec = check_inputs(options, world_size, contents=False)
     plan = plans[0]
-    for path, other in zip((plan_path, *interleave), plans):
-        if other.cluster.num_gpus != world_size:
-            raise SpecError(
-                f"{path}: the plan has {other.cluster.num_gpus} GPUs but the world size is {world_size}; "
-                f"launch with --nproc-per-node={other.cluster.num_gpus} or plan for {world_size} GPUs"
-            )
-        if [layer.layer for layer in other.layers] != [layer.layer for layer in plan.layers]:
-            raise SpecError(f"{path}: interleaved plans must have the layers of {plan_path}")
-    if interleave and rebalance_interval:
-        raise SpecError("online rebalancing runs one plan; got interleaved plans too")
-    if tokens < 1 or steps < 1:
-        raise SpecError(f"tokens and steps must be >= 1, got tokens={tokens}, steps={steps}")
-    if not 0 <= first_step < steps:
-        raise SpecError(f"first_step must be in [0, steps={steps}), got {first_step}")
-    if policy not in POLICIES:
-        raise SpecError(f"unknown routing policy {policy!r}, expected one of {POLICIES}")
-    if spill_fmt is not None and spill_fmt not in FORMATS:
-        raise SpecError(f"spill format {spill_fmt!r}: expected one of {FORMATS}")
-    if spill_fmt is not None and rebalance_interval:
-        raise SpecError("spilling and online rebalancing together are not supported: migration restacks the layers "
-                        "that spill; pick one")
-    spec = _resolve_model(plan, model)
-    for other in plans[1:]:
-        _resolve_model(other, spec)
-    if min(rebalance_interval, rebalance_window, rebalance_horizon) < 0:
-        raise SpecError(
-            "rebalance_interval, rebalance_window and rebalance_horizon must be >= 0, got "
-            f"{rebalance_interval}, {rebalance_window}, {rebalance_horizon}"
-        )
-    counts = layer_counts(plan, None if loads is None else load_stats(loads))
-    counts_after = counts if loads_after is None else layer_counts(plan, load_stats(loads_after))
+    counts = layer_counts(plan, None if options.loads is None else load_stats(options.loads))
+    counts_after = counts if options.loads_after is None else layer_counts(plan, load_stats(options.loads_after))
     device = _device()
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    group, created = join_group(rank, world_size, device, timeout_s)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    group, created = join_group(rank, world_size, device, options.timeout_s)
     layer_sets, rebalancer = [], None
     try:
-        layer_sets = [build_layers(p, spec, rank, group, seed, policy, backend, device, spill_fmt) for p in plans]
-        if rebalance_interval:
-            loaders = [checkpoint_loader(spec, index, seed, device) for index in range(len(plan.layers))]
+        layer_sets = [build_layers(p, spec, rank, group, options.seed, options.policy, options.backend, device,
+                                   options.spill_fmt) for p in plans]
+        if options.rebalance_interval:
+            interval = options.rebalance_interval
+            loaders = [checkpoint_loader(spec, index, options.seed, device) for index in range(len(plan.layers))]
             rebalancer = Rebalancer(
-                layer_sets[0], plan, rebalance_interval, rebalance_window or rebalance_interval, tokens, replan_timeout_s,
-                rebalance_horizon or None, load_expert=loaders, copies_per_step=rebalance_copies_per_step,
+                layer_sets[0], plan, interval, options.rebalance_window or interval, options.tokens,
+                options.replan_timeout_s, options.rebalance_horizon or None, load_expert=loaders,
+                copies_per_step=options.rebalance_copies_per_step,
             )
-        batch_of = batches or (
-            lambda step: make_batch(spec, counts_after if step >= drift_step else counts, tokens, seed, rank, step)
-        )
+        batch_of = batches or (lambda step: make_batch(
+            spec, counts_after if step >= options.drift_step else counts, options.tokens, options.seed, rank, step))
         stats = []
-        for step in range(first_step, steps):
+        for step in range(options.first_step, options.steps):
             hidden, routing = batch_of(step)
             for index in [(step + i) % len(plans) for i in range(len(plans))]:
-                stats.append(replace(run_step(step, layer_sets[index], hidden.to(device, dtype), routing, group, keep_outputs),
-                                     plan=index))
+                stats.append(replace(run_step(step, layer_sets[index], hidden.to(device, dtype), routing, group,
+                                              options.keep_outputs), plan=index))
                 if rebalancer is not None:
                     seconds = rebalancer.after_step(step)
                     stats[-1] = replace(stats[-1], rebalance_seconds=seconds, rebalance=copy.deepcopy(rebalancer.health))
@@ -267,7 +213,7 @@ def run_worker(
                         log.info("step %d rebalance: %.4f s after the step; %s", step, seconds, rebalancer.health.summary())
                 if rank == 0:
                     log.info(
-                        "step %d, plan %d: %.4f s, balancedness %.3f, tokens per GPU %s",
+                        "step %d, plan %d: %.4f s, balancedness %.3f, expert rows per GPU %s",
                         step, index, stats[-1].seconds, stats[-1].balancedness, stats[-1].tokens_per_gpu.tolist(),
                     )
                 if on_step is not None:
