@@ -1,6 +1,7 @@
 """scripts/benchmarks.py: where R&Q loses is read from the simulate fragment of the same run."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 from rnq_ep.bench.planner import to_markdown
@@ -57,3 +58,15 @@ def test_summary_says_when_the_fastest_policy_is_tied():
     runs = {8: [run(8, name, t) for name, t in zip(names, (4e-3, 2e-3, 2e-3, 3e-3, 2e-3))]}
     text = to_markdown([scale_table(runs, load_model("tiny"), "rnq-ep simulate: t")], "rnq-ep simulate", "cpu", "today")
     assert "| EPLB +12.5 % mem, hash (tied with 2 more) |" in load_script().summary_rows("m", text)[0]
+
+
+def test_each_program_start_prints_which_of_how_many_and_the_time_so_far(capsys):
+    script = load_script()
+    log = script.RunLog(total=script.program_count({"simulate", "e2e"}, cuda=False))
+    assert log.total == 1 + 2 + 1, "planner, two layer benches, rebalance"
+    assert script.run([sys.executable, "-c", "pass"], log)
+    assert script.run([sys.executable, "-c", "raise SystemExit(3)"], log) is False
+    progress = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0] for line in progress] == ["[1/4", "[2/4"]
+    assert progress[0].endswith("] python -c pass") and " s] " in progress[0]
+    assert log.lines[1].endswith("exit 3")
