@@ -215,9 +215,10 @@ class EPMoE(torch.nn.Module):
             recv, received = dispatch(x, topk_weights, layout, route.num_local, self.rank, self.group, world)
         except ValueError as err:
             raise ValueError(f"layer {self.layer}: {problem or err}") from None
-        cpu_start = time.thread_time()
+        compiling = torch.compiler.is_compiling()
+        cpu_start = 0.0 if compiling else time.thread_time()
         y = self.experts(recv, received.offsets, received.weights)  # [N, H], router-weighted
-        expert_cpu_seconds = time.thread_time() - cpu_start
+        expert_cpu_seconds = 0.0 if compiling else time.thread_time() - cpu_start
         out = combine(y, layout, received, x.shape[0], x.dtype, self.group, world)  # [T, H]
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
@@ -225,7 +226,7 @@ class EPMoE(torch.nn.Module):
         self._last_step = (layout, received, route, x.shape[1] * x.element_size(), expert_cpu_seconds)
         if capacity is not None:
             self.overflow = layout.overflow
-            if self.redo_overflow and not torch.compiler.is_compiling() and bool(layout.overflow):
+            if self.redo_overflow and not compiling and bool(layout.overflow):
                 return self._step(x, topk_ids, topk_weights, flat_ids, gathered, "exact", problem)
         return out
 

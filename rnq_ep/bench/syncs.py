@@ -22,6 +22,10 @@ SYNC_OPS = frozenset({
     "unique_consecutive", "masked_select", "bincount", "equal", "is_nonzero", "allclose", "histc",
 })
 HOST_READS = ("tolist", "numpy", "cpu")  # Tensor methods that copy device data to the host
+VIEW_OPS = frozenset({  # metadata only: no kernel on a GPU
+    "view", "_unsafe_view", "reshape", "slice", "select", "expand", "unsqueeze", "squeeze", "permute", "t",
+    "transpose", "as_strided", "alias", "detach", "split", "split_with_sizes", "unbind", "lift_fresh",
+})
 
 
 @dataclass
@@ -40,6 +44,11 @@ class SyncCount:
     def num_ops(self) -> int:
         """aten ops run (an opaque rnq_ep op counts as one)."""
         return sum(self.ops.values())
+
+    @property
+    def launches(self) -> int:
+        """Ops that run a kernel on a GPU: num_ops less metadata-only views."""
+        return sum(n for name, n in self.ops.items() if name.split(".", 1)[1] not in VIEW_OPS)
 
 
 class _Counting(TorchDispatchMode):
