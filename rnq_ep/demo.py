@@ -120,7 +120,7 @@ def demo_main(args: argparse.Namespace) -> int:
         sys.stderr.write(f"rnq-ep demo: error: {err}\n")
         return 1
     out.print("[bold]4/4 checking[/] outputs against the unsharded model on the driver")
-    reference, bound = unsharded_outputs(plans["plain EP"], model, run_loads, cluster.num_gpus, args.tokens, args.steps,
+    reference, bound = unsharded_run(plans["plain EP"], model, run_loads, cluster.num_gpus, args.tokens, args.steps,
                                          args.seed, quantized_plan=plans["R&Q"])
     runs = [summarize(name, plans[name], [[s for s in rank_stats if s.plan == index] for rank_stats in result.stats], reference)
             for index, name in enumerate(plans)]
@@ -135,10 +135,17 @@ def demo_main(args: argparse.Namespace) -> int:
 
 def unsharded_outputs(
     plan: Plan, model: ModelSpec, loads: LoadStats | None, world: int, tokens: int, steps: int, seed: int,
+) -> list[list[torch.Tensor]]:
+    """The batches run_worker draws, through the dense model in fp32 (shared experts included): [rank][step] -> [T, H]."""
+    return unsharded_run(plan, model, loads, world, tokens, steps, seed)[0]
+
+
+def unsharded_run(
+    plan: Plan, model: ModelSpec, loads: LoadStats | None, world: int, tokens: int, steps: int, seed: int,
     quantized_plan: Plan | None = None,
 ) -> tuple[list[list[torch.Tensor]], float]:
-    """The batches run_worker draws, through the dense model in fp32 (shared experts included): ([rank][step] -> [T, H],
-    the largest per-token quantization bound of `quantized_plan`'s copies on those tokens (dense_moe); 0.0 without one)."""
+    """(unsharded_outputs, the largest per-token quantization bound of `quantized_plan`'s copies on those tokens
+    (dense_moe's error); 0.0 without one)."""
     counts = layer_counts(plan, loads)
     weights = [(*random_layer_weights(model, index, seed), seeded_shared_experts(model, index, seed))
                for index in range(len(plan.layers))]
