@@ -108,9 +108,21 @@ def _add_forwarded_bench(name: str, module: str, help_text: str) -> Callable[[Su
     def add(benches: Subparsers) -> None:
         p = benches.add_parser(name, help=help_text, add_help=False, prefix_chars="\0")
         p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(run=lambda args: importlib.import_module(module).main(args.rest))
+        p.set_defaults(run=lambda args: _forwarded(module, args.rest))
 
     return add
+
+
+def _forwarded(module: str, argv: list[str]) -> int:
+    """`module.main(argv)`; a SystemExit with a message (a refused flag: `raise SystemExit("...")`) is that one line
+    on stderr and exit 2, not Python's exit 1."""
+    try:
+        return importlib.import_module(module).main(argv)
+    except SystemExit as stop:
+        if isinstance(stop.code, str):
+            sys.stderr.write(stop.code.rstrip("\n") + "\n")
+            return 2
+        return 0 if stop.code is None else stop.code
 
 
 # name -> (one-line help, function adding the flags); only the command being run gets its flags, so

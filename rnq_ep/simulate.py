@@ -31,7 +31,7 @@ from rnq_ep.policies import (
 from rnq_ep.replan_sim import DEFAULT_REPLAN_INTERVAL, REPLAN_POLICIES, run_replanning
 from rnq_ep.load_windows import drawn_windows, real_windows, shifted_windows
 from rnq_ep.plan_command import MAX_TOKENS_PER_GPU
-from rnq_ep.specs import MAX_SEED, ModelSpec, SpecError, check_routed, load_cluster, load_model, load_stats, write_atomic
+from rnq_ep.specs import MAX_GPUS, MAX_SEED, ModelSpec, SpecError, check_routed, load_cluster, load_model, load_stats, write_atomic
 from rnq_ep.synthetic import DEFAULT_DRIFT, ZipfLoads, parse_zipf
 
 DEFAULT_GPUS = "8,32,64,256,1024"
@@ -40,7 +40,6 @@ DEFAULT_LOADS = "zipf:0.6"
 DEFAULT_SWEEP = "0.2,0.4,0.6,0.8,1.0,1.2,1.4,1.6"
 SAMPLED = "sampled"  # --eval-loads: stationary windows drawn from the --loads file
 SWEEP_LAYERS = 4  # synthetic layers are drawn alike, so a few stand for all in the sweep
-MAX_GPUS = 8192  # 8x the documented largest study (1024): tables and plans grow with the GPU count
 MAX_WINDOWS = 1000
 MAX_LAYERS = 1024  # synthetic layers per window
 MAX_REPLAN_INTERVAL = 10**6

@@ -17,6 +17,10 @@ FORMATS: tuple[str, ...] = ("bf16", "int8", "int4")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 MAX_COUNT = 2**48  # tokens per (layer, expert): sums over 2**14 experts stay exact in int64 and float64 ranks
 DECODER_LAYERS_PER_MOE_LAYER = 2  # a decoder layer id is below 2 x MoE layers (dense prefixes, every-other-layer MoE)
+MAX_WIDTH = 2**20  # hidden and expert widths (DeepSeek-V3: 7168, 2048): expert bytes and their sums stay in int64
+MAX_EXPERTS = 2**14  # routed experts per layer (the largest models have hundreds)
+MAX_LAYERS = 2**12  # MoE layers of a model
+MAX_GPUS = 8192  # GPUs (or CPU workers) of a cluster: plans and their arrays grow with the count
 MAX_SEED = 2**63 - 1  # seeds key numpy generators and SeedSequences: non-negative, 64-bit
 SHARE_TOLERANCE = 1e-6  # an expert's shares may miss 1 by this much (JSON round trip of float sums)
 
@@ -42,11 +46,15 @@ class ModelSpec(msgspec.Struct, **_FROZEN):
     source: str = ""  # where the numbers come from (HF config)
 
     def __post_init__(self) -> None:
-        for key in ("num_layers", "num_experts", "top_k", "hidden_size", "moe_intermediate_size"):
+        for key, most in (("num_layers", MAX_LAYERS), ("num_experts", MAX_EXPERTS), ("top_k", MAX_EXPERTS),
+                          ("hidden_size", MAX_WIDTH), ("moe_intermediate_size", MAX_WIDTH)):
             if getattr(self, key) < 1:
                 raise SpecError(f"model {self.name!r}: {key} must be >= 1, got {getattr(self, key)}")
-        if self.num_shared_experts < 0:
-            raise SpecError(f"model {self.name!r}: num_shared_experts must be >= 0")
+            if getattr(self, key) > most:
+                raise SpecError(f"model {self.name!r}: {key} must be <= {most}, got {getattr(self, key)}")
+        if not 0 <= self.num_shared_experts <= MAX_EXPERTS:
+            raise SpecError(f"model {self.name!r}: num_shared_experts must be in [0, {MAX_EXPERTS}], got "
+                            f"{self.num_shared_experts}")
         if self.top_k > self.num_experts:
             raise SpecError(
                 f"model {self.name!r}: top_k={self.top_k} exceeds num_experts={self.num_experts}"
@@ -69,6 +77,9 @@ class ClusterSpec(msgspec.Struct, **_FROZEN):
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.gpus_per_node < 1:
             raise SpecError(f"cluster {self.name!r}: nodes and gpus_per_node must be >= 1")
+        if self.nodes * self.gpus_per_node > MAX_GPUS:
+            raise SpecError(f"cluster {self.name!r}: {self.nodes} nodes x {self.gpus_per_node} GPUs is more than "
+                            f"{MAX_GPUS} GPUs")
         for key in ("hbm_bytes_per_s", "peak_flops", "intra_node_bytes_per_s", "inter_node_bytes_per_s"):
             value = getattr(self, key)
             if not (value > 0 and math.isfinite(value)):
@@ -174,8 +185,8 @@ def _check_load_stats(stats: LoadStats) -> None:
     """Validate shapes and values; raise SpecError naming the key and the offending index."""
     if not stats.counts:
         raise SpecError("counts: empty, expected [layers][experts] token counts")
-    if stats.num_experts < 1:
-        raise SpecError(f"num_experts: must be >= 1, got {stats.num_experts}")
+    if not 1 <= stats.num_experts <= MAX_EXPERTS:
+        raise SpecError(f"num_experts: must be in [1, {MAX_EXPERTS}], got {stats.num_experts}")
     if stats.top_k < 1 or stats.top_k > stats.num_experts:
         raise SpecError(f"top_k: must be in [1, num_experts={stats.num_experts}], got {stats.top_k}")
     for i, row in enumerate(stats.counts):

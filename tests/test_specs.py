@@ -13,6 +13,14 @@ top_k = 2
 hidden_size = 8
 moe_intermediate_size = 16
 """
+CLUSTER_TOML = """name = "c"
+nodes = 1
+gpus_per_node = 8
+hbm_bytes_per_s = 3e12
+peak_flops = 1e15
+intra_node_bytes_per_s = 4e11
+inter_node_bytes_per_s = 5e10
+"""
 
 
 def write(tmp_path, name, text):
@@ -121,3 +129,15 @@ def test_layer_ids_beyond_the_model_are_rejected(tmp_path):
     path = loads_file(tmp_path, counts=[[1] * 8, [2] * 8], num_experts=8, layer_ids=[0, 99])
     with pytest.raises(SpecError, match=r"layer_ids\[1\]: 99 is not a decoder layer of model 'tiny' \(2 MoE layers\)"):
         load_stats(path, load_model("tiny"))
+
+
+def test_a_model_wider_than_the_limit_is_rejected_naming_key_and_limit(tmp_path):
+    path = write(tmp_path, "m.toml", TINY_TOML.replace("hidden_size = 8", "hidden_size = 4000000000"))
+    with pytest.raises(SpecError, match=r"m\.toml: model 't': hidden_size must be <= 1048576, got 4000000000"):
+        load_model(str(path))
+
+
+def test_a_cluster_of_more_gpus_than_the_limit_is_rejected(tmp_path):
+    text = CLUSTER_TOML.replace("gpus_per_node = 8", "gpus_per_node = 100000000")
+    with pytest.raises(SpecError, match=r"1 nodes x 100000000 GPUs is more than 8192 GPUs"):
+        load_cluster(str(write(tmp_path, "c.toml", text)))
