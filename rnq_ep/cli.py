@@ -78,7 +78,7 @@ def _module_command(
 
 CALIBRATE_HELP = "record expert loads and quantization sensitivity of a HF MoE model"
 add_calibrate = _module_command(
-    "rnq_ep.calibration", "add_calibrate_arguments", "calibrate_main",
+    "rnq_ep.calibrate_command", "add_calibrate_arguments", "calibrate_main",
     "Run a transformers MoE model over calibration text and write the LoadStats JSON that "
     "`rnq-ep plan --loads` reads: routed counts, gate mass, co-activation, per-format sensitivity.",
 )

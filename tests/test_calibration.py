@@ -6,6 +6,8 @@ import argparse
 import copy
 import gc
 import re
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -13,7 +15,9 @@ import torch
 
 from tiny_hf import one_torch_thread  # noqa: F401  (autouse fixture; skips without transformers)
 from rnq_ep import cli, hf
-from rnq_ep.calibration import add_calibrate_arguments, balanced_picks, calibrate, calibrate_main
+from rnq_ep import textdata
+from rnq_ep.calibrate_command import BUILTIN, add_calibrate_arguments, calibrate_main
+from rnq_ep.calibration import balanced_picks, calibrate
 from rnq_ep.quant import dequantize, quantize
 from rnq_ep.specs import SpecError, load_plan, load_stats
 from rnq_ep.textdata import builtin_text, token_batches, tokenize
@@ -212,13 +216,25 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, message, tmp_p
     (["--seq-len", "1"], r"--seq-len 1: expected an integer in \[2, 2\*\*63\)"),
     (["--cap-factor", "nan"], r"cap_factor: must be a finite number > 0, got nan"),
     (["--formats", "int3"], r"formats: \['int3'\] is not a non-empty subset"),
-    (["--data", "no-such.txt"], r"no-such.txt: no such data file"),
+    (["--data", "no-such.txt"], r"--data no-such.txt: no such file"),
 ])
 def test_bad_flags_are_refused_before_loading_the_model(flags, message, tmp_path, monkeypatch):
     monkeypatch.setattr(hf, "load_model", lambda *args: pytest.fail("the model was loaded before the flags were checked"))
     with pytest.raises(SpecError, match=message):
         run_cli("--model", "tiny-mixtral", "--out", str(tmp_path / "s.json"), *flags)
     assert not (tmp_path / "s.json").exists()
+
+
+def test_the_builtin_data_name_is_textdatas():
+    assert BUILTIN == textdata.BUILTIN
+
+
+def test_bad_flags_are_refused_without_importing_torch(tmp_path):
+    code = "import sys; from rnq_ep.cli import main; code = main(sys.argv[1:]); assert 'torch' not in sys.modules; sys.exit(code)"
+    done = subprocess.run([sys.executable, "-c", code, "calibrate", "--model", "tiny-mixtral", "--tokens", "0", "--out",
+                           str(tmp_path / "s.json")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == "rnq-ep calibrate: error: --tokens 0: expected an integer in [2, 2**63)\n"
 
 
 def test_missing_out_folder_is_refused_before_loading_the_model(tmp_path):
