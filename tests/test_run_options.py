@@ -7,10 +7,13 @@ from pathlib import Path
 
 import msgspec
 import pytest
+import torch
 
 from rnq_ep.cli import main
+from rnq_ep.layout import CAPACITY_MAX_TOKENS
 from rnq_ep.runtime.options import RunOptions
-from rnq_ep.specs import LoadStats, SpecError, encode_json
+from rnq_ep.runtime.worker import build_layers, run_worker
+from rnq_ep.specs import LoadStats, SpecError, encode_json, load_plan
 from test_torchrun import skewed_loads, write_plan
 
 
@@ -102,4 +105,20 @@ def test_the_transport_flag_says_what_auto_picks(capsys):
     assert main(["run", "--help"]) == 0
     help_text = " ".join(capsys.readouterr().out.split())
     assert "{auto,exact,capacity}" in help_text
-    assert "auto: capacity at small token counts, exact otherwise" in help_text
+    assert f"auto: capacity at small token counts (up to {CAPACITY_MAX_TOKENS} per rank), exact otherwise" in help_text
+
+
+def test_the_transport_reaches_every_layer(tmp_path):
+    plan = load_plan(write_plan(tmp_path / "plan.json", 1))
+    for transport in ("exact", "capacity"):
+        layers = build_layers(plan, plan.model, 0, None, seed=0, backend="torch", transport=transport)
+        assert [layer.transport for layer in layers] == [transport] * len(plan.layers)
+
+
+def test_both_transports_give_the_same_outputs(tmp_path):
+    plan, loads = write_plan(tmp_path / "plan.json", 1), skewed_loads(tmp_path / "loads.json")
+    outputs = {transport: [s.output for s in run_worker(0, 1, plan, loads=loads, tokens=8, steps=2, backend="torch",
+                                                        keep_outputs=True, transport=transport)]
+               for transport in ("exact", "capacity")}
+    for exact, capacity in zip(outputs["exact"], outputs["capacity"]):
+        torch.testing.assert_close(capacity, exact, rtol=1e-5, atol=1e-5)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import msgspec
 
+from rnq_ep.layout import CAPACITY_MAX_TOKENS, TRANSPORTS
 from rnq_ep.rebalance.options import rebalance_kwargs
 from rnq_ep.routing import POLICIES
 from rnq_ep.runtime.inputs import layer_counts
@@ -21,9 +22,8 @@ from rnq_ep.specs import (
 )
 
 BACKENDS = ("auto", "triton", "torch")
-TRANSPORTS = ("auto", "exact", "capacity")
-TRANSPORT_HELP = ("token dispatch: capacity (fixed-size, sync-free all-to-all) or exact (uneven all-to-all); auto: "
-                  "capacity at small token counts, exact otherwise")
+TRANSPORT_HELP = (f"token dispatch: capacity (fixed-size, sync-free all-to-all) or exact (uneven all-to-all); auto: "
+                  f"capacity at small token counts (up to {CAPACITY_MAX_TOKENS} per rank), exact otherwise")
 MAX_TOKENS = 2**20  # per rank per step: the batch alone is 2**20 x hidden floats
 MAX_STEPS = 10**6  # every step's stats stay in memory until the run ends
 

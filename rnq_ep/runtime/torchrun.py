@@ -20,7 +20,8 @@ from rich.table import Table
 from rnq_ep.rebalance.options import add_rebalance_arguments, rebalance_flags_given
 from rnq_ep.report import console
 from rnq_ep.routing import POLICIES
-from rnq_ep.runtime.options import BACKENDS, TRANSPORT_HELP, TRANSPORTS, RunOptions, check_inputs, options_from_args
+from rnq_ep.layout import TRANSPORTS
+from rnq_ep.runtime.options import BACKENDS, TRANSPORT_HELP, RunOptions, check_inputs, options_from_args
 from rnq_ep.runtime.worker import StepStats, _device, join_group, leave_group, run_worker
 from rnq_ep.specs import FORMATS, SpecError, load_plan
 

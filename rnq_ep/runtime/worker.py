@@ -135,15 +135,18 @@ def build_layers(
     backend: str = "auto",
     device: torch.device | str = "cpu",
     spill_fmt: str | None = None,
+    transport: str = "auto",
 ) -> list[EPMoE]:
     """This rank's EPMoE for every plan layer (with the model's shared experts, whole on every rank); each layer's
-    full routed-expert tensors are dropped once sliced. spill_fmt: a SpillMoE per layer spilling in that format."""
+    full routed-expert tensors are dropped once sliced. spill_fmt: a SpillMoE per layer spilling in that format;
+    transport: the layers' token dispatch (layout.TRANSPORTS)."""
     layers = []
     for index, layer_plan in enumerate(plan.layers):
         w_gate_up, w_down, router = random_layer_weights(model, index, seed, device)
         shared_experts = seeded_shared_experts(model, index, seed, device)
         args = (model, layer_plan, plan.cluster.num_gpus, rank, group, w_gate_up, w_down, router, shared_experts, policy, backend)
-        layers.append(EPMoE(*args) if spill_fmt is None else SpillMoE(*args, spill_fmt=spill_fmt))
+        layers.append(EPMoE(*args, transport=transport) if spill_fmt is None
+                      else SpillMoE(*args, transport=transport, spill_fmt=spill_fmt))
     return layers
 
 
@@ -189,7 +192,7 @@ def run_worker(
     layer_sets, rebalancer = [], None
     try:
         layer_sets = [build_layers(p, spec, rank, group, options.seed, options.policy, options.backend, device,
-                                   options.spill_fmt) for p in plans]
+                                   options.spill_fmt, options.transport) for p in plans]
         if options.rebalance_interval:
             interval = options.rebalance_interval
             loaders = [checkpoint_loader(spec, index, options.seed, device) for index in range(len(plan.layers))]
