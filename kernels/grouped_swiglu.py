@@ -154,8 +154,12 @@ def grouped_swiglu(
     row_weight: torch.Tensor | None = None,
     *,
     blocks: Blocks | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """bf16 [N, H]: rows offsets[g]:offsets[g+1] of x [N, H] bf16 through copy g of w_gate_up [G, 2I, H], w_down [G, H, I]."""
+    """bf16 [N, H]: rows offsets[g]:offsets[g+1] of x [N, H] bf16 through copy g of w_gate_up [G, 2I, H], w_down [G, H, I].
+
+    Offsets are absolute rows of x (they need not start at 0); `out` (bf16 [N, H]): write those rows there, leave
+    the others, so each format's call fills its own run of one shared buffer."""
     _check_inputs(x, w_gate_up, w_down, offsets, row_weight)
     if not x.is_cuda and not _INTERPRETED:
         raise RuntimeError("grouped_swiglu on CPU tensors needs TRITON_INTERPRET=1 set before triton is first imported")
@@ -163,7 +167,10 @@ def grouped_swiglu(
     blocks = blocks or choose_blocks(num_rows, num_groups, _INTERPRETED)
     if INT4_GROUP % blocks.block_k:
         raise ValueError(f"block_k {blocks.block_k} must divide the int4 group {INT4_GROUP}")
-    out = torch.empty_like(x)  # [N, H]
+    if out is None:
+        out = torch.empty_like(x)  # [N, H]
+    elif out.shape != x.shape or out.dtype != torch.bfloat16 or out.stride(1) != 1:
+        raise ValueError(f"out must be bf16 {tuple(x.shape)} with unit column stride, got {out.dtype} {tuple(out.shape)}")
     if num_rows == 0:
         return out
     offsets = offsets.to(torch.int32)

@@ -178,18 +178,13 @@ class LocalExperts:
         return FormatGroup(fmt, torch.as_tensor(copies, dtype=torch.int64), gate_up_stack, down_stack)
 
     def _dense(self) -> DenseCopies | None:
-        """Every group's copies dequantised into one fp32 stack in local copy order (the torch backend's
-        weights); None without copies."""
+        """Every group's copies dequantised into one fp32 stack, format-major (the order rows arrive in: the
+        torch backend's weights); None without copies."""
         if not self.groups:
             return None
 
         def stacked(parts: list[torch.Tensor | None]) -> torch.Tensor | None:  # each group's [G, ...] -> [C, ...] fp32
-            if parts[0] is None:
-                return None
-            out = parts[0].new_empty(self.num_copies, *parts[0].shape[1:], dtype=torch.float32)
-            for group, part in zip(self.groups, parts):
-                out[group.copies.to(out.device)] = part.float()
-            return out
+            return None if parts[0] is None else torch.cat([part.float() for part in parts])
 
         return DenseCopies(
             stacked([dequantize(g.stored_gate_up) for g in self.groups]),
@@ -199,7 +194,8 @@ class LocalExperts:
         )
 
     def forward(self, recv: torch.Tensor, local_offsets: torch.Tensor, row_weight: torch.Tensor | None) -> torch.Tensor:
-        """[N, H] rows sorted by local copy (local_offsets [C+1]) -> row_weight-scaled SwiGLU outputs [N, H]."""
+        """[N, H] rows sorted by local copy, format-major (the groups in order; local_offsets [C+1]) ->
+        row_weight-scaled SwiGLU outputs [N, H]. Each format is one grouped call over its run of rows."""
         if local_offsets.numel() != self.num_copies + 1:
             raise ValueError(f"local_offsets has {local_offsets.numel()} entries, expected C+1 = {self.num_copies + 1}")
         if recv.shape[-1] != self.hidden_size:
@@ -215,28 +211,25 @@ class LocalExperts:
             return grouped_swiglu_op(
                 recv, d.w_gate_up, d.w_down, offsets, row_weight, self.activation, d.gate_up_bias, d.down_bias
             ).to(recv.dtype)
-        rows_per_copy = offsets.diff()  # [C]
         if len(self.groups) == 1:
             return self._run(self.groups[0], recv, offsets, row_weight)
-        group_of_copy = torch.empty(self.num_copies, dtype=torch.int64, device=recv.device)
-        for g, group in enumerate(self.groups):
-            group_of_copy[group.copies.to(recv.device)] = g
-        group_of_row = group_of_copy.repeat_interleave(rows_per_copy)  # [N]
-        for g, group in enumerate(self.groups):
-            rows = torch.nonzero(group_of_row == g).squeeze(1)  # [N_g], still in copy order
-            counts = rows_per_copy[group.copies.to(recv.device)]  # [G]
-            group_offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])  # [G+1]
-            weight = None if row_weight is None else row_weight[rows]
-            out[rows] = self._run(group, recv[rows], group_offsets, weight)
+        start = 0
+        for group in self.groups:  # every call writes only its own rows of `out`: no gather, no scatter
+            end = start + len(group.copies)
+            self._run(group, recv, offsets[start : end + 1], row_weight, out)
+            start = end
         return out
 
     __call__ = forward
 
-    def _run(self, group: FormatGroup, x: torch.Tensor, offsets: torch.Tensor, row_weight: torch.Tensor | None) -> torch.Tensor:
-        """One Triton grouped SwiGLU call over a format's copies: x [n, H] -> [n, H] in x's dtype."""
+    def _run(
+        self, group: FormatGroup, x: torch.Tensor, offsets: torch.Tensor, row_weight: torch.Tensor | None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One Triton grouped SwiGLU call over a format's copies, rows offsets[0]:offsets[-1] of x [N, H] -> [N, H]."""
         from rnq_ep.kernels import grouped_swiglu  # imported here: it pulls in triton, which the torch backend does not need
 
-        return grouped_swiglu(x, group.stored_gate_up, group.stored_down, offsets.to(torch.int32), row_weight).to(x.dtype)
+        return grouped_swiglu(x, group.stored_gate_up, group.stored_down, offsets.to(torch.int32), row_weight, out=out)
 
 
 def _expert_weights(

@@ -288,10 +288,17 @@ def _stats_of(
     entries_sent = int((route.slot_gpu[layout.slots] != route.rank).sum())
     return LayerStats(
         tokens_per_gpu=per_gpu,
-        tokens_per_copy=received.offsets.diff().cpu().numpy().astype(np.int64),
+        tokens_per_copy=_table_order(received.offsets.diff().cpu().numpy().astype(np.int64), route),
         balancedness=float(per_gpu.max() / mean) if mean > 0 else 1.0,
         bytes_sent=rows_sent * (row_bytes + META_BYTES * top_k),
         bytes_sent_no_dedupe=entries_sent * (row_bytes + META_BYTES * top_k),
         bytes_on_wire=wire_rows * (row_bytes + META_BYTES * top_k),
         expert_cpu_seconds=expert_cpu_seconds,
     )
+
+
+def _table_order(per_copy: np.ndarray, route: RouteTable) -> np.ndarray:
+    """Per local copy values from the step's format-major order to table order: [C] -> [C]."""
+    out = np.empty_like(per_copy)
+    out[route.local_table_index] = per_copy
+    return out

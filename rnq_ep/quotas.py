@@ -40,7 +40,7 @@ class RouteTable:
     slot_gpu: torch.Tensor  # [S] int64
     slot_expert: torch.Tensor  # [S] int64
     slot_fmt: torch.Tensor  # [S] int8 format codes
-    slot_local: torch.Tensor  # [S] int64 index of each slot among its GPU's copies, table order
+    slot_local: torch.Tensor  # [S] int64 index of each slot among its GPU's copies, format-major (LocalExperts order)
     share: torch.Tensor  # [S] float64 planned share of the expert's tokens
     order: torch.Tensor  # [S] slots sorted by (expert, slot)
     first: torch.Tensor  # [E] start of each expert's copies in `order`
@@ -48,6 +48,7 @@ class RouteTable:
     copy_index: torch.Tensor  # [S] index of each slot among its expert's copies
     pour_experts: torch.Tensor  # [P] int64 experts with two or more copies
     pour_slots: torch.Tensor  # [P, C] int64 their slots in water_fill's tie order (bf16 first, GPU), -1 padded
+    local_table_index: np.ndarray  # [C] each local copy's index in table order (the numbering stats report)
 
 
 def route_table(table: SlotTable, rank: int, policy: str, device: torch.device | str = "cpu") -> RouteTable:
@@ -66,10 +67,13 @@ def route_table(table: SlotTable, rank: int, policy: str, device: torch.device |
     first = np.cumsum(copy_count) - copy_count
     copy_index = np.empty(table.num_slots, dtype=np.int64)
     copy_index[order] = np.arange(table.num_slots) - first[table.expert[order]]
-    by_gpu = np.argsort(table.gpu, kind="stable")
+    # format-major within each GPU: each format's rows are one contiguous run of the experts' buffer
+    by_gpu = np.lexsort((np.arange(table.num_slots), table.fmt, table.gpu))
     per_gpu = np.bincount(table.gpu, minlength=table.num_gpus)
     local = np.empty(table.num_slots, dtype=np.int64)
     local[by_gpu] = np.arange(table.num_slots) - (np.cumsum(per_gpu) - per_gpu)[table.gpu[by_gpu]]
+    mine = np.flatnonzero(table.gpu == rank)  # this rank's slots, table order
+    local_table_index = np.searchsorted(mine, mine[np.argsort(local[mine], kind="stable")])
     pour_experts, pour_slots = _pours(table)
 
     def on(a: np.ndarray, dtype: torch.dtype = torch.int64) -> torch.Tensor:
@@ -80,7 +84,7 @@ def route_table(table: SlotTable, rank: int, policy: str, device: torch.device |
         num_experts=table.num_experts, num_local=int(per_gpu[rank]), slot_gpu=on(table.gpu), slot_expert=on(table.expert),
         slot_fmt=on(table.fmt, torch.int8), slot_local=on(local), share=on(table.share, torch.float64),
         order=on(order), first=on(first), copy_count=on(copy_count), copy_index=on(copy_index),
-        pour_experts=on(pour_experts), pour_slots=on(pour_slots),
+        pour_experts=on(pour_experts), pour_slots=on(pour_slots), local_table_index=local_table_index,
     )
 
 

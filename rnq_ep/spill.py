@@ -109,21 +109,33 @@ def quota_table(step: Step) -> SlotTable:
 
 
 class SpilledExperts:
-    """This rank's resident copies, then the copies spilled onto it for one step: recv rows in that order."""
+    """This rank's resident copies, then the copies spilled onto it for one step (table order: resident first).
 
-    def __init__(self, resident: LocalExperts, spilled: LocalExperts | None) -> None:
-        """Run `resident` on the first rows and `spilled` (None: no copy came) on the rest."""
+    Rows arrive format-major over all of them (rnq_ep.quotas numbers local copies by format, then slot),
+    so resident and spilled copies interleave; each part's rows are gathered by host-known ranges (the
+    spill path reads the counts on the host anyway) and run through its own LocalExperts.
+    """
+
+    def __init__(self, resident: LocalExperts, spilled: LocalExperts | None, table: SlotTable, rank: int) -> None:
+        """Run `resident` and `spilled` (None: no copy came) on their rows of the step's `table` on `rank`."""
         self.resident, self.spilled = resident, spilled
+        mine = np.flatnonzero(table.gpu == rank)  # resident slots, then the spilled ones
+        fm = mine[np.lexsort((mine, table.fmt[mine]))]  # format-major, as the rows arrive
+        self.is_resident = np.searchsorted(mine, fm) < resident.num_copies  # [C + M] per arriving copy
 
     def __call__(self, recv: torch.Tensor, local_offsets: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:
         """recv [N, H] by local copy (local_offsets [C + M + 1]) -> row_weight-scaled outputs [N, H]."""
-        c = self.resident.num_copies
-        split = int(local_offsets[c])
-        out = self.resident(recv[:split], local_offsets[: c + 1], row_weight[:split])  # [n, H]
-        if self.spilled is None:
-            return out
-        rest = self.spilled(recv[split:], local_offsets[c:] - split, row_weight[split:])  # [N - n, H]
-        return torch.cat([out, rest])
+        bounds = local_offsets.tolist()
+        out = torch.empty_like(recv)
+        for experts, mask in ((self.resident, self.is_resident), (self.spilled, ~self.is_resident)):
+            if experts is None or not mask.any():
+                continue
+            copies = np.flatnonzero(mask)
+            rows = torch.cat([torch.arange(bounds[c], bounds[c + 1]) for c in copies]).to(recv.device)
+            sizes = torch.tensor([bounds[c + 1] - bounds[c] for c in copies])
+            offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)]).to(recv.device)
+            out[rows] = experts(recv[rows], offsets, row_weight[rows])
+        return out
 
 
 class SpillMoE(EPMoE):
@@ -172,7 +184,8 @@ class SpillMoE(EPMoE):
         spill_seconds = time.perf_counter() - start_s
         # EPMoE's forward serves the step from the spilled table: rebind what it reads for this one call
         resident = self.table, self.experts, self.policy, self._route  # the route too: kept for the next step
-        self.table, self.experts = quota_table(plan.step), SpilledExperts(self.experts, spilled)
+        spilled_table = quota_table(plan.step)
+        self.table, self.experts = spilled_table, SpilledExperts(self.experts, spilled, spilled_table, self.rank)
         self.policy = "static"
         try:
             out = super().forward_routed(x, topk_ids, topk_weights, gathered, "exact")

@@ -1,6 +1,6 @@
 """Regenerate BENCHMARKS.md: run every bench program, then stitch their markdown with machine, command and date.
 
-    python scripts/benchmarks.py [--skip planner,simulate,layer,e2e,rebalance,kernels] [--out BENCHMARKS.md]
+    python scripts/benchmarks.py [--skip planner,simulate,step,layer,e2e,rebalance,kernels] [--out BENCHMARKS.md]
 
 Each program writes its own fragment (and plot) under bench/; the fragments are stitched into
 BENCHMARKS.md and removed, the PNGs stay next to it. Every ratio in a fragment is against
@@ -132,7 +132,8 @@ def _shown(command: list[str]) -> str:
 
 def program_count(skip: set[str], cuda: bool) -> int:
     """How many programs `build(skip)` starts: one per bench section and simulate run not skipped."""
-    counts = {"planner": 1, "simulate": len(simulate_runs()), "layer": 2, "e2e": 2, "rebalance": 1, "kernels": int(cuda)}
+    counts = {"planner": 1, "simulate": len(simulate_runs()), "step": 1, "layer": 2, "e2e": 2, "rebalance": 1,
+              "kernels": int(cuda)}
     return sum(n for name, n in counts.items() if name not in skip)
 
 
@@ -263,6 +264,7 @@ def build(skip: set[str]) -> str:
             parts += [f"### {title}", "", text, ""]
             losses += [f"{stem.removeprefix('simulate-')}, {loss}" for loss in rnq_losses(text)]
             summary += summary_rows(stem.removeprefix("simulate-"), text)
+    parts += bench_section("step", "One layer step's control path: host time, syncs, kernel launches", skip, log)
     parts += bench_section("layer", "EP layer on CPU gloo ranks", skip, log)
     parts += bench_section("layer", "EP layer, the most skewed real layer, on CPU gloo ranks", skip, log,
                            extra=("--most-skewed", "--repeats", "5"), stem="layer-skewed")

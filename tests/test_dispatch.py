@@ -53,7 +53,7 @@ def _ep_step(table, x, ids, weights, maps, rank, policy, transport, factor=2.0):
     capacity = capacity_for(x.shape[0], ids.shape[1], world, factor) if transport == "capacity" else None
     layout = step_layout(ids, flat, gathered, table_on_rank, transport, capacity)
     recv, received = dispatch(x, weights, layout, table_on_rank.num_local, rank, None, world)
-    local_experts = torch.from_numpy(table.expert[table.gpu == rank])  # [C]
+    local_experts = torch.from_numpy(table.expert[table.gpu == rank][table_on_rank.local_table_index])  # [C], format-major
     copy = torch.searchsorted(received.offsets[1:], torch.arange(recv.shape[0]), right=True)  # [N]
     expert = local_experts[copy.clamp(max=max(len(local_experts) - 1, 0))] if len(local_experts) else copy
     y = torch.einsum("nh,nhg->ng", recv, maps[expert]) * received.weights[:, None]

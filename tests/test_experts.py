@@ -36,8 +36,9 @@ MIXED = [(0, 0, "bf16"), (0, 1, "int8"), (0, 2, "bf16"), (0, 3, "int4"), (0, 4, 
 
 
 def _dense_reference(table: SlotTable, rank: int, w_gate_up, w_down, x, offsets, row_weight) -> torch.Tensor:
-    """Every local copy's dequantised weights stacked in copy order, one reference call."""
+    """Every local copy's dequantised weights stacked format-major (the order rows arrive in), one reference call."""
     local = np.flatnonzero(table.gpu == rank)
+    local = local[np.lexsort((local, table.fmt[local]))]
     gate_up = torch.stack([dequantize(quantize(w_gate_up[table.expert[s]], FORMATS[table.fmt[s]])) for s in local])
     down = torch.stack([dequantize(quantize(w_down[table.expert[s]], FORMATS[table.fmt[s]])) for s in local])
     return grouped_swiglu_reference(x, gate_up, down, offsets, row_weight)

@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=REPEATS, help="timed calls per row (best is kept)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="write {'rows': [...]} here")
+    parser.add_argument("--markdown", metavar="PATH", help="write the table as markdown here (for BENCHMARKS.md)")
     args = parser.parse_args(argv)
     try:
         tokens = tuple(int(t) for t in args.tokens.split(","))
@@ -172,18 +173,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench step: {MODEL_NAME} R&Q plan for {NUM_GPUS} GPUs, rank 0, collectives stubbed, "
           f"best of {args.repeats}", file=sys.stderr)
     result = rows(tokens, args.repeats, args.seed)
-    print(f"{'tokens/rank':>11}  {'path':<9} {'host us/layer':>13} {'old / this':>10} {'syncs':>5} {'aten ops':>8} "
-          f"{'launches':>8} {'quota us':>8} {'rest us':>8}")
+    header = ("tokens/rank", "path", "host us/layer", "old / this", "syncs", "aten ops", "launches", "quota us",
+              "rest us")
+    lines = [header]
     for row in result:
         old = next(r for r in result if r["tokens_per_rank"] == row["tokens_per_rank"] and r["path"] == "old")
-        ratio = old["host_us_per_layer"] / row["host_us_per_layer"]
-        quota = "" if row["quota_us"] is None else f"{row['quota_us']:.1f}"
-        rest = "" if row["quota_us"] is None else f"{row['host_us_per_layer'] - row['quota_us']:.1f}"
-        print(f"{row['tokens_per_rank']:>11}  {row['path']:<9} {row['host_us_per_layer']:>13.1f} {ratio:>9.2f}x "
-              f"{row['syncs_per_layer']:>5} {row['aten_ops_per_layer']:>8} {row['launches_per_layer']:>8} {quota:>8} "
-              f"{rest:>8}")
+        quota = row["quota_us"]
+        lines.append((str(row["tokens_per_rank"]), row["path"], f"{row['host_us_per_layer']:.1f}",
+                      f"{old['host_us_per_layer'] / row['host_us_per_layer']:.2f}x", str(row["syncs_per_layer"]),
+                      str(row["aten_ops_per_layer"]), str(row["launches_per_layer"]),
+                      "" if quota is None else f"{quota:.1f}",
+                      "" if quota is None else f"{row['host_us_per_layer'] - quota:.1f}"))
+    for line in lines:
+        print(f"{line[0]:>11}  {line[1]:<9} " + " ".join(f"{cell:>13}" for cell in line[2:]))
     if args.json:
         write_atomic(args.json, json.dumps({"rows": result}, indent=1).encode())
+    if args.markdown:
+        table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        table += ["| " + " | ".join(line) + " |" for line in lines[1:]]
+        note = (f"{MODEL_NAME} layer, R&Q plan for {NUM_GPUS} GPUs, rank 0, collectives stubbed, rows "
+                f"{MOVE_HIDDEN} wide, best of {args.repeats}, one thread. old: the previous host routing only "
+                "(a lower bound on its step). quota us: the least-loaded quota op, on CPU the host water_fill, "
+                "on a GPU one Triton launch. launches: aten ops less metadata-only views.")
+        write_atomic(args.markdown, ("\n".join(table) + "\n\n" + note + "\n").encode())
     return 0
 
 
