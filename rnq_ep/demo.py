@@ -29,9 +29,6 @@ from rnq_ep.metrics import load_imbalance_score
 from rnq_ep.planner import plan_plain_ep, plan_rnq
 from rnq_ep.quant import dequantize, quantize
 from rnq_ep.report import console
-from rnq_ep.runtime.ray_cli import run_live
-from rnq_ep.runtime.ray_cluster import ClusterError, connect
-from rnq_ep.runtime.ray_driver import WorkerFailed, make_job
 from rnq_ep.runtime.inputs import layer_counts, make_batch, random_layer_weights
 from rnq_ep.runtime.worker import StepStats, seeded_shared_experts
 from rnq_ep.specs import (
@@ -97,6 +94,10 @@ def demo_main(args: argparse.Namespace) -> int:
     """Plan, run plain EP and R&Q on local Ray, print the comparison and save the PNG; 0 ok, 1 failed, 2 bad input."""
     model = load_model(MODEL)
     check_demo_arguments(args, model.num_experts)
+    from rnq_ep.runtime.ray_cli import run_live  # Ray loads in seconds: only once the flags are known to be good
+    from rnq_ep.runtime.ray_cluster import ClusterError, connect
+    from rnq_ep.runtime.ray_driver import WorkerFailed, make_job
+
     out, cluster = console(), demo_cluster(args.workers)
     plan_loads, run_loads = load_stats(PLAN_LOADS, model), load_stats(RUN_LOADS, model)
     out.print(f"[bold]1/4 planning[/] {MODEL} for {cluster.num_gpus} CPU workers at plain-EP memory, "
