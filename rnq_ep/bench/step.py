@@ -88,19 +88,41 @@ def old_path(table: SlotTable, ids: torch.Tensor, counts: np.ndarray) -> Callabl
     return run
 
 
+def decide_path(table: SlotTable, ids: torch.Tensor, counts: np.ndarray, transport: str) -> Callable[[torch.Tensor], object]:
+    """Rank 0's decide part of one step (counts, stubbed gather, layout): topk_ids [T, k] -> StepLayout."""
+    route = route_table(table, 0, "least-loaded")
+    others = torch.cat([torch.from_numpy(counts[1:]), torch.zeros(len(counts) - 1, 2, dtype=torch.int64)], 1)
+    capacity = capacity_for(ids.shape[0], ids.shape[1], table.num_gpus) if transport == "capacity" else None
+
+    def decide(topk_ids: torch.Tensor) -> object:
+        flat, mine, health = local_counts(topk_ids, table.num_experts)
+        gathered = torch.cat([torch.cat([mine, health])[None], others])
+        return step_layout(topk_ids, flat, gathered, route, transport, capacity)
+
+    return decide
+
+
+def compiled_decide(decide: Callable[[torch.Tensor], object], ids: torch.Tensor, repeats: int) -> tuple[int, float]:
+    """(kernels inductor generates for the decide part, us per compiled call): torch.compile(fullgraph=True)."""
+    from torch._inductor import metrics
+
+    torch._dynamo.reset()
+    metrics.reset()
+    compiled = torch.compile(decide, fullgraph=True, dynamic=False)
+    compiled(ids)
+    return metrics.generated_kernel_count, best_us(lambda: compiled(ids), repeats)
+
+
 def new_path(table: SlotTable, x, ids, weights, counts: np.ndarray, transport: str) -> Callable[[], object]:
     """One layer step of rank 0 with stubbed collectives and identity experts: layout, dispatch, combine."""
     from rnq_ep import dispatch as moves
 
     route = route_table(table, 0, "least-loaded")
-    others = torch.from_numpy(counts[1:])
     world = table.num_gpus
-    capacity = capacity_for(x.shape[0], ids.shape[1], world) if transport == "capacity" else None
+    decide = decide_path(table, ids, counts, transport)
 
     def run() -> object:
-        flat, mine, health = local_counts(ids, table.num_experts)
-        gathered = torch.cat([torch.cat([mine, health])[None], torch.cat([others, torch.zeros_like(others[:, :2])], 1)])
-        layout = step_layout(ids, flat, gathered, route, transport, capacity)
+        layout = decide(ids)
         recv, received = moves.dispatch(x, weights, layout, route.num_local, 0, None, world)
         y = recv * received.weights[:, None].to(recv.dtype)
         return moves.combine(y, layout, received, x.shape[0], x.dtype, None, world)
@@ -126,7 +148,7 @@ def best_us(run: Callable[[], object], repeats: int) -> float:
     return best * 1e6
 
 
-def rows(tokens: tuple[int, ...], repeats: int, seed: int) -> list[dict]:
+def rows(tokens: tuple[int, ...], repeats: int, seed: int, compiled: bool = False) -> list[dict]:
     """Every (tokens per rank, path) row of the bench."""
     from rnq_ep.specs import load_model
 
@@ -145,9 +167,13 @@ def rows(tokens: tuple[int, ...], repeats: int, seed: int) -> list[dict]:
             paths[transport] = new_path(table, x, ids, weights, counts, transport)
         for name, run in paths.items():
             us, syncs, ops, launches = measure(run, repeats)
-            out.append({"tokens_per_rank": t, "path": name, "host_us_per_layer": round(us, 1),
-                        "syncs_per_layer": syncs, "aten_ops_per_layer": ops, "launches_per_layer": launches,
-                        "quota_us": None if name == "old" else quota_us})
+            row = {"tokens_per_rank": t, "path": name, "host_us_per_layer": round(us, 1),
+                   "syncs_per_layer": syncs, "aten_ops_per_layer": ops, "launches_per_layer": launches,
+                   "quota_us": None if name == "old" else quota_us}
+            if compiled and name != "old":
+                kernels, decide_us = compiled_decide(decide_path(table, ids, counts, name), ids, repeats)
+                row.update(compiled_decide_kernels=kernels, compiled_decide_us=round(decide_us, 1))
+            out.append(row)
             print(f"  {t:>5} tokens/rank  {name:<9} {us:>9.1f} us  {syncs:>3} syncs  {ops:>4} aten ops", file=sys.stderr)
     return out
 
@@ -160,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="write {'rows': [...]} here")
     parser.add_argument("--markdown", metavar="PATH", help="write the table as markdown here (for BENCHMARKS.md)")
+    parser.add_argument("--compiled", action="store_true",
+                        help="also torch.compile the decide part of each new path (~30 s a row): inductor's kernel count")
     args = parser.parse_args(argv)
     try:
         tokens = tuple(int(t) for t in args.tokens.split(","))
@@ -172,9 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     print(f"bench step: {MODEL_NAME} R&Q plan for {NUM_GPUS} GPUs, rank 0, collectives stubbed, "
           f"best of {args.repeats}", file=sys.stderr)
-    result = rows(tokens, args.repeats, args.seed)
+    result = rows(tokens, args.repeats, args.seed, args.compiled)
     header = ("tokens/rank", "path", "host us/layer", "old / this", "syncs", "aten ops", "launches", "quota us",
-              "rest us")
+              "rest us", *(("compiled decide kernels", "compiled decide us") if args.compiled else ()))
     lines = [header]
     for row in result:
         old = next(r for r in result if r["tokens_per_rank"] == row["tokens_per_rank"] and r["path"] == "old")
@@ -183,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"{old['host_us_per_layer'] / row['host_us_per_layer']:.2f}x", str(row["syncs_per_layer"]),
                       str(row["aten_ops_per_layer"]), str(row["launches_per_layer"]),
                       "" if quota is None else f"{quota:.1f}",
-                      "" if quota is None else f"{row['host_us_per_layer'] - quota:.1f}"))
+                      "" if quota is None else f"{row['host_us_per_layer'] - quota:.1f}",
+                      *((str(row.get("compiled_decide_kernels", "")), str(row.get("compiled_decide_us", "")))
+                        if args.compiled else ())))
     for line in lines:
         print(f"{line[0]:>11}  {line[1]:<9} " + " ".join(f"{cell:>13}" for cell in line[2:]))
     if args.json:
@@ -194,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         note = (f"{MODEL_NAME} layer, R&Q plan for {NUM_GPUS} GPUs, rank 0, collectives stubbed, rows "
                 f"{MOVE_HIDDEN} wide, best of {args.repeats}, one thread. old: the previous host routing only "
                 "(a lower bound on its step). quota us: the least-loaded quota op, on CPU the host water_fill, "
-                "on a GPU one Triton launch. launches: aten ops less metadata-only views.")
+                "on a GPU one Triton launch. launches: aten ops less metadata-only views. compiled decide: the counts, "
+                "gather and layout under torch.compile(fullgraph=True): kernels inductor generated (sorts, searchsorted "
+                "and the quota op run as extern calls beside them).")
         write_atomic(args.markdown, ("\n".join(table) + "\n\n" + note + "\n").encode())
     return 0
 
