@@ -233,6 +233,34 @@ def test_torchrun_with_fewer_processes_than_planned_gpus_exits_naming_both(tmp_p
     assert "the plan has 2 GPUs but the world size is 1" in done.stderr
 
 
+def negative_share_plan(tmp_path: Path) -> str:
+    """write_plan's 2-GPU plan with a negative share in layer 0."""
+    raw = msgspec.json.decode(Path(write_plan(tmp_path / "good.json", 2)).read_bytes())
+    raw["layers"][0]["slots"][1]["share"] = -0.5
+    path = tmp_path / "bad.json"
+    path.write_bytes(msgspec.json.encode(raw))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_bad_plan_is_one_line_from_one_rank_and_no_rank_joins_a_group(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         "-m", "rnq_ep", "run", "--plan", negative_share_plan(tmp_path), "--tokens", "4", "--steps", "1"],
+        capture_output=True, text=True, timeout=180, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.stderr.count("share -0.5, expected a finite number >= 0") == 1
+    assert "exitcode  : 2" in done.stderr  # torchrun's own report names the rank's exit code (docs/runtime.md)
+
+
+@pytest.mark.slow
+def test_the_launch_script_refuses_a_bad_plan_before_torchrun_starts(tmp_path):
+    done = subprocess.run(["bash", str(REPO / "launch" / "torchrun.sh"), negative_share_plan(tmp_path), "--steps", "1"],
+                          capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "share -0.5" in done.stderr and "ChildFailedError" not in done.stderr
+
+
 def write_plain_plan(path: Path, num_gpus: int) -> str:
     """Plain EP for decoder layers 0 and 1: GPU g holds experts [g*k, (g+1)*k), bf16."""
     cluster = msgspec.structs.replace(load_cluster("cpu4"), gpus_per_node=num_gpus)
