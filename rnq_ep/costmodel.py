@@ -11,6 +11,10 @@ Per layer and GPU j, with `t_c` the (token, copy) assignments of copy c in one s
   NVLink and the NIC are separate links that run at once, so a phase takes
   max(intra time, inter time), each the larger of the GPU's send and receive bytes over that
   link's one-direction bandwidth; combine mirrors dispatch.
+- latency: every layer step runs COLLECTIVES_PER_STEP collectives (a count exchange, dispatch,
+  combine: what the capacity transport runs, and what DeepEP-style dispatch needs), each paying the
+  cluster's fixed latency (inter-node when the cluster spans nodes); it is added to comm_j. At
+  decode (tens of tokens per GPU) it is most of the step; at prefill it vanishes.
 - layer time = max_j (compute_j + comm_j): no overlap of compute with communication (conservative;
   overlap would take max instead of sum).
 Load files are rescaled to a step of `tokens_per_gpu * G` tokens, top_k assignments each.
@@ -32,6 +36,7 @@ ACTIVATION_BYTES = 2  # bf16 hidden states on the wire and in HBM
 # matmul; it only matters when a layer is compute bound).
 DEQUANT_FLOP_FACTOR = {"bf16": 1.0, "int8": 1.05, "int4": 1.10}
 DEFAULT_TOKENS_PER_GPU = 4096  # a prefill-like step; use ~1..64 for decode
+COLLECTIVES_PER_STEP = 3  # count exchange, dispatch, combine: the same for every policy
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,13 @@ def all_to_all_time(model: ModelSpec, cluster: ClusterSpec, gpu_tokens: np.ndarr
     recv = np.stack([gpu_tokens * (per_node - 1) / g, gpu_tokens * (g - per_node) / g])
     send = np.stack([(same_node - gpu_tokens) / g, (total - same_node) / g])
     token_bytes = model.hidden_size * ACTIVATION_BYTES
-    return 2.0 * link_time(cluster, send * token_bytes, recv * token_bytes)
+    return 2.0 * link_time(cluster, send * token_bytes, recv * token_bytes) + collective_latency(cluster)
+
+
+def collective_latency(cluster: ClusterSpec) -> float:
+    """Fixed seconds of one layer step's collectives: COLLECTIVES_PER_STEP x the cluster's widest link latency."""
+    latency = cluster.inter_node_latency_s if cluster.nodes > 1 else cluster.intra_node_latency_s
+    return COLLECTIVES_PER_STEP * latency
 
 
 def predict_layer_time(model: ModelSpec, cluster: ClusterSpec, table: SlotTable, copy_tokens: np.ndarray) -> LayerTime:

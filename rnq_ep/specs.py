@@ -71,6 +71,9 @@ class ClusterSpec(msgspec.Struct, **_FROZEN):
     peak_flops: float  # dense bf16 FLOP/s per GPU
     intra_node_bytes_per_s: float  # per GPU, one direction
     inter_node_bytes_per_s: float  # per GPU, one direction
+    # fixed cost of one collective whatever its size (docs/runtime.md, "Latency in the cost model"): within one node, across nodes
+    intra_node_latency_s: float = 10e-6
+    inter_node_latency_s: float = 25e-6
     expert_memory_budget: int | Literal["plain-ep"] = "plain-ep"
     device: str = "gpu"  # "gpu" (NCCL) or "cpu" (gloo workers)
 
@@ -84,6 +87,10 @@ class ClusterSpec(msgspec.Struct, **_FROZEN):
             value = getattr(self, key)
             if not (value > 0 and math.isfinite(value)):
                 raise SpecError(f"cluster {self.name!r}: {key} must be a positive number, got {value}")
+        for key in ("intra_node_latency_s", "inter_node_latency_s"):
+            value = getattr(self, key)
+            if not (0 <= value < 1):
+                raise SpecError(f"cluster {self.name!r}: {key} must be in [0, 1) seconds, got {value}")
         if isinstance(self.expert_memory_budget, int) and self.expert_memory_budget <= 0:
             raise SpecError(f"cluster {self.name!r}: expert_memory_budget must be > 0 bytes")
 

@@ -95,3 +95,26 @@ def test_weight_moves_across_nodes_take_longer_than_within_a_node():
     assert 0 < intra < inter
     assert weight_move_time(OLMOE, H100X32, []) == 0.0
     assert weight_move_time(OLMOE, H100X32, [(0, 8, "int4")]) < inter
+
+
+def test_every_layer_step_pays_the_collectives_fixed_latency_once_per_collective():
+    from rnq_ep.costmodel import COLLECTIVES_PER_STEP, collective_latency
+
+    table = plain_table(OLMOE, H100X32)
+    no_latency = msgspec.structs.replace(H100X32, intra_node_latency_s=0.0, inter_node_latency_s=0.0)
+    for tokens in (1, 4096):
+        with_latency = predict_layer_time(OLMOE, H100X32, table, np.full(64, tokens))
+        without = predict_layer_time(OLMOE, no_latency, table, np.full(64, tokens))
+        assert collective_latency(H100X32) == COLLECTIVES_PER_STEP * H100X32.inter_node_latency_s  # spans 4 nodes
+        np.testing.assert_allclose(with_latency.comm_s - without.comm_s, collective_latency(H100X32))
+        assert with_latency.total_s == pytest.approx(without.total_s + collective_latency(H100X32))
+    one_node = load_cluster("h100x8")
+    assert collective_latency(one_node) == COLLECTIVES_PER_STEP * one_node.intra_node_latency_s
+
+
+def test_at_decode_on_64_gpus_latency_is_about_half_of_a_layer_step():
+    from rnq_ep.costmodel import collective_latency
+
+    cluster = load_cluster("h200x64")  # 4 DeepSeek-V3 experts per GPU: 0.18 GB of weights, ~37 us of HBM
+    layer = predict_layer_time(DSV3, cluster, plain_table(DSV3, cluster), np.full(DSV3.num_experts, 2))
+    assert 0.4 < collective_latency(cluster) / layer.total_s < 0.6  # 75 us of ~150 us
