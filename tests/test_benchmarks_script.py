@@ -62,8 +62,9 @@ def test_summary_says_when_the_fastest_policy_is_tied():
 
 def test_each_program_start_prints_which_of_how_many_and_the_time_so_far(capsys):
     script = load_script()
-    log = script.RunLog(total=script.program_count({"simulate", "e2e"}, cuda=False))
+    log = script.RunLog(total=script.program_count({"simulate", "e2e", "step"}, cuda=False))
     assert log.total == 1 + 2 + 1, "planner, two layer benches, rebalance"
+    assert script.program_count({"simulate", "e2e"}, cuda=False) == 5, "and bench step"
     assert script.run([sys.executable, "-c", "pass"], log)
     assert script.run([sys.executable, "-c", "raise SystemExit(3)"], log) is False
     progress = capsys.readouterr().err.splitlines()
