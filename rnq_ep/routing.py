@@ -13,8 +13,10 @@ Policies:
   replica count; taking it over the global rank-major order keeps it deterministic and lets the
   quotas (and so the all-to-all sizes) follow from counts alone. Load-blind, an even split.
 
-The public functions validate their inputs; the `step_*` ones are their cores for dispatch, which
-checks the step's inputs once and keeps the table's constants (`SlotIndex`) between steps.
+This is the host reference: the runtime step computes the same quotas and slots on the tokens'
+device (`rnq_ep.quotas`, `rnq_ep.layout`), and tests compare the two. The public functions
+validate their inputs; the `step_*` ones are their cores for SpillMoE's host plan (LLEP spills
+on the host) and `rnq-ep bench step`'s old path, with the table's constants (`SlotIndex`) kept.
 """
 
 from __future__ import annotations
