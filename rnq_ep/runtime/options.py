@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import msgspec
 
@@ -102,8 +103,17 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
     )
 
 
-def check_inputs(options: RunOptions, world_size: int | None = None, contents: bool = True) -> tuple[list[Plan], ModelSpec]:
-    """(plans, model to build) after reading every file `options` names and checking it against the first plan.
+class RunInputs(NamedTuple):
+    """What check_inputs read: the plans (options.plan first), the model to build, the load files (None: not given)."""
+
+    plans: list[Plan]
+    model: ModelSpec
+    loads: LoadStats | None
+    loads_after: LoadStats | None
+
+
+def check_inputs(options: RunOptions, world_size: int | None = None, contents: bool = True) -> RunInputs:
+    """Every file `options` names, read and checked against the first plan.
 
     Every plan has the first plan's layers and GPU count (world_size, if given) and, with `contents`, passes
     specs.check_plan (library callers may run plans no planner makes: bench e2e's EPLB plans over the cluster's
@@ -123,9 +133,8 @@ def check_inputs(options: RunOptions, world_size: int | None = None, contents: b
     model = resolve_model(plan, options.model)
     for other in plans[1:]:
         resolve_model(other, model)
-    for flag, path in (("--loads", options.loads), ("--loads-after", options.loads_after)):
-        read_loads(flag, path, plan)
-    return plans, model
+    return RunInputs(plans, model, read_loads("--loads", options.loads, plan),
+                     read_loads("--loads-after", options.loads_after, plan))
 
 
 def read_loads(flag: str, path: str | None, plan: Plan) -> LoadStats | None:

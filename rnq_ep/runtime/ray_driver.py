@@ -35,7 +35,7 @@ from rnq_ep.runtime.ray_cluster import (
     torchrun_env,
 )
 from rnq_ep.hf_run import prompt_rows
-from rnq_ep.runtime.options import RunOptions, check_inputs, check_model_or_hf, read_loads
+from rnq_ep.runtime.options import RunOptions, check_inputs, check_model_or_hf
 from rnq_ep.runtime.ray_steps import FEED_AHEAD, StepChannel, StepLog
 from rnq_ep.specs import SpecError
 
@@ -89,12 +89,10 @@ def make_job(
 def job_for(options: RunOptions, hf: str | None = None, contents: bool = True) -> RayJob:
     """RayJob of `options`, its files read and checked on the driver (runtime.options.check_inputs, plan contents
     too unless `contents` is False), so bad input fails before any actor starts."""
-    plans, model = check_inputs(options, contents=contents)
-    loads = {flag: read_loads(flag, path, plans[0]) for flag, path in (("--loads", options.loads),
-                                                                         ("--loads-after", options.loads_after))}
+    inputs = check_inputs(options, contents=contents)
     payloads = [Path(path).read_bytes() for path in (options.plan, *options.interleave)]
-    return RayJob(msgspec.structs.replace(options, model=model if options.model else None), payloads[0],
-                  loads["--loads"], loads["--loads-after"], tuple(payloads[1:]), hf)
+    return RayJob(msgspec.structs.replace(options, model=inputs.model if options.model else None), payloads[0],
+                  inputs.loads, inputs.loads_after, tuple(payloads[1:]), hf)
 
 
 def check_job_flags(max_restarts: int, cpus_per_worker: float | None) -> None:

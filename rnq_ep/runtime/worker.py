@@ -31,7 +31,7 @@ from rnq_ep.runtime.inputs import (
     BatchSource, Routing, checkpoint_loader, layer_counts, make_batch, random_layer_weights, random_shared_experts,
 )
 from rnq_ep.runtime.options import RunOptions, check_inputs
-from rnq_ep.specs import ModelSpec, Plan, SpecError, load_stats
+from rnq_ep.specs import ModelSpec, Plan, SpecError
 from rnq_ep.spill import SpillMoE, SpillStats
 
 log = logging.getLogger(__name__)
@@ -182,10 +182,10 @@ def run_worker(
         options = RunOptions(plan=options, **fields)
     elif fields:
         raise TypeError(f"run_worker: options given as a RunOptions and as keywords {sorted(fields)}")
-    plans, spec = check_inputs(options, world_size, contents=False)
+    plans, spec, loads, loads_after = check_inputs(options, world_size, contents=False)
     plan = plans[0]
-    counts = layer_counts(plan, None if options.loads is None else load_stats(options.loads))
-    counts_after = counts if options.loads_after is None else layer_counts(plan, load_stats(options.loads_after))
+    counts = layer_counts(plan, loads)
+    counts_after = counts if loads_after is None else layer_counts(plan, loads_after)
     device = _device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     group, created = join_group(rank, world_size, device, options.timeout_s)
