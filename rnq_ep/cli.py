@@ -140,6 +140,7 @@ BENCHES = [
     _add_forwarded_bench("kernels", "rnq_ep.bench.kernels", "Triton grouped SwiGLU kernels vs baselines (CUDA GPU)"),
     _add_forwarded_bench("layer", "rnq_ep.bench.layer", "EP layer on CPU gloo ranks: plain EP vs EPLB vs R&Q"),
     _add_forwarded_bench("e2e", "rnq_ep.bench.e2e", "every policy on 4 CPU workers (spawned and Ray) on real loads"),
+    _add_forwarded_bench("step", "rnq_ep.bench.step", "one layer step: host us, syncs, kernel launches (old/exact/capacity)"),
     _add_forwarded_bench("rebalance", "rnq_ep.bench.rebalance", "online re-plan: step time during a switch vs steady"),
 ]
 
