@@ -218,7 +218,7 @@ def test_launch_script_runs_one_process_per_planned_gpu_and_prints_the_step_tabl
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 ranks, policy least-loaded" in done.stdout
-    assert "balancedness" in done.stdout and "tokens per GPU" in done.stdout
+    assert "balancedness" in done.stdout and "expert rows per GPU" in done.stdout
 
 
 @pytest.mark.slow

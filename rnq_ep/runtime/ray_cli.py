@@ -119,12 +119,14 @@ def run_live(job: RayJob, max_restarts: int, cpus_per_worker: float | None, out:
 
 
 def steps_table(steps: list[list[StepStats]], title: str) -> Table:
-    """A row per step (and plan, if several) of [row][rank] stats: rank 0's time, balancedness, tokens per worker; all ranks' bytes."""
+    """A row per step (and plan, if several) of [row][rank] stats: rank 0's time, balancedness, expert rows per worker; all ranks' bytes."""
     rebalancing = any(s[0].rebalance is not None for s in steps)
     plans = any(s[0].plan for s in steps)
     spilling = any(s[0].spilling for s in steps)
     table = Table(title=title, title_justify="left")
-    columns = ["step"] + (["plan"] if plans else []) + ["seconds", "balancedness", "tokens per worker", "bytes sent (all ranks)"]
+    columns = ["step"] + (["plan"] if plans else []) + ["seconds", "balancedness",
+                                                         "expert rows per worker (tokens x top_k x layers)",
+                                                         "bytes sent (all ranks)"]
     for column in columns + (["MB spilled"] if spilling else []) + (REBALANCE_COLUMNS if rebalancing else []):
         table.add_column(column, justify="right")
     for by_rank in steps:

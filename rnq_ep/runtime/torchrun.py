@@ -155,11 +155,13 @@ def rebalance_cells(stats: StepStats) -> list[str]:
 
 
 def steps_table(stats: list[StepStats], title: str) -> Table:
-    """Rich table of per-step time, balancedness, tokens per GPU, this rank's bytes sent (+ online rebalancing)."""
+    """Rich table of per-step time, balancedness, expert rows per GPU (tokens x top_k, summed over layers), this
+    rank's bytes sent (+ online rebalancing)."""
     rebalancing = any(s.rebalance is not None for s in stats)
     spilling = any(s.spilling for s in stats)
     table = Table(title=title)
-    columns = ["step", "seconds", "balancedness", "tokens per GPU", "bytes sent", "no dedupe"]
+    columns = ["step", "seconds", "balancedness", "expert rows per GPU (tokens x top_k x layers)", "bytes sent",
+               "no dedupe"]
     for column in columns + (["MB spilled"] if spilling else []) + (REBALANCE_COLUMNS if rebalancing else []):
         table.add_column(column, justify="right")
     for s in stats:

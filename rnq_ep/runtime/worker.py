@@ -28,7 +28,7 @@ import torch.distributed as dist
 from rnq_ep.layer import EPMoE, LayerStats, SharedExperts
 from rnq_ep.rebalance.rebalancer import RebalanceHealth, Rebalancer
 from rnq_ep.runtime.inputs import (
-    BatchSource, Routing, checkpoint_loader, layer_counts, make_batch, random_layer_weights, random_shared_experts,
+    BatchSource, Routing, checkpoint_loader, layer_counts, make_batch, random_shared_experts, seeded_experts, seeded_router,
 )
 from rnq_ep.runtime.options import RunOptions, check_inputs
 from rnq_ep.specs import ModelSpec, Plan, SpecError
@@ -137,14 +137,14 @@ def build_layers(
     spill_fmt: str | None = None,
     transport: str = "auto",
 ) -> list[EPMoE]:
-    """This rank's EPMoE for every plan layer (with the model's shared experts, whole on every rank); each layer's
-    full routed-expert tensors are dropped once sliced. spill_fmt: a SpillMoE per layer spilling in that format;
+    """This rank's EPMoE for every plan layer (with the model's shared experts, whole on every rank); a rank draws
+    only the routed experts it holds copies of (seeded per expert, the same on every rank). spill_fmt: a SpillMoE per layer spilling in that format;
     transport: the layers' token dispatch (layout.TRANSPORTS)."""
     layers = []
     for index, layer_plan in enumerate(plan.layers):
-        w_gate_up, w_down, router = random_layer_weights(model, index, seed, device)
+        experts, router = seeded_experts(model, index, seed, device), seeded_router(model, index, seed, device)
         shared_experts = seeded_shared_experts(model, index, seed, device)
-        args = (model, layer_plan, plan.cluster.num_gpus, rank, group, w_gate_up, w_down, router, shared_experts, policy, backend)
+        args = (model, layer_plan, plan.cluster.num_gpus, rank, group, experts, None, router, shared_experts, policy, backend)
         layers.append(EPMoE(*args, transport=transport) if spill_fmt is None
                       else SpillMoE(*args, transport=transport, spill_fmt=spill_fmt))
     return layers
