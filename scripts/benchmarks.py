@@ -100,7 +100,8 @@ def simulate_runs() -> list[tuple[str, list[str], str, bool]]:
     for drift, label in (("0", "no hot-set drift (scored on the hot sets it was planned on)"), ("0.5", "hot-set drift 0.5")):
         runs.append((f"deepseek-v3, {label}", ["--model", "deepseek-v3", "--loads", f"zipf:0.6:drift={drift}",
                      "--gpus", "32,256,1024", "--sweep", "none"], f"simulate-deepseek-v3-drift{drift}", False))
-    runs.append(("deepseek-v3 at decode, 64 tokens per GPU (the same settings as the default run otherwise)",
+    runs.append(("deepseek-v3 at decode, 64 tokens per GPU (collective latency modelled; R&Q's layout and quota "
+                 "kernels not: see docs/runtime.md)",
                  ["--model", "deepseek-v3", "--tokens-per-gpu", "64", "--sweep", "none"], "simulate-deepseek-v3-decode",
                  False))
     for label, stem, model, plan_on, score_on in REAL_LOADS:
