@@ -98,7 +98,8 @@ class EPMoE(torch.nn.Module):
         x [T, H] -> (topk_ids [T, k], topk_weights [T, k]), e.g. a converted model's own router.
         `activation` and the optional biases gate_up_bias [E, 2I], down_bias [E, H] go to LocalExperts
         (GPT-OSS: "swiglu-oai" with biases, torch backend only). `transport`: "exact", "capacity", or
-        "auto" (capacity up to CAPACITY_MAX_TOKENS tokens per rank); docs/runtime.md.
+        "auto" (capacity up to CAPACITY_MAX_TOKENS tokens per rank when the step is compiled, captured in a CUDA
+        graph or redo_overflow is off: eagerly its overflow check is a host read too; else exact); docs/runtime.md.
         """
         super().__init__()
         world = world_size(group)
@@ -237,10 +238,16 @@ class EPMoE(torch.nn.Module):
         return gather_counts(torch.cat([counts, health]), self.group, self.table.num_gpus)
 
     def _transport(self, num_tokens: int) -> str:
-        """The transport of a step of num_tokens tokens per rank (same on every rank when their T agree)."""
+        """The transport of a step of num_tokens tokens per rank (same on every rank when their T and mode agree).
+
+        Capacity saves the host read only where nothing checks its overflow flag per layer: compiled or
+        CUDA-graph steps, or callers that set redo_overflow = False and check once per model step. An eager
+        step that checks would read the device once anyway, with more ops than exact."""
         if self.transport != "auto":
             return self.transport
-        return "capacity" if num_tokens <= CAPACITY_MAX_TOKENS else "exact"
+        graphed = (torch.compiler.is_compiling() or not self.redo_overflow
+                   or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()))
+        return "capacity" if graphed and num_tokens <= CAPACITY_MAX_TOKENS else "exact"
 
     def _check_hidden(self, x: torch.Tensor) -> None:
         if x.dim() != 2 or x.shape[1] != self.model.hidden_size:

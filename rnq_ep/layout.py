@@ -21,7 +21,7 @@ import torch
 from rnq_ep.quotas import RouteTable, policy_quotas
 
 TRANSPORTS = ("auto", "exact", "capacity")
-CAPACITY_MAX_TOKENS = 256  # auto: capacity (sync-free) up to this many tokens per rank, exact above (docs/runtime.md)
+CAPACITY_MAX_TOKENS = 256  # auto: capacity up to this many tokens per rank in graphed steps (EPMoE._transport)
 CAPACITY_FACTOR = 2.0  # capacity buffers hold this many times the rows of a perfectly even step
 ROW_ALIGN = 8  # capacities are rounded up to a multiple of this many rows
 

@@ -247,7 +247,7 @@ def test_after_a_second_worker_death_the_finished_steps_are_printed(local_ray, t
 def test_ray_main_passes_rebalancing_flags_and_prints_the_step_and_worker_tables(local_ray, tmp_path, capsys):
     out = ray_main_output(tmp_path, capsys, "--steps", "2", "--rebalance-interval", "1", "--loads-after", "LOADS",
                           "--drift-step", "1")
-    assert "on Ray: 2 workers, policy least-loaded" in out and "tokens computed" in out and "restarts: 0" in out
+    assert "on Ray: 2 workers, policy least-loaded" in out and "expert rows computed" in out and "restarts: 0" in out
     assert "re-plans done" in out  # the rebalancing flags reached the workers
 
 

@@ -105,7 +105,7 @@ def test_the_transport_flag_says_what_auto_picks(capsys):
     assert main(["run", "--help"]) == 0
     help_text = " ".join(capsys.readouterr().out.split())
     assert "{auto,exact,capacity}" in help_text
-    assert f"auto: capacity at small token counts (up to {CAPACITY_MAX_TOKENS} per rank), exact otherwise" in help_text
+    assert f"auto: capacity at small token counts (up to {CAPACITY_MAX_TOKENS} per rank) in compiled" in help_text
 
 
 def test_the_transport_reaches_every_layer(tmp_path):

@@ -209,7 +209,7 @@ def test_moved_bytes_are_the_steps_moves_times_expert_bytes_of_their_format(worl
 @pytest.mark.slow
 def test_a_step_makes_one_counts_all_gather_and_a_spilling_one_adds_only_the_weight_exchange_and_its_vote():
     for by_case in run_ranks(collectives_by_case, 2):
-        assert by_case["stays"] == {"all_gather": 1, "all_to_all_single": 2}  # as EPMoE (capacity): counts, rows, back
+        assert by_case["stays"] == {"all_gather": 1, "all_to_all_single": 3}  # as eager EPMoE: counts, sizes, rows, back
         # exact transport on the spilled table: row counts, rows, rows back; then the weights and their vote
         assert by_case["spills"] == {"all_gather": 1, "all_to_all_single": 4, "all_reduce": 1}
 

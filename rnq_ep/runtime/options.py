@@ -24,7 +24,8 @@ from rnq_ep.specs import (
 
 BACKENDS = ("auto", "triton", "torch")
 TRANSPORT_HELP = (f"token dispatch: capacity (fixed-size, sync-free all-to-all) or exact (uneven all-to-all); auto: "
-                  f"capacity at small token counts (up to {CAPACITY_MAX_TOKENS} per rank), exact otherwise")
+                  f"capacity at small token counts (up to {CAPACITY_MAX_TOKENS} per rank) in compiled or CUDA-graph "
+                  "steps, exact otherwise (an eager capacity step reads its overflow flag: no saving)")
 MAX_TOKENS = 2**20  # per rank per step: the batch alone is 2**20 x hidden floats
 MAX_STEPS = 10**6  # every step's stats stay in memory until the run ends
 

@@ -143,7 +143,7 @@ def workers_table(result: JobResult) -> Table:
     resumed = "".join(f", resumed at step {step}" for step in result.first_steps[1:])
     caption = f"restarts: {result.restarts}{resumed}; step time median {np.median([s.seconds for s in result.stats[0]]):.4f} s"
     table = Table(title="workers", title_justify="left", caption=caption, caption_justify="left")
-    for column in ("rank", "node", "pid", "tokens computed", "bytes sent", "expert CPU s"):
+    for column in ("rank", "node", "pid", "expert rows computed", "bytes sent", "expert CPU s"):
         table.add_column(column, justify="right")
     for info, rank_stats in zip(result.workers, result.stats):
         tokens = int(sum(s.tokens_per_gpu[info.rank] for s in rank_stats))
