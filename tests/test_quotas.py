@@ -78,6 +78,37 @@ def test_the_triton_quota_kernel_on_a_shipped_plan_layer():
         assert np.array_equal(got.numpy(), water_fill(table, step))
 
 
+SHIPPED = [("olmoe-1b-7b", "olmoe-1b-7b-0924_olmoe-repo_arxiv.json", "olmoe-1b-7b-0924_olmoe-repo_github.json"),
+           ("mixtral-8x7b", "mixtral-8x7b-v0.1_olmoe-repo_github.json", "mixtral-8x7b-v0.1_olmoe-repo_github.json"),
+           ("deepseek-moe-16b", "deepseek-moe-16b-base_minipile.json", "deepseek-moe-16b-base_minipile.json")]
+
+
+@pytest.mark.parametrize("model_name, plan_on, serve", SHIPPED)
+def test_every_shipped_plan_layer_gets_the_host_quotas_on_the_device(model_name, plan_on, serve):
+    """Each shipped load file planned for 8 GPUs (bf16+int8+int4), served on another file's (or layer's) counts: every
+    policy's device quotas equal the host's on every layer; the Triton kernel (interpreter) on the first layer."""
+    import rnq_ep.kernels  # noqa: F401
+    from rnq_ep.kernels.quotas import water_fill_quotas
+    from rnq_ep.planner.rnq import plan_rnq
+    from rnq_ep.specs import PlanOptions, load_cluster, load_model, load_stats
+
+    model = load_model(model_name)
+    loads = load_stats(ROOT / "configs/loads" / plan_on, model)
+    served = load_stats(ROOT / "configs/loads" / serve, model).counts
+    plan = plan_rnq(model, load_cluster("h100x8"), loads, PlanOptions(formats=("bf16", "int8", "int4")))
+    for index, layer in enumerate(plan.layers):
+        table = SlotTable.from_layer(layer, 8, model.num_experts)
+        counts = np.asarray(served[(index + 1) % len(served)], dtype=np.int64)
+        for policy in POLICIES:
+            got = policy_quotas(torch.from_numpy(counts), route_table(table, 0, policy)).numpy()
+            assert np.array_equal(got, copy_quotas(counts[None], table, policy)), (index, policy)
+        if index == 0:
+            route = route_table(table, 0, "least-loaded")
+            kernel = water_fill_quotas(torch.from_numpy(counts), route.slot_gpu, route.slot_expert, route.pour_experts,
+                                       route.pour_slots, 8)
+            assert np.array_equal(kernel.numpy(), water_fill(table, counts))
+
+
 def test_static_routing_with_bad_shares_is_refused_when_the_table_is_built():
     table = SlotTable.from_arrays(np.array([0, 1]), np.array([0, 0]), np.zeros(2), np.array([0.5, 0.6]), 2, 1)
     with pytest.raises(ValueError, match="shares of expert 0 sum to 1.1"):
