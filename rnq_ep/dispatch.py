@@ -57,26 +57,21 @@ def dispatch(
     group: dist.ProcessGroup | None, world: int,
 ) -> tuple[torch.Tensor, Received]:
     """x [T, H] -> rows for this rank's copies [N, H] sorted by copy, and the Received record."""
-    num_tokens, top_k = layout.slots.shape
+    top_k = layout.slots.shape[1]
     hidden = x.shape[1]
     weights = topk_weights.float()
     if layout.capacity is None:
         send_sizes, recv_sizes, num_entries = _exact_sizes(layout, rank, group, world)
-        num_send = sum(send_sizes)
-        rows = num_send
-        send_token = layout.row_token[:num_send]  # [U]
-        x_send = x[send_token]
-        meta_copy = torch.full((num_send + 1, top_k), -1, dtype=torch.int32, device=x.device)
-        meta_weight = torch.zeros(num_send + 1, top_k, dtype=torch.float32, device=x.device)
+        rows = sum(send_sizes)
+        x_send = x[layout.row_token[:rows]]  # [U, H]
     else:
         send_sizes = recv_sizes = None
         rows = world * layout.capacity.peer_rows
         num_entries = layout.capacity.expert_rows
-        x_send = x.new_zeros(rows + 1, hidden)  # + 1: the row dropped entries are written to
-        x_send.index_copy_(0, layout.send_index.reshape(-1), x.repeat_interleave(top_k, 0, output_size=num_tokens * top_k))
-        x_send = x_send[:rows]
-        meta_copy = torch.full((rows + 1, top_k), -1, dtype=torch.int32, device=x.device)
-        meta_weight = torch.zeros(rows + 1, top_k, dtype=torch.float32, device=x.device)
+        x_send = torch.cat([x, x.new_zeros(1, hidden)])[layout.row_token]  # [R * cap, H], empty rows zero
+    # + 1 row: where a capacity step's dropped entries are written
+    meta_copy = torch.full((rows + 1, top_k), -1, dtype=torch.int32, device=x.device)
+    meta_weight = torch.zeros(rows + 1, top_k, dtype=torch.float32, device=x.device)
     at = (layout.send_index * top_k + torch.arange(top_k, device=x.device)).reshape(-1)  # [A] (row, j)
     meta_copy.view(-1).index_copy_(0, at, layout.meta_copy.reshape(-1))
     meta_weight.view(-1).index_copy_(0, at, weights.reshape(-1))
@@ -113,16 +108,9 @@ def combine(
     partial = torch.zeros(received.num_rows, hidden, dtype=torch.float32, device=y.device)
     partial.index_add_(0, received.entry_row, y)  # [N, H] -> [rows', H], one partial sum per row
     back = _all_to_all(partial.to(dtype), received.recv_sizes, received.send_sizes, group, world).float()
-    if layout.capacity is None:
-        token = layout.row_token[: back.shape[0]]  # [U]
-        return torch.zeros(num_tokens, hidden, dtype=torch.float32, device=y.device).index_add_(0, token, back).to(dtype)
-    rows = back.shape[0]
-    token = torch.full((rows + 1,), num_tokens, dtype=torch.int64, device=y.device)  # dropped rows -> row T
-    top_k = layout.slots.shape[1]
-    token.index_copy_(0, layout.send_index.reshape(-1), torch.arange(num_tokens, device=y.device).repeat_interleave(
-        top_k, output_size=num_tokens * top_k))
+    token = layout.row_token[: back.shape[0]]  # [rows]: the token each row came from (capacity: T for an empty one)
     out = torch.zeros(num_tokens + 1, hidden, dtype=torch.float32, device=y.device)
-    return out.index_add_(0, token[:rows], back)[:num_tokens].to(dtype)
+    return out.index_add_(0, token, back)[:num_tokens].to(dtype)
 
 
 def _exact_sizes(

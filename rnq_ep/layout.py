@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from rnq_ep.quotas import RouteTable, policy_quotas
+from rnq_ep.routing import residues_below
 
 TRANSPORTS = ("auto", "exact", "capacity")
 CAPACITY_MAX_TOKENS = 256  # auto: capacity up to this many tokens per rank in graphed steps (EPMoE._transport)
@@ -51,7 +52,8 @@ class StepLayout:
     quotas: torch.Tensor  # [S] int64 (token, k) each copy serves, whole step
     slots: torch.Tensor  # [T, k] int64 slot of each (token, k)
     tokens_per_gpu: torch.Tensor  # [R] int64 (token, k) each GPU serves
-    row_token: torch.Tensor  # [A] int64 token of each send row, grouped by destination (exact: first U valid)
+    row_token: torch.Tensor  # token of each send row, grouped by destination: exact [A], the first U valid;
+    # capacity [R * cap], T for an empty row
     send_index: torch.Tensor  # [T, k] int64 send row of each (token, k); capacity: R*cap = dropped
     send_rows: torch.Tensor  # [R] int64 unique rows this rank sends to each rank
     meta_copy: torch.Tensor  # [T, k] int32 each (token, k)'s local copy on its destination
@@ -86,7 +88,8 @@ def step_layout(
     counts, health = gathered[:, :num_experts], gathered[:, num_experts:]  # [R, E], [R, 2]
     total = counts.sum(0)  # [E]
     quotas = policy_quotas(total, route)  # [S]
-    slots = route_slots(flat_ids, counts, quotas, route).reshape(num_tokens, top_k)  # [A] -> [T, k]
+    starts = None if route.policy == "hash" else _copy_starts(quotas, total, route)
+    slots = route_slots(flat_ids, counts, starts, route).reshape(num_tokens, top_k)  # [A] -> [T, k]
     tokens_per_gpu = torch.zeros(route.num_gpus, dtype=torch.int64, device=quotas.device)
     tokens_per_gpu.scatter_add_(0, route.slot_gpu, quotas)
     dest = route.slot_gpu[slots]  # [T, k]
@@ -95,7 +98,7 @@ def step_layout(
     if capacity is not None:
         overflow = overflow | (tokens_per_gpu.max() > capacity.expert_rows)
         tokens = counts.sum(1, keepdim=True) // top_k  # [R, 1] a token is a row at most once per peer
-        rows_bound = torch.minimum(_entries_between_ranks(counts, quotas, route), tokens)  # [R, R]
+        rows_bound = torch.minimum(_entries_between_ranks(counts, quotas, starts, route), tokens)  # [R, R]
         overflow = overflow | (rows_bound.max() > capacity.peer_rows)
     return StepLayout(
         transport="exact" if capacity is None else "capacity",
@@ -105,8 +108,11 @@ def step_layout(
     )
 
 
-def route_slots(flat_ids: torch.Tensor, counts: torch.Tensor, quotas: torch.Tensor, route: RouteTable) -> torch.Tensor:
-    """Slot of each of this rank's (token, k): flat_ids [A], counts [R, E], quotas [S] -> [A] int64."""
+def route_slots(
+    flat_ids: torch.Tensor, counts: torch.Tensor, starts: tuple[torch.Tensor, torch.Tensor] | None, route: RouteTable
+) -> torch.Tensor:
+    """Slot of each of this rank's (token, k): flat_ids [A], counts [R, E], the quotas' _copy_starts (None for
+    hash) -> [A] int64."""
     rank, device = route.rank, flat_ids.device
     num = flat_ids.shape[0]
     by_expert = torch.argsort(flat_ids, stable=True)  # [A] grouped by expert, token order within
@@ -118,12 +124,16 @@ def route_slots(flat_ids: torch.Tensor, counts: torch.Tensor, quotas: torch.Tens
     if route.policy == "hash":
         at = route.first[flat_ids] + pos % route.copy_count[flat_ids]
         return route.order[at]
-    ordered = quotas[route.order]  # copies in (expert, slot) order tile one key line
-    key_start = torch.cumsum(ordered, 0) - ordered  # [S]
-    total = counts.sum(0)
-    expert_start = torch.cumsum(total, 0) - total  # [E]
+    key_start, expert_start = starts
     at = torch.searchsorted(key_start, expert_start[flat_ids] + pos, right=True) - 1
     return route.order[at]
+
+
+def _copy_starts(quotas: torch.Tensor, total: torch.Tensor, route: RouteTable) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies in (expert, slot) order tile one key line: (start of each copy's range on it [S] in that order,
+    start of each expert's [E])."""
+    ordered = quotas[route.order]
+    return torch.cumsum(ordered, 0) - ordered, torch.cumsum(total, 0) - total
 
 
 def _send_rows(
@@ -144,36 +154,37 @@ def _send_rows(
     send_rows = torch.zeros(num_gpus, dtype=torch.int64, device=device)
     send_rows.scatter_add_(0, dest.reshape(-1), is_first.reshape(-1).long())
     row = torch.gather(position.reshape(num_tokens, top_k), 1, first_of)  # [T, k] its first entry's sorted position
-    if capacity is not None:  # row within the destination's block, placed at dest * cap; past cap: dropped
-        in_block = row - (torch.cumsum(send_rows, 0) - send_rows)[dest]
-        cap = capacity.peer_rows
-        row = torch.where(in_block < cap, dest * cap + in_block, num_gpus * cap)
-    return order // top_k, row, send_rows
+    if capacity is None:
+        return order // top_k, row, send_rows
+    # row within the destination's block, placed at dest * cap; past cap: dropped (written to row R * cap)
+    in_block = row - (torch.cumsum(send_rows, 0) - send_rows)[dest]
+    cap = capacity.peer_rows
+    row = torch.where(in_block < cap, dest * cap + in_block, num_gpus * cap)
+    row_token = torch.full((num_gpus * cap + 1,), num_tokens, dtype=torch.int64, device=device)
+    row_token.scatter_(0, row.reshape(-1), token.reshape(-1))  # a token's entries to one peer share its row
+    return row_token[: num_gpus * cap], row, send_rows
 
 
-def _entries_between_ranks(counts: torch.Tensor, quotas: torch.Tensor, route: RouteTable) -> torch.Tensor:
-    """(token, k) each rank sends to each rank (an upper bound on unique rows): counts [R, E], quotas [S] -> [R, R]."""
+def _entries_between_ranks(
+    counts: torch.Tensor, quotas: torch.Tensor, starts: tuple[torch.Tensor, torch.Tensor] | None, route: RouteTable
+) -> torch.Tensor:
+    """(token, k) each rank sends to each rank (an upper bound on unique rows): counts [R, E], quotas [S] and their
+    _copy_starts -> [R, R]."""
     num_gpus = route.num_gpus
     expert = route.slot_expert
     offsets = torch.cumsum(counts, 0) - counts  # [R, E] start of rank r's part of e's order
     lo = offsets[:, expert]  # [R, S]
     hi = lo + counts[:, expert]
     if route.policy == "hash":
-        per_slot = _residues_below(hi, route.copy_index, route.copy_count[expert]) - _residues_below(
-            lo, route.copy_index, route.copy_count[expert])
+        copies = route.copy_count[expert]
+        per_slot = residues_below(hi, route.copy_index, copies) - residues_below(lo, route.copy_index, copies)
     else:
-        ordered = quotas[route.order]
-        before = torch.cumsum(ordered, 0) - ordered  # [S] in (expert, slot) order
-        start = torch.empty_like(before)
-        start[route.order] = before - before[route.first[route.slot_expert[route.order]]]
+        key_start, expert_start = starts
+        start = torch.empty_like(key_start)
+        start[route.order] = key_start - expert_start[expert[route.order]]  # [S] within the expert's order
         per_slot = (torch.minimum(hi, start + quotas) - torch.maximum(lo, start)).clamp(min=0)  # [R, S]
     out = torch.zeros(counts.shape[0], num_gpus, dtype=torch.int64, device=counts.device)
     return out.index_add_(1, route.slot_gpu, per_slot)
-
-
-def _residues_below(limit: torch.Tensor, copy_index: torch.Tensor, copies: torch.Tensor) -> torch.Tensor:
-    """How many p in [0, limit) have p mod copies == copy_index (elementwise, broadcast)."""
-    return torch.div(limit - copy_index + copies - 1, copies, rounding_mode="floor")
 
 
 def _aligned(rows: int) -> int:

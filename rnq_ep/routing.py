@@ -93,7 +93,7 @@ def step_quotas(counts: np.ndarray, index: SlotIndex, policy: str) -> np.ndarray
         if index.share_problem is not None:
             raise ValueError(f"static routing: {index.share_problem}")
         return share_quotas(table, total)
-    return _residues_below(total[table.expert], index.copy_index, index.copies)
+    return residues_below(total[table.expert], index.copy_index, index.copies)
 
 
 def rank_copy_counts(
@@ -119,7 +119,7 @@ def step_rank_copy_counts(counts: np.ndarray, index: SlotIndex, policy: str, quo
     lo = offsets[:, expert]  # [R, S]
     hi = lo + counts[:, expert]
     if policy == "hash":
-        return _residues_below(hi, index.copy_index, index.copies) - _residues_below(lo, index.copy_index, index.copies)
+        return residues_below(hi, index.copy_index, index.copies) - residues_below(lo, index.copy_index, index.copies)
     start = _copy_starts(index, quotas)  # [S] within the expert's order
     return np.clip(np.minimum(hi, start + quotas) - np.maximum(lo, start), 0, None)
 
@@ -205,8 +205,8 @@ def _check_counts(global_counts: torch.Tensor | np.ndarray, table: SlotTable, po
     return counts.astype(np.int64)
 
 
-def _residues_below(limit: np.ndarray, copy_index: np.ndarray, copies: np.ndarray) -> np.ndarray:
-    """How many p in [0, limit) have p mod copies == copy_index (elementwise, broadcast)."""
+def residues_below(limit: np.ndarray, copy_index: np.ndarray, copies: np.ndarray) -> np.ndarray:
+    """How many p in [0, limit) have p mod copies == copy_index (elementwise, broadcast; numpy or torch ints)."""
     return (limit - copy_index + copies - 1) // copies
 
 
