@@ -120,8 +120,7 @@ def water_fill(table: SlotTable, counts: np.ndarray) -> np.ndarray:
         return quotas
     multi = multi[np.argsort(-counts[multi], kind="stable")]
     load = np.bincount(table.gpu, weights=quotas, minlength=table.num_gpus).astype(np.int64).tolist()
-    # each expert's slots in tie order (bf16 first, then GPU index), so a stable sort by level decides the rest
-    by_tie = np.lexsort((np.arange(table.num_slots), table.gpu, table.fmt, table.expert))
+    by_tie = tie_order(table)
     first = np.searchsorted(table.expert[by_tie], multi).tolist()
     slots = [by_tie[f : f + c].tolist() for f, c in zip(first, copy_count[multi].tolist())]  # per pour
     gpu_of = table.gpu.tolist()
@@ -183,6 +182,14 @@ def water_fill(table: SlotTable, counts: np.ndarray) -> np.ndarray:
     for pour, part in zip(slots, parts):
         quotas[pour] = part
     return quotas
+
+
+def tie_order(table: SlotTable) -> np.ndarray:
+    """Slots by expert, each expert's in water_fill's tie order (bf16 first, then GPU index, then slot): [S].
+
+    A pour's stable sort by level decides the rest; the device kernel (rnq_ep.kernels.quotas) pours in this
+    order too."""
+    return np.lexsort((np.arange(table.num_slots), table.gpu, table.fmt, table.expert))
 
 
 def _pour_two(amount: int, level0: int, level1: int) -> tuple[int, int]:

@@ -188,24 +188,26 @@ class EPMoE(torch.nn.Module):
 
         Decide (layout on the device), then move (dispatch, experts, combine). A rank with malformed
         inputs still takes part in every collective, with zeros, so that every rank raises together.
-        `gathered`: this step's gather_counts when the caller made it already (SpillMoE).
+        `gathered`: this step's `gather` when the caller made it already.
         """
-        transport = transport or self._transport(x.shape[0] if x.dim() == 2 else 0)
+        inputs = self.step_inputs(x, topk_ids, topk_weights)
+        return self.step(inputs, self.gather(inputs) if gathered is None else gathered, transport)
+
+    def step_inputs(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> StepInputs:
+        """This rank's inputs checked by shape (stand-ins if malformed) and counted; feeds a load recorder."""
         problem = input_problem(x, topk_ids, topk_weights, self.model)
         if problem is not None:
             x, topk_ids, topk_weights = stand_ins(x, self.model)
         flat_ids, counts, health = local_counts(topk_ids, self.model.num_experts)
         if self.routed_counts is not None:  # device-side accumulate: no host sync per step
             self.routed_counts += counts
-        if gathered is None:
-            gathered = self.gather(counts, health, problem)
-        return self._step(x, topk_ids, topk_weights, flat_ids, gathered, transport, problem)
+        return StepInputs(x, topk_ids, topk_weights, flat_ids, counts, health, problem)
 
-    def _step(
-        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, flat_ids: torch.Tensor,
-        gathered: torch.Tensor, transport: str, problem: str | None,
-    ) -> torch.Tensor:
-        """One step of checked (or stand-in) inputs with this step's gathered counts [R, E + 2]: -> [T, H]."""
+    def step(self, inputs: StepInputs, gathered: torch.Tensor, transport: str | None = None) -> torch.Tensor:
+        """One step of `inputs` with this step's gathered counts [R, E + 2] (gather): -> [T, H]."""
+        x, topk_ids, topk_weights, flat_ids, problem = (
+            inputs.x, inputs.topk_ids, inputs.topk_weights, inputs.flat_ids, inputs.problem)
+        transport = transport or self._transport(x.shape[0])
         route = self.route_table(x.device)
         world = self.table.num_gpus
         capacity = None
@@ -228,14 +230,15 @@ class EPMoE(torch.nn.Module):
         if capacity is not None:
             self.overflow = layout.overflow
             if self.redo_overflow and not compiling and bool(layout.overflow):
-                return self._step(x, topk_ids, topk_weights, flat_ids, gathered, "exact", problem)
+                return self.step(inputs, gathered, "exact")
         return out
 
-    def gather(self, counts: torch.Tensor, health: torch.Tensor, problem: str | None) -> torch.Tensor:
-        """All ranks' counts [E] and health [2] (local_counts; a shape `problem` counts as one bad input): -> [R, E + 2]."""
-        if problem is not None:
+    def gather(self, inputs: StepInputs) -> torch.Tensor:
+        """All ranks' counts [E] and health [2] (local_counts; a shape problem counts as one bad input): -> [R, E + 2]."""
+        health = inputs.health
+        if inputs.problem is not None:
             health = health + torch.tensor([1, 0], device=health.device)
-        return gather_counts(torch.cat([counts, health]), self.group, self.table.num_gpus)
+        return gather_counts(torch.cat([inputs.counts, health]), self.group, self.table.num_gpus)
 
     def _transport(self, num_tokens: int) -> str:
         """The transport of a step of num_tokens tokens per rank (same on every rank when their T and mode agree).
@@ -255,6 +258,19 @@ class EPMoE(torch.nn.Module):
                 f"layer {self.layer}: x has shape {tuple(x.shape)}, model {self.model.name!r} expects "
                 f"[tokens, hidden_size={self.model.hidden_size}]"
             )
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """One rank's step inputs as the layer step takes them (stand-ins of the model's shapes if malformed)."""
+
+    x: torch.Tensor  # [T, H]
+    topk_ids: torch.Tensor  # [T, k]
+    topk_weights: torch.Tensor  # [T, k]
+    flat_ids: torch.Tensor  # [T*k] int64 clamped into [0, E)
+    counts: torch.Tensor  # [E] int64 this rank's (token, k) per expert
+    health: torch.Tensor  # [2] int64 out-of-range ids, the first of them
+    problem: str | None  # what is wrong with the shapes, or None
 
 
 def input_problem(

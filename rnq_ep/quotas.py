@@ -18,12 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rnq_ep.balance import SlotTable, water_fill
+from rnq_ep.balance import SlotTable, tie_order, water_fill
+from rnq_ep.routing import POLICIES, residues_below, slot_index
 
 if not torch.cuda.is_available():  # as rnq_ep.kernels: calling a custom op imports triton, which reads this once
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-POLICIES = ("least-loaded", "static", "hash")
 
 
 @dataclass(frozen=True)
@@ -57,16 +56,9 @@ def route_table(table: SlotTable, rank: int, policy: str, device: torch.device |
         raise ValueError(f"routing policy {policy!r}: expected one of {POLICIES}")
     if not 0 <= rank < table.num_gpus:
         raise ValueError(f"rank {rank} out of range for a table of {table.num_gpus} GPUs")
-    if policy == "static":
-        share_sum = np.bincount(table.expert, weights=table.share, minlength=table.num_experts)
-        off = np.flatnonzero(np.abs(share_sum - 1.0) > 1e-6)
-        if len(off):
-            raise ValueError(f"static routing: shares of expert {off[0]} sum to {share_sum[off[0]]:.6g}, expected 1")
-    order = np.argsort(table.expert, kind="stable")
-    copy_count = table.copy_count()
-    first = np.cumsum(copy_count) - copy_count
-    copy_index = np.empty(table.num_slots, dtype=np.int64)
-    copy_index[order] = np.arange(table.num_slots) - first[table.expert[order]]
+    index = slot_index(table)  # the host reference's per-table constants: expert order, copy index, shares
+    if policy == "static" and index.share_problem is not None:
+        raise ValueError(f"static routing: {index.share_problem}")
     # format-major within each GPU: each format's rows are one contiguous run of the experts' buffer
     by_gpu = np.lexsort((np.arange(table.num_slots), table.fmt, table.gpu))
     per_gpu = np.bincount(table.gpu, minlength=table.num_gpus)
@@ -83,7 +75,8 @@ def route_table(table: SlotTable, rank: int, policy: str, device: torch.device |
         table=table, policy=policy, rank=rank, device=torch.device(device), num_gpus=table.num_gpus,
         num_experts=table.num_experts, num_local=int(per_gpu[rank]), slot_gpu=on(table.gpu), slot_expert=on(table.expert),
         slot_fmt=on(table.fmt, torch.int8), slot_local=on(local), share=on(table.share, torch.float64),
-        order=on(order), first=on(first), copy_count=on(copy_count), copy_index=on(copy_index),
+        order=on(index.order), first=on(index.first), copy_count=on(table.copy_count()),
+        copy_index=on(index.copy_index),
         pour_experts=on(pour_experts), pour_slots=on(pour_slots), local_table_index=local_table_index,
     )
 
@@ -97,9 +90,7 @@ def policy_quotas(total: torch.Tensor, route: RouteTable) -> torch.Tensor:
         )
     if route.policy == "static":
         return _share_quotas(total, route)
-    count = total[route.slot_expert]
-    copies = route.copy_count[route.slot_expert]
-    return torch.div(count - route.copy_index + copies - 1, copies, rounding_mode="floor")
+    return residues_below(total[route.slot_expert], route.copy_index, route.copy_count[route.slot_expert])
 
 
 @torch.library.custom_op("rnq_ep::least_loaded_quotas", mutates_args=())
@@ -148,7 +139,7 @@ def _pours(table: SlotTable) -> tuple[np.ndarray, np.ndarray]:
     copy_count = table.copy_count()
     multi = np.flatnonzero(copy_count > 1)
     width = int(copy_count.max()) if len(multi) else 1
-    by_tie = np.lexsort((np.arange(table.num_slots), table.gpu, table.fmt, table.expert))
+    by_tie = tie_order(table)
     first = np.searchsorted(table.expert[by_tie], multi)
     slots = np.full((len(multi), width), -1, dtype=np.int64)
     for p, (start, count) in enumerate(zip(first, copy_count[multi])):

@@ -34,8 +34,7 @@ import torch
 from rnq_ep.balance import SlotTable
 from rnq_ep.experts import LocalExperts
 from rnq_ep.dispatch import world_size
-from rnq_ep.layer import EPMoE, LayerStats, input_problem, stand_ins
-from rnq_ep.layout import local_counts
+from rnq_ep.layer import EPMoE, LayerStats
 from rnq_ep.policies import LLEP_CAPACITY, LLEP_MIN_CHUNK, LLEP_THRESHOLD, Step, llep_spill
 from rnq_ep.rebalance.migrate import all_ready, exchange_bytes, layer_device, pack_copies, stage_copies
 from rnq_ep.rebalance.moves import CopyMove, transfer_matrix
@@ -161,14 +160,12 @@ class SpillMoE(EPMoE):
         serves the spill and the step; spilling plans on the host (LLEP's rule needs the counts there)."""
         start_s = time.perf_counter()
         self.last_spill = None
+        inputs = self.step_inputs(x, topk_ids, topk_weights)
         if gathered is None:
-            problem = input_problem(x, topk_ids, topk_weights, self.model)
-            ids = topk_ids if problem is None else stand_ins(x, self.model)[1]
-            _, counts, health = local_counts(ids, self.table.num_experts)
-            gathered = self.gather(counts, health, problem)  # [R, E + 2]
+            gathered = self.gather(inputs)  # [R, E + 2]
         host = gathered.cpu().numpy()
         if host[:, -2].any():  # a rank's inputs are bad: the step itself makes every rank raise
-            return super().forward_routed(x, topk_ids, topk_weights, gathered, "exact")
+            return self.step(inputs, gathered, "exact")
         if self._host_index is None or self._host_index.table is not self.table:
             self._host_index = slot_index(self.table)
         plan = spill_step(self.table, host[:, :-2], self.policy, self.spill_fmt, self.threshold, self.capacity,
@@ -177,7 +174,7 @@ class SpillMoE(EPMoE):
         self.last_spill = None if plan.changed and exchange is None else plan
         if exchange is None:  # nothing over the threshold, or a rank could not move its copies
             spill_seconds = time.perf_counter() - start_s
-            out = super().forward_routed(x, topk_ids, topk_weights, gathered, transport)
+            out = self.step(inputs, gathered, transport)
             self.last_stats = SpillStats(**vars(self.last_stats), spill_seconds=spill_seconds)
             return out
         spilled, moved_bytes, received = exchange
@@ -188,7 +185,7 @@ class SpillMoE(EPMoE):
         self.table, self.experts = spilled_table, SpilledExperts(self.experts, spilled, spilled_table, self.rank)
         self.policy = "static"
         try:
-            out = super().forward_routed(x, topk_ids, topk_weights, gathered, "exact")
+            out = self.step(inputs, gathered, "exact")
         finally:
             self.table, self.experts, self.policy, self._route = resident
         self.last_stats = SpillStats(**vars(self.last_stats), spilled_copies=len(plan.moves), moved_bytes=moved_bytes,

@@ -30,7 +30,7 @@ import torch
 from rnq_ep.balance import SlotTable
 from rnq_ep.bench.syncs import count_syncs
 from rnq_ep.layout import capacity_for, local_counts, step_layout
-from rnq_ep.quotas import route_table
+from rnq_ep.quotas import RouteTable, route_table
 from rnq_ep.specs import write_atomic
 
 MODEL_NAME = "deepseek-v3"
@@ -88,9 +88,11 @@ def old_path(table: SlotTable, ids: torch.Tensor, counts: np.ndarray) -> Callabl
     return run
 
 
-def decide_path(table: SlotTable, ids: torch.Tensor, counts: np.ndarray, transport: str) -> Callable[[torch.Tensor], object]:
+def decide_path(
+    route: RouteTable, ids: torch.Tensor, counts: np.ndarray, transport: str
+) -> Callable[[torch.Tensor], object]:
     """Rank 0's decide part of one step (counts, stubbed gather, layout): topk_ids [T, k] -> StepLayout."""
-    route = route_table(table, 0, "least-loaded")
+    table = route.table
     others = torch.cat([torch.from_numpy(counts[1:]), torch.zeros(len(counts) - 1, 2, dtype=torch.int64)], 1)
     capacity = capacity_for(ids.shape[0], ids.shape[1], table.num_gpus) if transport == "capacity" else None
 
@@ -119,7 +121,7 @@ def new_path(table: SlotTable, x, ids, weights, counts: np.ndarray, transport: s
 
     route = route_table(table, 0, "least-loaded")
     world = table.num_gpus
-    decide = decide_path(table, ids, counts, transport)
+    decide = decide_path(route, ids, counts, transport)
 
     def run() -> object:
         layout = decide(ids)
@@ -172,7 +174,7 @@ def rows(tokens: tuple[int, ...], repeats: int, seed: int, compiled: bool = Fals
                    "syncs_per_layer": syncs, "aten_ops_per_layer": ops, "launches_per_layer": launches,
                    "quota_us": None if name == "old" else quota_us}
             if compiled and name != "old":
-                kernels, decide_us = compiled_decide(decide_path(table, ids, counts, name), ids, repeats)
+                kernels, decide_us = compiled_decide(decide_path(route, ids, counts, name), ids, repeats)
                 row.update(compiled_decide_kernels=kernels, compiled_decide_us=round(decide_us, 1))
             out.append(row)
             print(f"  {t:>5} tokens/rank  {name:<9} {us:>9.1f} us  {syncs:>3} syncs  {ops:>4} aten ops", file=sys.stderr)
